@@ -1,0 +1,193 @@
+"""The one place that knows whether arrays live on NumPy (CPU) or CuPy (GPU).
+
+Everything above this module takes the array module from the data itself,
+``xp = get_array_module(a)``, and writes a single code path for both.
+CuPy is imported lazily and in one guarded place, so ``import minivq`` needs
+NumPy alone.
+"""
+import numpy as np
+
+_cupy = None          # the cupy module once imported successfully
+_cupy_error = None    # why importing it failed, for the error message
+
+
+def _import_cupy():
+    """Import CuPy on first use; remember the failure so the message can name it."""
+    global _cupy, _cupy_error
+    if _cupy is None and _cupy_error is None:
+        try:
+            import cupy
+            _cupy = cupy
+        except Exception as exc:  # ImportError, or a broken CUDA install raising anything
+            _cupy_error = f"{type(exc).__name__}: {exc}"
+    return _cupy
+
+
+def _is_cupy_array(a):
+    # Checked by the type's module so that CuPy is never imported just to ask.
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def get_array_module(*arrays):
+    """Return ``cupy`` if any argument is a CuPy array, else ``numpy``.
+
+    Tensors are accepted too (their ``.data`` is looked at).
+    """
+    for a in arrays:
+        if hasattr(a, "requires_grad"):      # a minivq Tensor: look at its array
+            a = a.data
+        if _is_cupy_array(a):
+            return _import_cupy()
+    return np
+
+
+def cuda_available():
+    """True when CuPy imports and sees at least one CUDA device."""
+    cp = _import_cupy()
+    if cp is None:
+        return False
+    try:
+        return cp.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def parse_device(device):
+    """Normalise a device name: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` -> ``("cpu", None)`` or ``("cuda", N)``."""
+    if device is None:
+        return ("cpu", None)
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string such as 'cpu', 'cuda' or 'cuda:0', got {device!r}")
+    name = device.strip().lower()
+    if name == "cpu":
+        return ("cpu", None)
+    if name == "cuda" or name == "gpu":
+        return ("cuda", 0)
+    if name.startswith("cuda:"):
+        idx = name[5:]
+        if idx.isdigit():
+            return ("cuda", int(idx))
+    raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N' (N a GPU index)")
+
+
+def device_name(device):
+    """Canonical string for a device: ``"cpu"`` or ``"cuda:N"``."""
+    kind, idx = parse_device(device)
+    return "cpu" if kind == "cpu" else f"cuda:{idx}"
+
+
+def require_cuda(index=0):
+    """Return the cupy module, or raise a one-line error that names the fix."""
+    cp = _import_cupy()
+    if cp is None:
+        raise RuntimeError(
+            "device 'cuda' needs CuPy, which is not importable "
+            f"({_cupy_error}); install it with `pip install -e .[cuda]` or use --device cpu")
+    try:
+        count = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        raise RuntimeError(f"device 'cuda' asked for but CUDA reports no usable GPU ({exc}); use --device cpu") from None
+    if index >= count:
+        raise RuntimeError(f"device 'cuda:{index}' asked for but only {count} GPU(s) are visible; "
+                           f"use cuda:0..cuda:{count - 1} or --device cpu")
+    return cp
+
+
+def array_device(a):
+    """The device an array lives on, as ``"cpu"`` or ``"cuda:N"``."""
+    if _is_cupy_array(a):
+        return f"cuda:{a.device.id}"
+    return "cpu"
+
+
+def to_device(a, device):
+    """Copy (only if needed) an array to ``device``; returns an array of the same dtype."""
+    kind, idx = parse_device(device)
+    if kind == "cpu":
+        if _is_cupy_array(a):
+            return a.get()
+        return np.asarray(a)
+    cp = require_cuda(idx)
+    if _is_cupy_array(a) and a.device.id == idx:
+        return a
+    with cp.cuda.Device(idx):
+        return cp.asarray(a)
+
+
+def to_numpy(a):
+    """A NumPy array with the same values (a copy from the GPU, or the array itself)."""
+    return a.get() if _is_cupy_array(a) else np.asarray(a)
+
+
+def is_float_dtype(dtype):
+    return np.dtype(dtype).kind == "f"
+
+
+# ---------------------------------------------------------------- random state
+# minivq draws every random number (initialisation, shuffling, restarts,
+# sampling) from this one NumPy generator, on CPU and GPU runs alike, and moves
+# the result to the device: so a seed gives the same initial weights on both.
+_rng = np.random.default_rng()
+
+
+def manual_seed(seed):
+    """Seed every random draw minivq makes."""
+    global _rng
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    _rng = np.random.default_rng(int(seed))
+
+
+def rng():
+    """The generator behind every random draw minivq makes."""
+    return _rng
+
+
+def get_rng_state():
+    """The generator's state as a JSON-able dict (for checkpoints)."""
+    return _rng.bit_generator.state
+
+
+def set_rng_state(state):
+    _rng.bit_generator.state = state
+
+
+# ---------------------------------------------------------------- scatter-add
+def index_add(indices, values, num_rows):
+    """``out[indices[i]] += values[i]`` for rows, into a fresh ``(num_rows, ...)`` array.
+
+    The one scatter the engine needs (embedding backward, EMA cluster sums,
+    index backward). NumPy: a stable sort then ``add.reduceat`` over runs of
+    equal indices (much faster than ``np.add.at`` for wide rows); CuPy:
+    atomic adds through ``cupyx.scatter_add``.
+    """
+    xp = get_array_module(values)
+    if indices.ndim != 1 or values.shape[:1] != indices.shape:
+        raise ValueError(f"index_add wants indices (M,) and values (M, ...), got {indices.shape} and {values.shape}")
+    out = xp.zeros((num_rows,) + values.shape[1:], dtype=values.dtype)
+    if indices.shape[0] == 0:
+        return out
+    if xp is np:
+        order = np.argsort(indices, kind="stable")
+        sorted_idx = indices[order]
+        starts = np.flatnonzero(np.r_[True, sorted_idx[1:] != sorted_idx[:-1]])
+        out[sorted_idx[starts]] = np.add.reduceat(values[order], starts, axis=0)
+    else:
+        import cupyx
+        cupyx.scatter_add(out, indices, values)
+    return out
+
+
+def bincount(indices, num_rows, dtype):
+    """Count of each index in ``[0, num_rows)``, as ``dtype``."""
+    xp = get_array_module(indices)
+    return xp.bincount(indices.reshape(-1), minlength=num_rows).astype(dtype)
+
+
+def add_at(target, key, values):
+    """``target[key] += values`` in place, with repeated indices adding up (unbuffered)."""
+    if _is_cupy_array(target):
+        import cupyx
+        cupyx.scatter_add(target, key, values)
+    else:
+        np.add.at(target, key, values)

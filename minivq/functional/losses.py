@@ -1,0 +1,86 @@
+"""Softmax-family ops and the training losses."""
+from ..autograd import Function, Tensor
+from ..backend import get_array_module
+
+
+def _logsumexp(x, axis):
+    xp = get_array_module(x)
+    m = x.max(axis=axis, keepdims=True)
+    return m + xp.log(xp.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, x):
+        self.y = x - _logsumexp(x, self.axis)
+        return self.y
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        # d log_softmax: g - softmax * sum(g)
+        return g - xp.exp(self.y) * g.sum(axis=self.axis, keepdims=True)
+
+
+def log_softmax(x, axis=1):
+    return LogSoftmax(axis)(x)
+
+
+class CrossEntropy(Function):
+    """Mean over all positions of -log softmax(logits)[target]; classes on axis 1."""
+
+    def forward(self, logits, target):
+        xp = get_array_module(logits)
+        self.target = target
+        picked_target = xp.expand_dims(target, 1)
+        self.log_p = logits - _logsumexp(logits, 1)
+        self.count = target.size
+        nll = -xp.take_along_axis(self.log_p, picked_target, axis=1)
+        return nll.sum(dtype=logits.dtype) / logits.dtype.type(self.count)
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        # d/dlogits = (softmax - onehot(target)) / count
+        grad = xp.exp(self.log_p)
+        idx = xp.expand_dims(self.target, 1)
+        xp.put_along_axis(grad, idx, xp.take_along_axis(grad, idx, axis=1) - 1, axis=1)
+        return grad * (g / self.count), None
+
+
+def cross_entropy(logits, target):
+    """PyTorch's ``F.cross_entropy`` with mean reduction: logits (N, C, ...), target (N, ...) class indices."""
+    t = target.data if isinstance(target, Tensor) else target
+    xp = get_array_module(logits.data if isinstance(logits, Tensor) else logits)
+    t = xp.asarray(t)
+    shape = logits.shape
+    if len(shape) < 2:
+        raise ValueError(f"cross_entropy logits need shape (N, C, ...), got {shape}")
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy target must hold integer class indices, got dtype {t.dtype}")
+    if t.shape != shape[:1] + shape[2:]:
+        raise ValueError(f"cross_entropy target shape {t.shape} does not match logits {shape} "
+                         f"(expected {shape[:1] + shape[2:]})")
+    if t.size and (int(t.min()) < 0 or int(t.max()) >= shape[1]):
+        raise ValueError(f"cross_entropy target values must lie in [0, {shape[1]}), "
+                         f"got {int(t.min())}..{int(t.max())}")
+    return CrossEntropy()(logits, t.astype(xp.int64, copy=False))
+
+
+class MSELoss(Function):
+    def forward(self, a, b):
+        self.diff = a - b
+        return (self.diff * self.diff).mean()
+
+    def backward(self, g):
+        # d mean((a-b)^2)/da = 2 (a-b) / n
+        ga = self.diff * (2 * g / self.diff.size)
+        return (ga if self.needs_input_grad[0] else None,
+                -ga if self.needs_input_grad[1] else None)
+
+
+def mse_loss(a, b):
+    """Mean squared error over all elements; shapes must match."""
+    if a.shape != b.shape:
+        raise ValueError(f"mse_loss needs equal shapes, got {a.shape} and {b.shape}")
+    return MSELoss()(a, b)
