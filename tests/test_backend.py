@@ -1,0 +1,69 @@
+"""Device names, array modules, the CUDA error message, the seeded generator, the scatter."""
+import numpy as np
+import pytest
+
+import minivq as mv
+from minivq import backend
+
+
+def test_device_names():
+    assert backend.parse_device("cpu") == ("cpu", None)
+    assert backend.parse_device("cuda") == ("cuda", 0)
+    assert backend.parse_device("CUDA:3") == ("cuda", 3)
+    for bad in ("gpu0", "cuda:x", "tpu", ""):
+        with pytest.raises(ValueError, match="unknown device"):
+            backend.parse_device(bad)
+    with pytest.raises(TypeError):
+        backend.parse_device(3)
+
+
+def test_numpy_arrays_use_numpy():
+    a = np.zeros(2)
+    assert backend.get_array_module(a) is np
+    assert backend.get_array_module(mv.tensor(a)) is np
+    assert backend.array_device(a) == "cpu"
+    assert backend.to_device(a, "cpu") is a
+
+
+@pytest.mark.skipif(backend.cuda_available(), reason="checks the message given where no GPU exists")
+def test_cuda_without_gpu_names_the_fix():
+    with pytest.raises(RuntimeError) as info:
+        mv.tensor(np.zeros(2), device="cuda")
+    message = str(info.value)
+    assert "\n" not in message and "--device cpu" in message
+
+
+def test_manual_seed_reproduces_draws():
+    mv.manual_seed(5)
+    a = backend.rng().standard_normal(4)
+    mv.manual_seed(5)
+    np.testing.assert_array_equal(a, backend.rng().standard_normal(4))
+    state = backend.get_rng_state()
+    b = backend.rng().standard_normal(3)
+    backend.set_rng_state(state)
+    np.testing.assert_array_equal(b, backend.rng().standard_normal(3))
+    with pytest.raises(ValueError):
+        mv.manual_seed(-1)
+
+
+def test_index_add_matches_add_at():
+    rng = np.random.default_rng(0)
+    for n, k, d in [(1, 1, 1), (50, 7, 3), (1000, 300, 8), (0, 4, 2)]:
+        idx = rng.integers(0, k, n)
+        vals = rng.standard_normal((n, d))
+        expected = np.zeros((k, d))
+        np.add.at(expected, idx, vals)
+        np.testing.assert_allclose(backend.index_add(idx, vals, k), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="index_add"):
+        backend.index_add(np.zeros((2, 2), np.int64), np.zeros((2, 3)), 3)
+
+
+@pytest.mark.gpu
+def test_cupy_round_trip():
+    import cupy as cp
+    a = np.arange(6.0).reshape(2, 3)
+    g = backend.to_device(a, "cuda")
+    assert backend.get_array_module(g) is cp and backend.array_device(g) == "cuda:0"
+    np.testing.assert_array_equal(backend.to_numpy(g), a)
+    t = mv.tensor(a, requires_grad=True).to("cuda")
+    (t * 2.0).sum().backward()
