@@ -1,0 +1,368 @@
+"""2-D convolution and transposed convolution, written by hand: im2col, one GEMM, col2im.
+
+Both ops are one *correlation* seen from its two ends. On one side lies the
+**image** ``(N, C_img, H, W)``, which im2col reads windows from and col2im
+adds windows back into; on the other lies the **grid** of windows
+``(N, C_grid, OH, OW)``, one row of the GEMM per window. The weight, viewed as
+a matrix ``wmat (C_grid, kH*kW*C_img)``, links them::
+
+    grid  = im2col(image) @ wmat.T        conv2d forward,  conv_transpose2d input-gradient
+    image = col2im(grid @ wmat)           conv2d input-gradient,  conv_transpose2d forward
+    dW    = grid.T @ im2col(image)        the weight gradient of both
+
+For ``conv2d`` the input is the image and the output the grid; for
+``conv_transpose2d`` (the adjoint) it is the other way round. PyTorch's two
+weight layouts, ``(C_out, C_in, kH, kW)`` and ``(C_in, C_out, kH, kW)``, both
+put the grid's channels first, so one ``wmat`` serves both.
+
+Inside, the arrays are channels-last (NHWC): a window row ``(kw, c)`` is then
+one contiguous run of ``kW*C`` numbers, so im2col is a copy of long runs from
+a strided view, and each GEMM reads and writes plain row-major matrices. The
+NCHW <-> NHWC moves touch feature maps only, which are ``kH*kW`` times smaller
+than the im2col buffer.
+
+Memory: the im2col buffer (and col2im's) is bounded by ``workspace_limit``;
+a batch whose buffer would be larger is processed a few images at a time.
+"""
+import contextlib
+
+import numpy as np
+
+from .. import backend
+from ..autograd import Function, Tensor
+from ..backend import get_array_module
+
+DEFAULT_WORKSPACE_LIMIT = 256 * 2 ** 20   # bytes for one im2col / col2im buffer
+COL2IM_BLOCK_BYTES = 512 * 2 ** 10         # col2im adds into this much padded image at a time (about L2)
+
+
+class _Workspace:
+    limit = DEFAULT_WORKSPACE_LIMIT
+
+
+@contextlib.contextmanager
+def workspace_limit(nbytes):
+    """Within this block an im2col buffer holds at most ``nbytes`` (at least one image's worth).
+
+    Batches whose buffer would be larger are processed in chunks of images;
+    the results are the same, only the peak memory changes.
+    """
+    nbytes = _positive_int(nbytes, "workspace_limit nbytes")
+    previous = _Workspace.limit
+    _Workspace.limit = nbytes
+    try:
+        yield
+    finally:
+        _Workspace.limit = previous
+
+
+def get_workspace_limit():
+    return _Workspace.limit
+
+
+# ---------------------------------------------------------------- geometry
+class _Geometry:
+    """The sizes of one correlation: image (N, C_img, H, W), grid (N, C_grid, OH, OW), kernel, stride, padding."""
+
+    def __init__(self, n, c_img, h, w, c_grid, kernel, stride, padding):
+        self.n, self.c_img, self.h, self.w, self.c_grid = n, c_img, h, w, c_grid
+        (self.kh, self.kw), (self.sh, self.sw), (self.ph, self.pw) = kernel, stride, padding
+        self.hp, self.wp = h + 2 * self.ph, w + 2 * self.pw          # padded image
+        self.oh = (self.hp - self.kh) // self.sh + 1
+        self.ow = (self.wp - self.kw) // self.sw + 1
+        self.k = self.kh * self.kw * c_img                            # GEMM depth: one window
+
+    def images_per_chunk(self, itemsize):
+        per_image = self.oh * self.ow * self.k * itemsize
+        return max(1, _Workspace.limit // max(per_image, 1))
+
+
+# ---------------------------------------------------------------- layout helpers
+def _channel_major(a):
+    """(n, C, H, W) -> contiguous (C, n*H*W): moves whole H*W planes, so it is a cheap copy."""
+    xp = get_array_module(a)
+    n, c, h, w = a.shape
+    return xp.ascontiguousarray(a.transpose(1, 0, 2, 3)).reshape(c, n * h * w)
+
+
+def _store_channel_major(mat, out, bias):
+    """out (n, C, H, W) = mat (C, n*H*W) back in NCHW, plus bias (C,) if given."""
+    xp = get_array_module(out)
+    n, c, h, w = out.shape
+    src = mat.reshape(c, n, h * w).transpose(1, 0, 2)
+    dst = out.reshape(n, c, h * w)
+    if bias is None:
+        dst[...] = src
+    else:
+        xp.add(src, bias.reshape(c, 1), out=dst)
+
+
+def _weight_matrix(weight):
+    """(C_grid, C_img, kH, kW) -> (C_grid, kH*kW*C_img), columns ordered (kh, kw, c) like an im2col row."""
+    return weight.transpose(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def _weight_from_matrix(wmat, shape):
+    """The inverse of ``_weight_matrix``: (C_grid, kH*kW*C_img) -> contiguous (C_grid, C_img, kH, kW)."""
+    xp = get_array_module(wmat)
+    c_grid, c_img, kh, kw = shape
+    return xp.ascontiguousarray(wmat.reshape(c_grid, kh, kw, c_img).transpose(0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------- im2col / col2im
+def _im2col(image, g):
+    """Every kH x kW window of ``image`` (n, C, H, W) as one row: (n*OH*OW, kH*kW*C), columns (kh, kw, c)."""
+    xp = get_array_module(image)
+    n = image.shape[0]
+    if g.kh == g.kw == g.sh == g.sw == 1 and g.ph == g.pw == 0:
+        return _channel_major(image).T            # 1x1 windows are the pixels: a transposed view will do
+    padded = xp.zeros((n, g.hp, g.wp, g.c_img), dtype=image.dtype)
+    padded[:, g.ph:g.ph + g.h, g.pw:g.pw + g.w, :] = image.transpose(0, 2, 3, 1)
+    s_n, s_h, s_w, s_c = padded.strides
+    windows = xp.lib.stride_tricks.as_strided(
+        padded, shape=(n, g.oh, g.ow, g.kh, g.kw, g.c_img),
+        strides=(s_n, s_h * g.sh, s_w * g.sw, s_h, s_w, s_c))
+    return windows.reshape(n * g.oh * g.ow, g.k)      # one copy; (kw, c) is a contiguous run of the image
+
+
+def _col2im(cols, g, n):
+    """The adjoint of ``_im2col``: add each row's window back into the image; returns (n, H, W, C) (a view).
+
+    Images are done a few at a time so that the block being added into stays in cache
+    through its kH*kW passes.
+    """
+    xp = get_array_module(cols)
+    padded = xp.zeros((n, g.hp, g.wp, g.c_img), dtype=cols.dtype)
+    windows = cols.reshape(n, g.oh, g.ow, g.kh, g.kw, g.c_img)
+    h_span, w_span = g.sh * (g.oh - 1) + 1, g.sw * (g.ow - 1) + 1
+    block = max(1, COL2IM_BLOCK_BYTES // (g.hp * g.wp * g.c_img * cols.dtype.itemsize))
+    for start in range(0, n, block):
+        target, source = padded[start:start + block], windows[start:start + block]
+        for i in range(g.kh):
+            for j in range(g.kw):
+                target[:, i:i + h_span:g.sh, j:j + w_span:g.sw, :] += source[:, :, :, i, j, :]
+    return padded[:, g.ph:g.ph + g.h, g.pw:g.pw + g.w, :]
+
+
+# ---------------------------------------------------------------- the passes over a batch
+def _im2col_pass(image, g, wmat=None, grid_mat=None, bias=None, cols=None, keep_cols=False):
+    """Read the windows of ``image`` chunk by chunk and use them for one or two GEMMs.
+
+    ``wmat`` given: the grid ``wmat @ im2col(image).T`` (+ bias), returned as (N, C_grid, OH, OW).
+    ``grid_mat`` (C_grid, N*OH*OW) given: the weight-gradient matrix ``grid_mat @ im2col(image)``.
+    ``cols``: the windows of the whole batch, already made; ``keep_cols``: hand them back for
+    reuse (only when the batch fits in one chunk). Returns (grid, dwmat, cols).
+    """
+    xp = get_array_module(image)
+    n, rows = g.n, g.oh * g.ow
+    grid = xp.empty((n, g.c_grid, g.oh, g.ow), dtype=image.dtype) if wmat is not None else None
+    dwmat = None
+    step = n if cols is not None else g.images_per_chunk(image.dtype.itemsize)
+    kept = None
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        chunk_cols = cols if cols is not None else _im2col(image[start:stop], g)
+        if wmat is not None:
+            _store_channel_major(wmat @ chunk_cols.T, grid[start:stop], bias)
+        if grid_mat is not None:
+            part = grid_mat[:, start * rows:stop * rows] @ chunk_cols
+            dwmat = part if dwmat is None else dwmat + part
+        if keep_cols and step >= n:
+            kept = chunk_cols
+    if grid_mat is not None and dwmat is None:       # an empty batch
+        dwmat = xp.zeros((g.c_grid, g.k), dtype=image.dtype)
+    return grid, dwmat, kept
+
+
+def _flipped_geometry(g):
+    """For stride 1: the geometry in which the grid is the image and the image is the grid.
+
+    With stride 1, ``col2im(grid @ wmat)`` is itself a correlation: of the grid, padded by
+    k - 1 - p, with the kernel flipped and its channel axes swapped. An im2col copy of the
+    grid then replaces col2im's kH*kW read-modify-write passes over the image.
+    """
+    if (g.sh, g.sw) != (1, 1) or g.ph > g.kh - 1 or g.pw > g.kw - 1 or g.c_grid > 2 * g.c_img:
+        return None     # strided, or padding wider than the kernel, or the grid's windows too wide to copy
+    return _Geometry(g.n, g.c_grid, g.oh, g.ow, g.c_img, (g.kh, g.kw), (1, 1),
+                     (g.kh - 1 - g.ph, g.kw - 1 - g.pw))
+
+
+def _col2im_pass(grid, wmat, g, bias=None, grid_mat=None):
+    """The image ``col2im(grid @ wmat)`` (+ bias) as (N, C_img, H, W), from the grid (N, C_grid, OH, OW).
+
+    This is conv2d's input gradient and conv_transpose2d's forward. ``grid_mat``: the grid
+    as (C_grid, N*OH*OW), when the caller has it already.
+    """
+    xp = get_array_module(grid)
+    flipped = _flipped_geometry(g)
+    if flipped is not None:
+        c_grid, c_img, kh, kw = g.c_grid, g.c_img, g.kh, g.kw
+        # image[c] = sum over d, i, j of grid_padded[d] shifted by (i, j), times W[d, c, kH-1-i, kW-1-j]
+        wflip = wmat.reshape(c_grid, kh, kw, c_img)[:, ::-1, ::-1, :].transpose(3, 1, 2, 0).reshape(c_img, -1)
+        image, _, _ = _im2col_pass(grid, flipped, wmat=xp.ascontiguousarray(wflip), bias=bias)
+        return image
+    if grid_mat is None:
+        grid_mat = _channel_major(grid)
+    n, rows = g.n, g.oh * g.ow
+    image = xp.empty((n, g.c_img, g.h, g.w), dtype=grid.dtype)
+    step = g.images_per_chunk(grid.dtype.itemsize)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        cols = grid_mat[:, start * rows:stop * rows].T @ wmat
+        image_nhwc = _col2im(cols, g, stop - start).transpose(0, 3, 1, 2)
+        if bias is None:
+            image[start:stop] = image_nhwc
+        else:
+            xp.add(image_nhwc, bias.reshape(-1, 1, 1), out=image[start:stop])
+    return image
+
+
+# ---------------------------------------------------------------- the ops
+class Conv2d(Function):
+    """y = conv2d(x, W) + b: x is the image, y the grid of windows."""
+
+    def __init__(self, geometry):
+        self.g = geometry
+
+    def forward(self, x, weight, bias=None):
+        need_w = self.needs_input_grad[1]
+        self.weight_shape = weight.shape
+        self.wmat = _weight_matrix(weight)
+        y, _, self.cols = _im2col_pass(x, self.g, wmat=self.wmat, bias=bias, keep_cols=need_w)
+        self.x = x if need_w else None      # to rebuild the windows when they were too big to keep
+        return y
+
+    def backward(self, gy):
+        need_x, need_w = self.needs_input_grad[:2]
+        need_b = len(self.needs_input_grad) > 2 and self.needs_input_grad[2]
+        gx = gw = gb = None
+        gy_mat = _channel_major(gy) if need_w or need_b else None
+        if need_x:      # dL/dx = col2im(gy W)
+            gx = _col2im_pass(gy, self.wmat, self.g, grid_mat=gy_mat)
+        if need_w:      # dL/dW = gy im2col(x), summed over the batch by the GEMM
+            _, dwmat, _ = _im2col_pass(self.x, self.g, grid_mat=gy_mat, cols=self.cols)
+            gw = _weight_from_matrix(dwmat, self.weight_shape)
+        if need_b:
+            gb = gy_mat.sum(axis=1)
+        return gx, gw, gb
+
+
+class ConvTranspose2d(Function):
+    """y = conv_transpose2d(x, W) + b, the adjoint of conv2d: x is the grid, y the image."""
+
+    def __init__(self, geometry):
+        self.g = geometry
+
+    def forward(self, x, weight, bias=None):
+        self.weight_shape = weight.shape
+        self.wmat = _weight_matrix(weight)
+        x_mat = _channel_major(x) if self.needs_input_grad[1] or _flipped_geometry(self.g) is None else None
+        self.x_mat = x_mat if self.needs_input_grad[1] else None
+        return _col2im_pass(x, self.wmat, self.g, bias=bias, grid_mat=x_mat)
+
+    def backward(self, gy):
+        need_x, need_w = self.needs_input_grad[:2]
+        need_b = len(self.needs_input_grad) > 2 and self.needs_input_grad[2]
+        gx = gw = gb = None
+        if need_x or need_w:
+            # dL/dx = conv2d(gy, W); dL/dW = x im2col(gy): both read the same windows of gy
+            gx, dwmat, _ = _im2col_pass(gy, self.g, wmat=self.wmat if need_x else None,
+                                        grid_mat=self.x_mat if need_w else None)
+            if need_w:
+                gw = _weight_from_matrix(dwmat, self.weight_shape)
+        if need_b:
+            gb = gy.sum(axis=(0, 2, 3))
+        return gx, gw, gb
+
+
+# ---------------------------------------------------------------- public functions
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    """2-D convolution (cross-correlation, as PyTorch): x (N, C_in, H, W), weight (C_out, C_in, kH, kW)
+    -> (N, C_out, (H + 2p - kH) // s + 1, (W + 2p - kW) // s + 1)."""
+    x, weight, bias = _check_operands("conv2d", x, weight, bias, weight_in_dim=1, weight_out_dim=0)
+    stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    if h + 2 * padding[0] < kh or w + 2 * padding[1] < kw:
+        raise ValueError(f"conv2d kernel {kh}x{kw} (weight shape {weight.shape}) is larger than the padded "
+                         f"input {h + 2 * padding[0]}x{w + 2 * padding[1]} (input shape {x.shape}, padding {padding})")
+    g = _Geometry(n, c_in, h, w, c_out, (kh, kw), stride, padding)
+    args = (x, weight) if bias is None else (x, weight, bias)
+    return Conv2d(g)(*args)
+
+
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0):
+    """Transposed 2-D convolution (the adjoint of conv2d, as PyTorch): x (N, C_in, H, W),
+    weight (C_in, C_out, kH, kW) -> (N, C_out, (H - 1) s - 2p + kH + output_padding, ...)."""
+    x, weight, bias = _check_operands("conv_transpose2d", x, weight, bias, weight_in_dim=0, weight_out_dim=1)
+    stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    output_padding = _pair(output_padding, "output_padding", 0)
+    if output_padding[0] >= stride[0] or output_padding[1] >= stride[1]:
+        raise ValueError(f"conv_transpose2d output_padding {output_padding} must be smaller than stride {stride}")
+    n, c_in, h, w = x.shape
+    _, c_out, kh, kw = weight.shape
+    out_h = (h - 1) * stride[0] - 2 * padding[0] + kh + output_padding[0]
+    out_w = (w - 1) * stride[1] - 2 * padding[1] + kw + output_padding[1]
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"conv_transpose2d output would be {out_h}x{out_w} for input shape {x.shape}, "
+                         f"weight shape {weight.shape}, stride {stride}, padding {padding}, "
+                         f"output_padding {output_padding}: padding is too large")
+    # the grid of windows over the output image is exactly the input
+    g = _Geometry(n, c_out, out_h, out_w, c_in, (kh, kw), stride, padding)
+    args = (x, weight) if bias is None else (x, weight, bias)
+    return ConvTranspose2d(g)(*args)
+
+
+# ---------------------------------------------------------------- argument checks
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return int(value)
+
+
+def _pair(value, name, minimum):
+    """An int or a pair of ints -> (int, int), each >= minimum."""
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    items = (value, value) if is_int(value) else value
+    if not isinstance(items, (tuple, list)) or len(items) != 2 or not all(is_int(v) for v in items):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(items) < minimum:
+        rule = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return int(items[0]), int(items[1])
+
+
+def _check_operands(op, x, weight, bias, weight_in_dim, weight_out_dim):
+    x = x if isinstance(x, Tensor) else Tensor(x)
+    weight = weight if isinstance(weight, Tensor) else Tensor(weight)
+    layout = "(C_out, C_in, kH, kW)" if weight_in_dim == 1 else "(C_in, C_out, kH, kW)"
+    if x.ndim != 4:
+        raise ValueError(f"{op} expects input of shape (N, C_in, H, W), got shape {x.shape}")
+    if weight.ndim != 4:
+        raise ValueError(f"{op} expects weight of shape {layout}, got shape {weight.shape}")
+    if x.dtype.kind != "f":
+        raise TypeError(f"{op} needs a floating-point input, got dtype {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op} input dtype {x.dtype} and weight dtype {weight.dtype} differ")
+    if weight.shape[weight_in_dim] != x.shape[1]:
+        raise ValueError(f"{op}: input shape {x.shape} has {x.shape[1]} channels but weight shape "
+                         f"{weight.shape} {layout} expects {weight.shape[weight_in_dim]}")
+    if min(weight.shape) == 0 or min(x.shape[1:]) == 0:
+        raise ValueError(f"{op} needs non-empty channels, kernel and image, got input shape {x.shape} "
+                         f"and weight shape {weight.shape}")
+    devices = {backend.array_device(x.data), backend.array_device(weight.data)}
+    if bias is not None:
+        bias = bias if isinstance(bias, Tensor) else Tensor(bias)
+        c_out = weight.shape[weight_out_dim]
+        if bias.shape != (c_out,):
+            raise ValueError(f"{op} bias must have shape ({c_out},) for weight shape {weight.shape}, "
+                             f"got shape {bias.shape}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{op} input dtype {x.dtype} and bias dtype {bias.dtype} differ")
+        devices.add(backend.array_device(bias.data))
+    if len(devices) > 1:
+        raise ValueError(f"{op} operands are on different devices: {sorted(devices)}")
+    return x, weight, bias
