@@ -115,13 +115,11 @@ class MatMul(Function):
     def backward(self, g):
         a, b = self.a, self.b
         xp = get_array_module(a)
-        # Treat 1-D operands as a row (a) or a column (b), as matmul does.
+        # Treat 1-D operands as a row (a) or a column (b), as matmul does, and give g those axes back.
         a2 = a[None, :] if a.ndim == 1 else a
         b2 = b[:, None] if b.ndim == 1 else b
-        if a.ndim == 1:
-            g = xp.expand_dims(g, -2)
-        if b.ndim == 1:
-            g = xp.expand_dims(g, -1)
+        batch = np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+        g = g.reshape(batch + (a2.shape[-2], b2.shape[-1]))
         ga = gb = None
         if self.needs_input_grad[0]:     # dL/da = g b^T
             ga = sum_to(g @ xp.swapaxes(b2, -1, -2), a2.shape).reshape(a.shape)

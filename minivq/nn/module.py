@@ -162,6 +162,25 @@ class Module:
                 m._buffers[name] = backend.to_device(b, device)
         return self
 
+    def astype(self, dtype):
+        """Cast every floating-point parameter and buffer to ``dtype`` (in place); returns self."""
+        dtype = np.dtype(dtype)
+        for m in self.modules():
+            for p in m._parameters.values():
+                p.data = p.data.astype(dtype)
+                p.grad = None
+            for name, b in m._buffers.items():
+                if b.dtype.kind == "f":
+                    m._buffers[name] = b.astype(dtype)
+        return self
+
+    def double(self):
+        """float64 everywhere (what gradient checks need)."""
+        return self.astype(np.float64)
+
+    def float(self):
+        return self.astype(np.float32)
+
     def zero_grad(self):
         for p in self.parameters():
             p.grad = None
