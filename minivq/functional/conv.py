@@ -165,7 +165,10 @@ def _im2col_pass(image, g, wmat=None, grid_mat=None, bias=None, cols=None, keep_
         if wmat is not None:
             _store_channel_major(wmat @ chunk_cols.T, grid[start:stop], bias)
         if grid_mat is not None:
-            part = grid_mat[:, start * rows:stop * rows] @ chunk_cols
+            # dW = grid_mat @ cols, computed as (cols.T @ grid_mat.T).T: as fast on an idle machine,
+            # and 3x faster when another process holds a core (OpenBLAS's two threads then stall
+            # each other on the short-and-deep grid_mat @ cols; measured in benchmarks/NOTES-conv.md)
+            part = (chunk_cols.T @ grid_mat[:, start * rows:stop * rows].T).T
             dwmat = part if dwmat is None else dwmat + part
         if keep_cols and step >= n:
             kept = chunk_cols
