@@ -1,0 +1,148 @@
+"""minivq.kernels: the batched nearest-codebook search behind the vector quantisers.
+
+``nearest_code(x, codebook, backend="auto")`` returns, for every row of ``x``
+(N, D), the index of the nearest row of ``codebook`` (K, D) in squared L2
+distance, as int64 (N,). Ties go to the lowest index on every backend.
+
+Backends:
+
+- ``"numpy"``: the reference, the GEMM expansion ``||e||^2 - 2 x.e`` in row
+  chunks (nearest_numpy.py). It runs on whichever array module the inputs
+  live in, so it is also the GEMM-based path for CuPy arrays.
+- ``"numba"``: a fused, parallel CPU kernel that never materialises the
+  N x K distance matrix (nearest_numba.py). Needs ``pip install -e .[numba]``.
+- ``"cupy"``: a fused CUDA kernel loaded from nearest_code.cu through CuPy
+  (nearest_cuda.py). Needs ``pip install -e .[cuda]`` and a GPU.
+- ``"auto"``: CuPy arrays go to ``"cupy"``; otherwise ``"numba"`` when it
+  imports, else ``"numpy"``.
+
+Numba and CuPy are imported on first use only, so ``import minivq.kernels``
+needs NumPy alone. This package and ``minivq.backend`` are the only places
+that look at whether arrays are NumPy or CuPy.
+"""
+import numpy as np
+
+from minivq import backend as _backend
+
+BACKENDS = ("auto", "numpy", "numba", "cupy")
+
+# Lazily imported backend modules, or the reason they could not be imported.
+_loaded = {}
+
+
+def _load(name):
+    """The backend module for ``name`` (``"numba"`` or ``"cupy"``), or a string saying why it is unusable."""
+    if name not in _loaded:
+        try:
+            if name == "numba":
+                from . import nearest_numba as module
+            else:
+                if not _backend.cuda_available():
+                    raise ImportError("CuPy is not importable or sees no CUDA GPU")
+                from . import nearest_cuda as module
+            _loaded[name] = module
+        except Exception as exc:  # ImportError, or a broken install raising anything
+            _loaded[name] = f"{type(exc).__name__}: {exc}"
+    return _loaded[name]
+
+
+def available_backends():
+    """Names of the backends usable here, always starting with ``"numpy"``."""
+    names = ["numpy"]
+    for name in ("numba", "cupy"):
+        if not isinstance(_load(name), str):
+            names.append(name)
+    return names
+
+
+_INSTALL = {"numba": "pip install -e .[numba]", "cupy": "pip install -e .[cuda]"}
+
+
+def _unavailable(name):
+    return ValueError(f"backend {name!r} is not available here ({_load(name)}); "
+                      f"install it with `{_INSTALL[name]}`, or use one of {available_backends()}")
+
+
+def _as_array(a, what):
+    """The raw array behind ``a`` (a minivq Tensor is unwrapped); a clear TypeError for anything else."""
+    if hasattr(a, "requires_grad") and hasattr(a, "data"):
+        a = a.data
+    if isinstance(a, np.ndarray) or _backend.array_device(a) != "cpu":
+        return a
+    raise TypeError(f"{what} must be a NumPy or CuPy array, got {type(a).__name__}")
+
+
+def _check_finite(a, what):
+    xp = _backend.get_array_module(a)
+    if a.size and not bool(xp.isfinite(a).all()):
+        row, col = (int(i) for i in xp.argwhere(~xp.isfinite(a))[0])
+        raise ValueError(f"{what} {tuple(a.shape)} contains NaN or inf: first at row {row}, "
+                         f"column {col} ({float(a[row, col])})")
+
+
+def _validate(x, codebook):
+    x = _as_array(x, "x")
+    codebook = _as_array(codebook, "codebook")
+    x_dev, cb_dev = _backend.array_device(x), _backend.array_device(codebook)
+    if x_dev != cb_dev:
+        raise TypeError(f"x and codebook must live on the same device, got x on {x_dev} and codebook on {cb_dev}")
+    for a, what, shape in ((x, "x", "(N, D)"), (codebook, "codebook", "(K, D)")):
+        if a.ndim != 2:
+            raise ValueError(f"{what} must be 2-D {shape}, got shape {tuple(a.shape)}")
+        if a.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{what} must be float32 or float64, got {a.dtype}")
+    if x.dtype != codebook.dtype:
+        raise TypeError(f"x and codebook must have the same dtype, got x {x.dtype} and codebook {codebook.dtype}")
+    if x.shape[1] != codebook.shape[1]:
+        raise ValueError(f"x has D={x.shape[1]} but codebook has D={codebook.shape[1]}: "
+                         f"shapes {tuple(x.shape)} and {tuple(codebook.shape)}")
+    if codebook.shape[0] == 0:
+        raise ValueError(f"codebook {tuple(codebook.shape)} has no codes (K = 0)")
+    _check_finite(x, "x")
+    _check_finite(codebook, "codebook")
+    return x, codebook, x_dev
+
+
+def _resolve(name, device):
+    """The concrete backend for ``name`` and arrays on ``device``; every refusal is a clear error."""
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: use one of {list(BACKENDS)}")
+    on_gpu = device != "cpu"
+    if name == "auto":
+        if on_gpu:
+            name = "cupy"
+        else:
+            return "numba" if not isinstance(_load("numba"), str) else "numpy"
+    if name == "numba" and on_gpu:
+        raise TypeError(f"backend 'numba' runs on the CPU but the arrays are CuPy arrays on {device}; "
+                        "use backend='cupy' (or 'auto'), or move them with minivq.backend.to_numpy")
+    if name in ("numba", "cupy") and isinstance(_load(name), str):
+        raise _unavailable(name)
+    if name == "cupy" and not on_gpu:
+        raise TypeError("backend 'cupy' needs CuPy arrays but got NumPy arrays; move them with "
+                        "minivq.backend.to_device(a, 'cuda'), or use backend='auto'")
+    return name
+
+
+def nearest_code(x, codebook, backend="auto"):
+    """Index of the nearest code in squared L2 for every row of ``x``; ties go to the lowest index.
+
+    ``x``: (N, D), ``codebook``: (K, D), NumPy or CuPy arrays (minivq Tensors are
+    unwrapped), both float32 or both float64, finite. Returns int64 (N,) on the
+    device of the inputs. ``backend``: ``"auto"``, ``"numpy"``, ``"numba"`` or
+    ``"cupy"`` (see the module docstring). Raises ValueError/TypeError naming the
+    offending shape, dtype, value or backend.
+    """
+    x, codebook, device = _validate(x, codebook)
+    name = _resolve(backend, device)
+    if x.shape[0] == 0:
+        return _backend.get_array_module(x).empty(0, dtype=np.int64)
+    if name == "numpy":
+        from .nearest_numpy import nearest_code_numpy
+        return nearest_code_numpy(x, codebook)
+    if name == "numba":
+        return _load("numba").nearest_code_numba(x, codebook)
+    return _load("cupy").nearest_code_cupy(x, codebook)
+
+
+__all__ = ["nearest_code", "available_backends", "BACKENDS"]
