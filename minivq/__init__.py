@@ -29,6 +29,7 @@ def _attach_source_kernels():
 
 
 _attach_source_kernels()
+from . import kernels, models  # noqa: E402  (after the kernels folder is registered)
 
 __version__ = "0.1.0"
 

@@ -262,6 +262,12 @@ def check_device(device):
     return backend.device_name(device)
 
 
+def check_kernel(name):
+    from .kernels import BACKENDS
+    if name not in BACKENDS:
+        raise ValueError(f"unknown nearest-code kernel {name!r}: use one of {', '.join(BACKENDS)}")
+
+
 def resolve_model_config(given, checkpoint_config=None):
     """Model hyperparameters: the checkpoint's on resume (explicit flags must agree), else flags or defaults."""
     if checkpoint_config is None:
@@ -270,7 +276,7 @@ def resolve_model_config(given, checkpoint_config=None):
         if v is not None and k in checkpoint_config and checkpoint_config[k] != v:
             raise ValueError(f"--resume: the checkpoint was trained with {k}={checkpoint_config[k]}, "
                              f"but {k}={v} was given; drop the flag or start a new --out folder")
-    return dict(checkpoint_config)
+    return {k: checkpoint_config[k] for k in MODEL_DEFAULTS}
 
 
 def train_vqvae(out, data=None, steps=2000, batch_size=128, lr=1e-3, seed=0, device="cpu", resume=False,
@@ -287,6 +293,7 @@ def train_vqvae(out, data=None, steps=2000, batch_size=128, lr=1e-3, seed=0, dev
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"learning rate must be a positive number, got {lr}")
     device = check_device(device)
+    check_kernel(kernel)
     check_output_folder(out)
     ckpt_path = os.path.join(out, CHECKPOINT)
 

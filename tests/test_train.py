@@ -1,0 +1,137 @@
+"""Training end to end on a tiny synthetic dataset: logs, checkpoints, exact resume, the prior, sampling."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import minivq as mv
+from minivq.cli import main
+
+TINY = ["--num-hiddens", "8", "--residual-hiddens", "4", "--residual-layers", "1", "--embedding-dim", "4",
+        "--num-embeddings", "16"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Blobs on a dark background, 16x16, as an .npz with train and test splits."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+
+    def images(n):
+        yy, xx = np.mgrid[:16, :16]
+        cy, cx = rng.uniform(4, 12, (2, n, 1, 1))
+        r = rng.uniform(2, 5, (n, 1, 1))
+        return (255 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2)).astype(np.uint8)
+
+    path = folder / "blobs.npz"
+    np.savez(path, x_train=images(96), y_train=rng.integers(0, 3, 96), x_test=images(40),
+             y_test=rng.integers(0, 3, 40))
+    return str(path)
+
+
+def read_log(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train(tiny_data, out, steps, *extra):
+    args = ["train", "--data", tiny_data, "--out", str(out), "--steps", str(steps), "--batch", "16",
+            "--log-every", "1", "--checkpoint-every", "3", "--eval-every", "4", "--no-progress", *TINY, *extra]
+    return main(args)
+
+
+def test_train_writes_log_checkpoint_and_png(tiny_data, tmp_path, capsys):
+    assert train(tiny_data, tmp_path, 5) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"mse", "nmse", "perplexity", "codes_used"} <= set(final)
+    log = read_log(tmp_path)
+    train_recs = [r for r in log if r["split"] == "train"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4, 5]
+    for key in ("loss", "recon_error", "nmse", "perplexity", "codes_used", "seconds"):
+        assert key in train_recs[0]
+    assert any(r["split"] == "test" and r["step"] == 4 for r in log)
+    png = (tmp_path / "reconstructions.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    meta, sections = mv.train.read_checkpoint(str(tmp_path / "checkpoint.npz"), "minivq-vqvae")
+    assert meta["step"] == 5 and "encoder.conv_1.weight" in sections["model"]
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_resume_reproduces_an_uninterrupted_run(tiny_data, tmp_path, ema):
+    extra = ["--ema"] if ema else []
+    assert train(tiny_data, tmp_path / "full", 7, *extra) == 0
+    assert train(tiny_data, tmp_path / "part", 3, *extra) == 0
+    assert train(tiny_data, tmp_path / "part", 7, "--resume") == 0
+    full = [(r["step"], r["loss"]) for r in read_log(tmp_path / "full") if r["split"] == "train"]
+    part = [(r["step"], r["loss"]) for r in read_log(tmp_path / "part") if r["split"] == "train"]
+    assert part == full
+    a = mv.load(tmp_path / "full" / "checkpoint.npz")
+    b = mv.load(tmp_path / "part" / "checkpoint.npz")
+    for key in a:
+        if key != "meta":
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_eval_and_reconstruct_commands(tiny_data, tmp_path, capsys):
+    assert train(tiny_data, tmp_path, 2) == 0
+    capsys.readouterr()
+    ckpt = str(tmp_path / "checkpoint.npz")
+    assert main(["eval", ckpt]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["step"] == 2 and metrics["images"] == 40
+    out = tmp_path / "recon.png"
+    assert main(["reconstruct", ckpt, "--out", str(out), "--n", "8"]) == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_prior_train_resume_and_sample(tiny_data, tmp_path, capsys):
+    assert train(tiny_data, tmp_path, 2) == 0
+    ckpt = str(tmp_path / "checkpoint.npz")
+    prior_args = ["train-prior", ckpt, "--steps", "4", "--batch", "8", "--channels", "4", "--layers", "2",
+                  "--kernel-size", "3", "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "2",
+                  "--no-progress", "--conditional"]
+    assert main(prior_args) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["uniform_bits"] == pytest.approx(4.0) and final["nll_bits"] > 0
+    caches = [p for p in os.listdir(tmp_path) if p.startswith("codes-")]
+    assert len(caches) == 1
+    # resume from step 2 reproduces the uninterrupted losses
+    full = [r["loss"] for r in read_log(tmp_path / "prior") if r["split"] == "train"]
+    resumed_dir = tmp_path / "prior2"
+    assert main(prior_args[:3] + ["2"] + prior_args[4:] + ["--out", str(resumed_dir)]) == 0
+    assert main(prior_args + ["--out", str(resumed_dir), "--resume"]) == 0
+    resumed = [r["loss"] for r in read_log(resumed_dir) if r["split"] == "train"]
+    assert resumed == full
+    prior_ckpt = str(tmp_path / "prior" / "checkpoint.npz")
+    png1, png2 = tmp_path / "s1.png", tmp_path / "s2.png"
+    assert main(["sample", prior_ckpt, "--n", "4", "--class", "1", "--seed", "3", "--out", str(png1)]) == 0
+    assert main(["sample", prior_ckpt, "--n", "4", "--class", "1", "--seed", "3", "--out", str(png2)]) == 0
+    assert png1.read_bytes() == png2.read_bytes()
+    capsys.readouterr()
+    assert main(["sample", prior_ckpt, "--out", str(png1)]) == 2
+    assert "class-conditional" in capsys.readouterr().err
+
+
+def test_nonfinite_loss_stops_or_is_skipped(tiny_data, tmp_path, capsys, monkeypatch):
+    from minivq import functional as F
+    real = F.mse_loss
+    calls = {"n": 0}
+
+    def flaky(a, b):      # the reconstruction loss of step 4 turns into NaN
+        out = real(a, b)
+        calls["n"] += 1
+        if calls["n"] == 4 and mv.is_grad_enabled():
+            out = out * np.float32("nan")
+        return out
+
+    monkeypatch.setattr(F, "mse_loss", flaky)
+    assert train(tiny_data, tmp_path / "a", 6) == 3
+    err = capsys.readouterr().err
+    assert "step 4" in err and "non-finite" in err and len(err.strip().splitlines()) == 1
+    meta, _ = mv.train.read_checkpoint(str(tmp_path / "a" / "checkpoint.npz"), "minivq-vqvae")
+    assert meta["step"] == 3          # the last good checkpoint is kept
+    calls["n"] = 0
+    assert train(tiny_data, tmp_path / "b", 6, "--skip-nonfinite") == 0
+    log = [r for r in read_log(tmp_path / "b") if r["split"] == "train"]
+    assert log[-1]["skipped_nonfinite"] == 1
