@@ -15,16 +15,23 @@ this is fast, but it materialises an (rows, K) block of scores. The rows are
 processed in chunks sized so that this block stays under ``BLOCK_BYTES``,
 which keeps the memory bounded for any N.
 
-Ties: ``argmin`` returns the first (lowest) index among equal scores. Two
-duplicated codebook rows go through identical arithmetic (the same products,
-summed in the same order by the BLAS kernel), so their scores are bitwise
-equal and the lower index wins. Two *different* codes at the same true
-distance may round differently, as in any GEMM formulation.
+Ties: ``argmin`` returns the first (lowest) index among equal scores. But
+BLAS does not promise the same arithmetic for every column of a product:
+OpenBLAS, for one, runs the columns at the edge of its register tiles
+through other micro-kernels, so two *identical* codes can get scores one ulp
+apart depending on where they sit (seen with K=100, D=64, float32). The
+reference therefore maps every chosen code to the first copy of the same
+vector (``first_copies``): duplicated codes, the one exact tie we can detect
+without knowing x, always go to the lowest index. Two *different* codes at
+the same true distance may still round differently, as in any GEMM
+formulation.
 
 The same code runs on CuPy arrays (``xp = get_array_module(x)``), which is
 how the GPU path of the benchmark gets its GEMM-based comparison point.
 """
-from minivq.backend import get_array_module
+import numpy as np
+
+from minivq.backend import get_array_module, to_numpy
 
 BLOCK_BYTES = 32 * 1024 * 1024   # the (rows, K) score block is kept under this size
 
@@ -38,6 +45,21 @@ def code_norms(codebook):
     """``||e_k||^2`` for every code, in the codebook's dtype."""
     xp = get_array_module(codebook)
     return xp.einsum("kd,kd->k", codebook, codebook)
+
+
+def first_copies(codebook):
+    """For every code, the lowest index holding a bitwise-identical vector (int64 (K,), on the host).
+
+    One sort of the rows viewed as raw bytes: O(K log K) on a (K, D) array,
+    small next to the (N, K, D) product.
+    """
+    host = np.ascontiguousarray(to_numpy(codebook))
+    k, d = host.shape
+    if d == 0:
+        return np.zeros(k, dtype=np.int64)
+    rows = host.view(np.dtype((np.void, d * host.dtype.itemsize))).reshape(k)
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    return first[inverse.reshape(k)].astype(np.int64)
 
 
 def nearest_code_numpy(x, codebook, block_bytes=BLOCK_BYTES):
@@ -61,4 +83,7 @@ def nearest_code_numpy(x, codebook, block_bytes=BLOCK_BYTES):
         scores *= -2                             # exact: a power of two
         scores += norms                          # ||e||^2 - 2 x.e
         indices[start:stop] = scores.argmin(axis=1)
+    first = first_copies(codebook)
+    if np.any(first != np.arange(first.shape[0])):      # duplicated codes: send ties to the first copy
+        indices = xp.asarray(first)[indices]
     return indices
