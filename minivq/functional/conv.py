@@ -15,14 +15,18 @@ For ``conv2d`` the input is the image and the output the grid; for
 weight layouts, ``(C_out, C_in, kH, kW)`` and ``(C_in, C_out, kH, kW)``, both
 put the grid's channels first, so one ``wmat`` serves both.
 
-Inside, the arrays are channels-last (NHWC): a window row ``(kw, c)`` is then
-one contiguous run of ``kW*C`` numbers, so im2col is a copy of long runs from
-a strided view, and each GEMM reads and writes plain row-major matrices. The
-NCHW <-> NHWC moves touch feature maps only, which are ``kH*kW`` times smaller
-than the im2col buffer.
+Layouts, chosen by measurement (benchmarks/NOTES-conv.md). The image side is
+channels-last inside: a window row ``(kw, c)`` is then one contiguous run of
+``kW*C`` numbers, so im2col is one copy of long runs out of a strided view. The
+grid side is kept channel-major, ``(C_grid, N*OH*OW)``: NCHW with N and C
+swapped, which moves whole ``OH*OW`` planes and so is a cheap copy. At stride
+1, col2im is replaced by an im2col of the grid with the kernel flipped (a copy
+instead of kH*kW read-modify-write passes over the image).
 
-Memory: the im2col buffer (and col2im's) is bounded by ``workspace_limit``;
-a batch whose buffer would be larger is processed a few images at a time.
+Memory: one im2col (or col2im) buffer holds at most ``workspace_limit`` bytes
+(or one image's windows, if more); a batch whose buffer would be larger is
+processed a few images at a time. When the batch fits in one buffer, conv2d
+keeps the windows of x from forward for the weight gradient.
 """
 import contextlib
 
@@ -110,11 +114,16 @@ def _weight_from_matrix(wmat, shape):
 
 
 # ---------------------------------------------------------------- im2col / col2im
+def _is_pointwise(g):
+    """1x1 windows at stride 1 without padding: each window is one pixel."""
+    return g.kh == g.kw == g.sh == g.sw == 1 and g.ph == g.pw == 0
+
+
 def _im2col(image, g):
     """Every kH x kW window of ``image`` (n, C, H, W) as one row: (n*OH*OW, kH*kW*C), columns (kh, kw, c)."""
     xp = get_array_module(image)
     n = image.shape[0]
-    if g.kh == g.kw == g.sh == g.sw == 1 and g.ph == g.pw == 0:
+    if _is_pointwise(g):
         return _channel_major(image).T            # 1x1 windows are the pixels: a transposed view will do
     padded = xp.zeros((n, g.hp, g.wp, g.c_img), dtype=image.dtype)
     padded[:, g.ph:g.ph + g.h, g.pw:g.pw + g.w, :] = image.transpose(0, 2, 3, 1)
@@ -202,7 +211,8 @@ def _col2im_pass(grid, wmat, g, bias=None, grid_mat=None):
         c_grid, c_img, kh, kw = g.c_grid, g.c_img, g.kh, g.kw
         # image[c] = sum over d, i, j of grid_padded[d] shifted by (i, j), times W[d, c, kH-1-i, kW-1-j]
         wflip = wmat.reshape(c_grid, kh, kw, c_img)[:, ::-1, ::-1, :].transpose(3, 1, 2, 0).reshape(c_img, -1)
-        image, _, _ = _im2col_pass(grid, flipped, wmat=xp.ascontiguousarray(wflip), bias=bias)
+        pixels = grid_mat.T if grid_mat is not None and _is_pointwise(flipped) else None   # 1x1: made already
+        image, _, _ = _im2col_pass(grid, flipped, wmat=xp.ascontiguousarray(wflip), bias=bias, cols=pixels)
         return image
     if grid_mat is None:
         grid_mat = _channel_major(grid)
