@@ -2,16 +2,21 @@
 
 Each step is forward + backward in float32 with a fixed upstream gradient, as in
 training; the first layer's input (the data batch) needs no gradient. minivq and
-PyTorch run interleaved in one process (the order alternates every repeat, with a
-short pause before each timed call so that the other library's idle threads have
-stopped spinning), PyTorch with as many threads as NumPy's BLAS. Medians are
-reported. Also measured: NumPy's SGEMM rate, which with the layers' GEMM FLOPs
-gives the time a perfect im2col+GEMM implementation could not beat.
+PyTorch run interleaved in one process, PyTorch with as many threads as NumPy's
+BLAS; the order alternates every repeat, and each timed call waits ``--gap``
+seconds first, because either library's idle threads keep spinning after a call
+(OpenBLAS's for 2^28 cycles, about 0.11 s here) and would otherwise slow the
+other one down by up to 3x. Medians are reported (minima too: on a shared
+machine the minimum is the least disturbed run). Also measured: NumPy's SGEMM
+rate, which with the layers' GEMM FLOPs gives the time that a perfect
+im2col+GEMM implementation could not beat.
 
     python benchmarks/bench_conv.py                 # batches 32 and 128, 10 repeats
     python benchmarks/bench_conv.py --quick         # batch 32, 3 repeats
     python benchmarks/bench_conv.py --batches 64 --repeats 20 --out /tmp/conv.json
+    python benchmarks/bench_conv.py --ablate cpu   # each optimisation switched off in turn (NOTES-conv.md)
 """
+import contextlib
 import argparse
 import json
 import os
@@ -26,6 +31,7 @@ sys.path.insert(0, os.path.dirname(HERE))      # run from a checkout without ins
 sys.path.insert(0, HERE)
 
 import minivq as mv                                              # noqa: E402
+from minivq.functional import conv as conv_module                # noqa: E402
 from minivq.functional.conv import conv2d, conv_transpose2d      # noqa: E402
 from _machine import describe_machine, slug                      # noqa: E402
 
@@ -156,14 +162,19 @@ def run(batches, repeats, warmup, gap, use_torch):
                        kernel=layer[4], stride=layer[5], padding=layer[6], size=layer[7], input_grad=layer[8],
                        gemm_gflop=flops / 1e9, minivq_ms=statistics.median(t_mine), minivq_all_ms=t_mine,
                        torch_ms=statistics.median(t_theirs) if t_theirs else None, torch_all_ms=t_theirs or None)
+            row["minivq_min_ms"], row["torch_min_ms"] = min(t_mine), min(t_theirs) if t_theirs else None
             row["ratio"] = row["minivq_ms"] / row["torch_ms"] if t_theirs else None
+            row["ratio_of_min"] = row["minivq_min_ms"] / row["torch_min_ms"] if t_theirs else None
             rows.append(row)
             print_row(row)
         total = dict(batch=n, minivq_ms=sum(r["minivq_ms"] for r in rows),
+                     minivq_min_ms=sum(r["minivq_min_ms"] for r in rows),
                      gemm_gflop=sum(r["gemm_gflop"] for r in rows))
         if torch:
             total["torch_ms"] = sum(r["torch_ms"] for r in rows)
+            total["torch_min_ms"] = sum(r["torch_min_ms"] for r in rows)
             total["ratio"] = total["minivq_ms"] / total["torch_ms"]
+            total["ratio_of_min"] = total["minivq_min_ms"] / total["torch_min_ms"]
         results.append(dict(batch=n, layers=rows, total=total))
         print_total(total)
     sgemm_after = sgemm_rate()
@@ -171,22 +182,80 @@ def run(batches, repeats, warmup, gap, use_torch):
                 sgemm_gflops_before=sgemm_before, sgemm_gflops_after=sgemm_after, results=results)
 
 
+# ---------------------------------------------------------------- ablation
+ABLATIONS = ["current", "no-flip", "no-block", "no-keep"]
+
+
+@contextlib.contextmanager
+def ablation(name):
+    """Switch one optimisation of minivq.functional.conv off (see NOTES-conv.md)."""
+    saved = (conv_module._flipped_geometry, conv_module.COL2IM_BLOCK_BYTES, conv_module._im2col_pass)
+    original_pass = conv_module._im2col_pass
+    if name == "no-flip":         # stride-1 input gradients through col2im
+        conv_module._flipped_geometry = lambda g: None
+    elif name == "no-block":      # col2im over the whole chunk at once
+        conv_module.COL2IM_BLOCK_BYTES = 1 << 62
+    elif name == "no-keep":       # rebuild the windows of x in backward
+        conv_module._im2col_pass = lambda *a, **k: original_pass(*a, **dict(k, keep_cols=False))
+    try:
+        yield
+    finally:
+        conv_module._flipped_geometry, conv_module.COL2IM_BLOCK_BYTES, conv_module._im2col_pass = saved
+
+
+def run_ablation(batches, repeats, mode):
+    """CPU time at one BLAS thread (median) or wall time at the default threads (minimum), interleaved."""
+    import threadpoolctl
+    clock = time.process_time if mode == "cpu" else time.perf_counter
+    limits = threadpoolctl.threadpool_limits(1, user_api="blas") if mode == "cpu" else contextlib.nullcontext()
+    gen = np.random.default_rng(0)
+    report = {}
+    with limits:
+        for n in batches:
+            print(f"batch {n}, {'CPU ms at 1 BLAS thread, median' if mode == 'cpu' else 'wall ms, minimum'}")
+            print(f"{'layer':<20}" + "".join(f"{a:>10}" for a in ABLATIONS))
+            totals = dict.fromkeys(ABLATIONS, 0.0)
+            for layer in LAYERS:
+                x, w, b, gy = make_case(layer, n, gen)
+                times = {a: [] for a in ABLATIONS}
+                for r in range(repeats + 1):          # the first round warms up
+                    for name in (ABLATIONS if r % 2 == 0 else ABLATIONS[::-1]):
+                        with ablation(name):
+                            step = minivq_step(layer, x, w, b, gy)
+                            t0 = clock()
+                            step()
+                            if r:
+                                times[name].append((clock() - t0) * 1e3)
+                pick = statistics.median if mode == "cpu" else min
+                row = {a: pick(t) for a, t in times.items()}
+                for a in ABLATIONS:
+                    totals[a] += row[a]
+                report.setdefault(n, []).append(dict(layer=layer[0], **row))
+                print(f"{layer[0]:<20}" + "".join(f"{row[a]:10.1f}" for a in ABLATIONS), flush=True)
+            print(f"{'total':<20}" + "".join(f"{totals[a]:10.1f}" for a in ABLATIONS) + "\n")
+    return report
+
+
 def print_header():
-    print(f"{'layer':<20} {'N':>4} {'GFLOP':>6} {'minivq ms':>10} {'torch ms':>9} {'ratio':>6} {'GF/s':>6}")
+    print(f"{'':<20} {'':>4} {'GEMM':>6} {'--------- median ---------':>27} {'---------- min ---------':>26}")
+    print(f"{'layer':<20} {'N':>4} {'GFLOP':>6} {'minivq ms':>10} {'torch ms':>9} {'ratio':>6} "
+          f"{'minivq':>8} {'torch':>8} {'ratio':>6} {'GF/s':>6}")
+
+
+def _line(name, r, min_key_mine, min_key_theirs, ratio_min):
+    def cell(v, width, digits=1):
+        return f"{v:{width}.{digits}f}" if v is not None else f"{'-':>{width}}"
+    return (f"{name:<20} {r['batch']:>4} {r['gemm_gflop']:6.2f} {r['minivq_ms']:10.1f} {cell(r.get('torch_ms'), 9)} "
+            f"{cell(r.get('ratio'), 6, 2)} {r[min_key_mine]:8.1f} {cell(r.get(min_key_theirs), 8)} "
+            f"{cell(r.get(ratio_min), 6, 2)} {r['gemm_gflop'] / r['minivq_ms'] * 1e3:6.1f}")
 
 
 def print_row(r):
-    torch_ms = f"{r['torch_ms']:9.1f}" if r["torch_ms"] is not None else f"{'-':>9}"
-    ratio = f"{r['ratio']:6.2f}" if r["ratio"] is not None else f"{'-':>6}"
-    print(f"{r['layer']:<20} {r['batch']:>4} {r['gemm_gflop']:6.2f} {r['minivq_ms']:10.1f} {torch_ms} {ratio} "
-          f"{r['gemm_gflop'] / r['minivq_ms'] * 1e3:6.1f}", flush=True)
+    print(_line(r["layer"], r, "minivq_min_ms", "torch_min_ms", "ratio_of_min"), flush=True)
 
 
 def print_total(t):
-    torch_ms = f"{t['torch_ms']:9.1f}" if "torch_ms" in t else f"{'-':>9}"
-    ratio = f"{t['ratio']:6.2f}" if "ratio" in t else f"{'-':>6}"
-    print(f"{'total':<20} {t['batch']:>4} {t['gemm_gflop']:6.2f} {t['minivq_ms']:10.1f} {torch_ms} {ratio} "
-          f"{t['gemm_gflop'] / t['minivq_ms'] * 1e3:6.1f}\n", flush=True)
+    print(_line("total", t, "minivq_min_ms", "torch_min_ms", "ratio_of_min") + "\n", flush=True)
 
 
 def main(argv=None):
@@ -194,11 +263,14 @@ def main(argv=None):
     parser.add_argument("--batches", default="32,128", help="comma-separated batch sizes (default 32,128)")
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per layer and library")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--gap", type=float, default=0.1,
-                        help="seconds to pause before each timed call (idle BLAS/OpenMP threads stop spinning)")
+    parser.add_argument("--gap", type=float, default=0.25,
+                        help="seconds to pause before each timed call, so that the other library's idle threads "
+                             "have stopped spinning (default 0.25; OpenBLAS spins about 0.11 s here)")
     parser.add_argument("--quick", action="store_true", help="batch 32, 3 repeats, 1 warm-up")
     parser.add_argument("--no-torch", action="store_true", help="time minivq alone")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/conv-<host>-<date>.json)")
+    parser.add_argument("--ablate", choices=["cpu", "wall"],
+                        help="instead: time minivq with each optimisation switched off in turn (no JSON)")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     repeats, warmup = args.repeats, args.warmup
@@ -206,6 +278,9 @@ def main(argv=None):
         batches, repeats, warmup = [32], 3, 1
     if min(batches) <= 0 or repeats <= 0:
         parser.error("batches and repeats must be positive")
+    if args.ablate:
+        run_ablation(batches, repeats, args.ablate)
+        return
 
     machine = describe_machine()
     blas = ", ".join(f"{b.get('internal_api')} {b.get('version')} {b.get('architecture')} x{b.get('num_threads')}"
