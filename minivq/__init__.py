@@ -4,7 +4,7 @@ from .autograd import Tensor, Function, no_grad, enable_grad, is_grad_enabled
 from .backend import manual_seed
 from .gradcheck import gradcheck, GradcheckError
 from .io import save, load
-from . import functional, nn, optim
+from . import functional, graph, nn, optim
 
 
 def _attach_source_kernels():
@@ -40,5 +40,5 @@ def tensor(data, requires_grad=False, device=None, dtype=None):
 
 
 __all__ = ["Tensor", "Function", "tensor", "no_grad", "enable_grad", "is_grad_enabled", "manual_seed",
-           "gradcheck", "GradcheckError", "save", "load", "backend", "functional", "nn", "optim",
+           "gradcheck", "GradcheckError", "save", "load", "backend", "functional", "graph", "nn", "optim",
            "models", "kernels"]

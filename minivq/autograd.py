@@ -24,7 +24,8 @@ from . import backend
 
 # ---------------------------------------------------------------- grad mode
 class _GradMode:
-    enabled = True   # the one piece of global mutable state (besides the RNG)
+    enabled = True          # the one piece of global mutable state (besides the RNG)
+    record_norms = False    # minivq.graph.record_grad_norms(): backward notes each node's gradient norm
 
 
 @contextlib.contextmanager
@@ -241,8 +242,9 @@ def run_backward(root, grad):
         grads_in = fn.backward(*grads_out)
         if not isinstance(grads_in, tuple):
             grads_in = (grads_in,)
-        if fn.record_grads:
-            fn.grads_out = grads_out
+        if _GradMode.record_norms:
+            from .graph import grad_norm
+            fn.grad_norms = [grad_norm(g) for g in grads_out]
         for x, gx in zip(fn.inputs, grads_in):
             if gx is None or not x.requires_grad:
                 continue
@@ -275,7 +277,7 @@ class Function:
     can skip work for inputs that want no gradient (Chainer's idea).
     """
 
-    record_grads = False   # set by minivq.graph to keep output gradients for inspection
+    grad_norms = None      # set by backward under minivq.graph.record_grad_norms()
 
     @property
     def name(self):

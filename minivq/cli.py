@@ -74,12 +74,16 @@ def build_parser():
                    help="re-seed codes unused for this many steps from the batch (0: never)")
     g.add_argument("--kmeans-init", action="store_true", help="initialise the codebook by k-means++ on the first batch")
     g.add_argument("--kernel", default="auto", help="nearest-code backend: auto, numpy, numba, cupy")
+    g.add_argument("--estimator", default="straight_through", choices=["straight_through", "rotation"],
+                   help="gradient estimator through the quantiser (straight_through)")
     r = t.add_argument_group("logging and checkpoints")
     r.add_argument("--eval-every", type=_positive_int, default=500, help="test-split evaluation period (500)")
     r.add_argument("--eval-size", type=_positive_int, default=None, help="test images per evaluation (all)")
     r.add_argument("--checkpoint-every", type=_positive_int, default=500, help="checkpoint period (500)")
     r.add_argument("--log-every", type=_positive_int, default=10, help="metrics log period in steps (10)")
     r.add_argument("--skip-nonfinite", action="store_true", help="skip steps whose loss is NaN/inf (counted in the log)")
+    r.add_argument("--log-grads", action="store_true",
+                   help="log per-layer gradient norms and the recon/commitment split of the encoder's gradient")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="test-split metrics of a checkpoint, as JSON on stdout")
@@ -124,6 +128,10 @@ def build_parser():
     s.add_argument("--temperature", type=_positive_float, default=1.0, help="softmax temperature (1.0)")
     s.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (0): same seed, same images")
     s.add_argument("--out", required=True, help="PNG file to write")
+
+    pl = sub.add_parser("plot", help="PNG curves from a metrics.jsonl (needs matplotlib: .[viz])")
+    pl.add_argument("metrics", help="a metrics.jsonl written by train or train-prior")
+    pl.add_argument("--out", required=True, help="PNG file to write")
     return parser
 
 
@@ -141,7 +149,8 @@ def cmd_train(args):
         device=args.device, resume=args.resume, eval_every=args.eval_every, eval_size=args.eval_size,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, skip_nonfinite=args.skip_nonfinite,
         restart_after=args.restart_after, kmeans_init=args.kmeans_init, kernel=args.kernel,
-        progress=not args.no_progress, model_config=_model_flags(args))
+        estimator=args.estimator, log_grads=args.log_grads, progress=not args.no_progress,
+        model_config=_model_flags(args))
     print(json.dumps(final))
     print(f"wrote {os.path.join(args.out, 'checkpoint.npz')}, metrics.jsonl and reconstructions.png "
           f"in {args.out}", file=sys.stderr)
@@ -196,6 +205,15 @@ def cmd_sample(args):
     print(f"wrote {args.out}", file=sys.stderr)
 
 
+def cmd_plot(args):
+    from .plot import plot_metrics
+    _check_png_target(args.out)
+    if not os.path.isfile(args.metrics):
+        raise FileNotFoundError(f"no such metrics log: {args.metrics}")
+    plot_metrics(args.metrics, args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
 def _check_png_target(path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -205,7 +223,7 @@ def _check_png_target(path):
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "reconstruct": cmd_reconstruct,
-            "train-prior": cmd_train_prior, "sample": cmd_sample}
+            "train-prior": cmd_train_prior, "sample": cmd_sample, "plot": cmd_plot}
 
 
 def main(argv=None):

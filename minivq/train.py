@@ -193,14 +193,15 @@ def save_reconstructions(model, dataset, path, device="cpu", count=32):
 
 
 def run_steps(compute, optimizer, start, steps, out, resume, checkpoint, evaluate_now, eval_every,
-              checkpoint_every, log_every, skip_nonfinite, progress):
+              checkpoint_every, log_every, skip_nonfinite, progress, grad_report=None):
     """The loop both trainers share: step, check for NaN/inf, log, evaluate, checkpoint.
 
     ``compute(step)`` builds the graph of one step and returns ``(loss, checked,
     extra, bar_text)``: ``checked`` holds the float loss terms that must be
     finite, ``extra`` more fields for the log. A non-finite term stops training
     (``NonFiniteError``, the last checkpoint kept) or, with ``skip_nonfinite``,
-    skips the step and counts it.
+    skips the step and counts it. ``grad_report()``, if given, is called after
+    backward on logged steps and returns more fields for the log.
     """
     log = MetricsLog(os.path.join(out, METRICS), resume_step=start if resume else None)
     bar = Progress(steps, start, enabled=progress)
@@ -215,12 +216,15 @@ def run_steps(compute, optimizer, start, steps, out, resume, checkpoint, evaluat
                 raise NonFiniteError(
                     f"step {step}: {', '.join(bad)} became non-finite ({checked}); the checkpoint of step "
                     f"{last_good} is kept in {out}; lower --lr, or pass --skip-nonfinite to skip such steps")
+            logged = step % log_every == 0 or step == steps
             if bad:
                 skipped += 1
             else:
                 loss.backward()
+                if logged and grad_report is not None:
+                    extra = dict(extra, **grad_report())
                 optimizer.step()
-            if step % log_every == 0 or step == steps:
+            if logged:
                 record = dict({"step": step, "split": "train"}, **checked, **extra,
                               seconds=round(time.perf_counter() - t_start, 3))
                 if skip_nonfinite:
@@ -262,6 +266,28 @@ def check_device(device):
     return backend.device_name(device)
 
 
+def gradient_report(model, vq):
+    """Per-layer gradient norms, and how the encoder's gradient at z_e splits between the loss terms.
+
+    The commitment term's share is known in closed form, 2 beta (z_e - z_q) / numel (checked in
+    tests/test_quantizer.py); the rest of z_e's gradient came through the estimator
+    (straight-through or rotation) from the reconstruction.
+    """
+    from .graph import grad_norm
+    layers = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            layer = name.rsplit(".", 1)[0]
+            layers[layer] = layers.get(layer, 0.0) + grad_norm(p.grad) ** 2
+    z_e, z_q = vq.z_e, vq.quantized.data
+    beta = model.vq.commitment_cost
+    commit = (2 * beta / z_e.data.size) * (z_e.data - z_q)
+    recon = z_e.grad - commit
+    r, c = grad_norm(recon), grad_norm(commit)
+    return {"grad_norms": {k: math.sqrt(v) for k, v in layers.items()},
+            "z_e_grad_recon": r, "z_e_grad_commit": c, "z_e_recon_share": r / (r + c) if r + c > 0 else 0.0}
+
+
 def check_kernel(name):
     from .kernels import BACKENDS
     if name not in BACKENDS:
@@ -281,8 +307,13 @@ def resolve_model_config(given, checkpoint_config=None):
 
 def train_vqvae(out, data=None, steps=2000, batch_size=128, lr=1e-3, seed=0, device="cpu", resume=False,
                 eval_every=500, eval_size=None, checkpoint_every=500, log_every=10, skip_nonfinite=False,
-                restart_after=0, kmeans_init=False, kernel="auto", progress=True, model_config=None):
-    """Train a VQ-VAE; returns the final test metrics (a dict). See ``minivq train --help``."""
+                restart_after=0, kmeans_init=False, kernel="auto", estimator="straight_through", log_grads=False,
+                progress=True, model_config=None):
+    """Train a VQ-VAE; returns the final test metrics (a dict). See ``minivq train --help``.
+
+    ``log_grads``: on logged steps, add per-layer gradient norms and the split of the
+    encoder's gradient (at z_e) between the reconstruction and commitment terms.
+    """
     from .data import BatchSampler, load_dataset
     from .models import VQVAE
 
@@ -306,6 +337,7 @@ def train_vqvae(out, data=None, steps=2000, batch_size=128, lr=1e-3, seed=0, dev
         t = meta["train"]
         seed, batch_size, lr = t["seed"], t["batch_size"], t["lr"]
         restart_after, kmeans_init = t["restart_after"], t["kmeans_init"]
+        estimator = t.get("estimator", "straight_through")
         data = data if data is not None else t.get("data")
     config = resolve_model_config(model_config or {}, meta["model"] if meta else None)
 
@@ -317,7 +349,7 @@ def train_vqvae(out, data=None, steps=2000, batch_size=128, lr=1e-3, seed=0, dev
 
     backend.manual_seed(seed)
     model = VQVAE(in_channels=train_set.num_channels, restart_after=restart_after, kmeans_init=kmeans_init,
-                  kernel=kernel, **config)
+                  kernel=kernel, estimator=estimator, **config)
     if meta and meta["model"].get("in_channels", train_set.num_channels) != train_set.num_channels:
         raise ValueError(f"the checkpoint's model takes {meta['model']['in_channels']}-channel images, "
                          f"the dataset has {train_set.num_channels}")
@@ -334,7 +366,7 @@ def train_vqvae(out, data=None, steps=2000, batch_size=128, lr=1e-3, seed=0, dev
     record_meta = {"model": dict(config, in_channels=train_set.num_channels),
                    "train": {"seed": seed, "batch_size": batch_size, "lr": lr, "data": data,
                              "dataset": train_set.name, "restart_after": restart_after,
-                             "kmeans_init": kmeans_init},
+                             "kmeans_init": kmeans_init, "estimator": estimator},
                    "data_variance": variance}
     sampler = BatchSampler(len(train_set), batch_size, seed)
 
@@ -347,12 +379,22 @@ def train_vqvae(out, data=None, steps=2000, batch_size=128, lr=1e-3, seed=0, dev
         loss = recon + vq.loss
         checked = {"loss": float(loss.item()), "nmse": float(recon.item()), "vq_loss": float(vq.loss.item())}
         extra = {"recon_error": float(mse.item()), "perplexity": float(vq.perplexity), "codes_used": vq.codes_used}
+        if log_grads:
+            vq.z_e.retain_grad()
+            last["vq"] = vq
         return loss, checked, extra, f"loss {checked['loss']:.4f} ppl {extra['perplexity']:.1f}"
+
+    last = {}
+
+    def grad_report():
+        vq = last.pop("vq")
+        return gradient_report(model, vq)
 
     run_steps(compute, optimizer, start, steps, out, resume,
               lambda step: save_checkpoint(ckpt_path, "minivq-vqvae", step, model, optimizer, record_meta),
               lambda: evaluate(model, test_set, variance, device, limit=eval_size),
-              eval_every, checkpoint_every, log_every, skip_nonfinite, progress)
+              eval_every, checkpoint_every, log_every, skip_nonfinite, progress,
+              grad_report=grad_report if log_grads else None)
     final = dict(evaluate(model, test_set, variance, device, limit=eval_size), step=steps, split="test")
     MetricsLog(os.path.join(out, METRICS), append=True).write(final)
     save_reconstructions(model, test_set, os.path.join(out, RECONSTRUCTIONS), device)

@@ -6,6 +6,7 @@ z_q back to the encoder output z_e: forward z_q, backward the incoming
 gradient handed to z_e unchanged (and nothing to z_q).
 """
 from ..autograd import Function
+from ..backend import get_array_module
 
 
 class StopGradient(Function):
@@ -26,6 +27,45 @@ class StraightThrough(Function):
         return g, None         # dL/dz_e := dL/dz_q; z_q gets nothing through this node
 
 
+class RotationTrick(Function):
+    """Forward z_q; backward through the rotation that takes z_e to z_q (Fifty et al., 2024).
+
+    Per latent vector (channel axis 1): z_q = lambda R z_e with lambda = |q| / |e| and
+    R = I - 2 r r^T + 2 q^ e^T, where e^ = e/|e|, q^ = q/|q|, r = (e^ + q^)/|e^ + q^|: the
+    rotation in the plane of e and q that turns e^ into q^. R and lambda are held constant
+    (stop-gradient), so the gradient reaching z_e is the incoming one rotated back and scaled:
+        dL/de = lambda R^T g = lambda (g - 2 r (r.g) + 2 e^ (q^.g)).
+    The angle between the gradient and the code vector is thus carried over to the encoder,
+    where the straight-through estimator copies g unchanged.
+    """
+
+    eps = 1e-12
+
+    def forward(self, z_e, z_q):
+        if z_e.shape != z_q.shape:
+            raise ValueError(f"rotation_trick needs z_e and z_q of one shape, got {z_e.shape} and {z_q.shape}")
+        xp = get_array_module(z_e)
+        e_norm = xp.sqrt((z_e * z_e).sum(axis=1, keepdims=True))
+        q_norm = xp.sqrt((z_q * z_q).sum(axis=1, keepdims=True))
+        self.e_hat = z_e / xp.maximum(e_norm, self.eps)
+        self.q_hat = z_q / xp.maximum(q_norm, self.eps)
+        r = self.e_hat + self.q_hat
+        self.r = r / xp.maximum(xp.sqrt((r * r).sum(axis=1, keepdims=True)), self.eps)
+        self.scale = q_norm / xp.maximum(e_norm, self.eps)
+        return z_q
+
+    def backward(self, g):
+        r, e_hat, q_hat = self.r, self.e_hat, self.q_hat
+        r_dot_g = (r * g).sum(axis=1, keepdims=True)
+        q_dot_g = (q_hat * g).sum(axis=1, keepdims=True)
+        return self.scale * (g - 2 * r * r_dot_g + 2 * e_hat * q_dot_g), None
+
+
+def rotation_trick(z_e, z_q):
+    """Forward ``z_q``; backward rotates and scales the gradient onto ``z_e`` (see ``RotationTrick``)."""
+    return RotationTrick()(z_e, z_q)
+
+
 def stop_gradient(x):
     """sg[x]: forward ``x``, backward zero."""
     return StopGradient()(x)
@@ -36,17 +76,21 @@ def straight_through(z_e, z_q):
     return StraightThrough()(z_e, z_q)
 
 
+ESTIMATORS = {"straight_through": straight_through, "rotation": rotation_trick}
+
+
 def flatten_latents(z):
     """(N, D, H, W) raw array -> (N*H*W, D) rows, one per latent position, in raster order."""
     n, d, h, w = z.shape
     return z.transpose(0, 2, 3, 1).reshape(n * h * w, d)
 
 
-def vector_quantize(z_e, codebook, commitment_cost=0.25, backend="auto"):
+def vector_quantize(z_e, codebook, commitment_cost=0.25, backend="auto", estimator="straight_through"):
     """Quantise ``z_e`` (N, D, H, W) to its nearest rows of ``codebook`` (K, D), as in the paper.
 
     Returns ``(quantized, codebook_loss, commitment_loss, indices)``:
-    - ``quantized = straight_through(z_e, z_q)``: forward z_q, gradient copied to z_e;
+    - ``quantized = straight_through(z_e, z_q)``: forward z_q, gradient copied to z_e (or, with
+      ``estimator="rotation"``, ``rotation_trick(z_e, z_q)``);
     - ``codebook_loss = mean ||sg[z_e] - z_q||^2`` (moves the chosen codes towards the encoder);
     - ``commitment_loss = commitment_cost * mean ||z_e - sg[z_q]||^2`` (keeps the encoder near its codes);
     - ``indices``: raw int64 array (N, H, W).
@@ -64,4 +108,6 @@ def vector_quantize(z_e, codebook, commitment_cost=0.25, backend="auto"):
     z_q = transpose(embedding(indices, codebook), (0, 3, 1, 2))      # e_k picked per position, NCHW
     codebook_loss = mse_loss(stop_gradient(z_e), z_q)
     commitment_loss = mse_loss(z_e, stop_gradient(z_q)) * commitment_cost
-    return straight_through(z_e, z_q), codebook_loss, commitment_loss, indices
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown gradient estimator {estimator!r}: use one of {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[estimator](z_e, z_q), codebook_loss, commitment_loss, indices

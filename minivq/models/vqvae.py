@@ -69,12 +69,13 @@ class VQVAE(Module):
     """Encoder -> vector quantiser -> decoder. ``decay > 0`` selects the EMA codebook.
 
     ``model(x)`` returns ``(x_recon, VQOutput)``. Extra options are passed to the
-    quantiser: ``restart_after`` (dead-code restarts), ``kmeans_init``, ``kernel``.
+    quantiser: ``restart_after`` (dead-code restarts), ``kmeans_init``, ``kernel`` (nearest-code
+    backend), ``estimator`` ("straight_through" or "rotation").
     """
 
     def __init__(self, in_channels=1, num_hiddens=128, num_residual_hiddens=32, num_residual_layers=2,
                  embedding_dim=64, num_embeddings=512, commitment_cost=0.25, decay=0.0,
-                 restart_after=0, kmeans_init=False, kernel="auto"):
+                 restart_after=0, kmeans_init=False, kernel="auto", estimator="straight_through"):
         super().__init__()
         for name, value in [("in_channels", in_channels), ("num_hiddens", num_hiddens),
                             ("num_residual_hiddens", num_residual_hiddens), ("embedding_dim", embedding_dim),
@@ -94,10 +95,12 @@ class VQVAE(Module):
         self.encoder = Encoder(in_channels, num_hiddens, num_residual_layers, num_residual_hiddens, embedding_dim)
         if decay > 0:
             self.vq = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost, decay=decay,
-                                         restart_after=restart_after, kmeans_init=kmeans_init, kernel=kernel)
+                                         restart_after=restart_after, kmeans_init=kmeans_init, kernel=kernel,
+                                         estimator=estimator)
         else:
             self.vq = VectorQuantizer(num_embeddings, embedding_dim, commitment_cost,
-                                      restart_after=restart_after, kmeans_init=kmeans_init, kernel=kernel)
+                                      restart_after=restart_after, kmeans_init=kmeans_init, kernel=kernel,
+                                      estimator=estimator)
         self.decoder = Decoder(in_channels, num_hiddens, num_residual_layers, num_residual_hiddens, embedding_dim)
 
     def check_input(self, x):

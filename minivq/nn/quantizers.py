@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import Tensor
-from ..functional.quantize import flatten_latents, vector_quantize
+from ..functional.quantize import ESTIMATORS, flatten_latents, vector_quantize
 from .module import Module, Parameter
 
 
@@ -19,7 +19,9 @@ class VQOutput(namedtuple("VQOutput", "quantized loss indices perplexity")):
     """quantized: Tensor (N, D, H, W); loss: scalar Tensor; indices: int64 (N, H, W); perplexity: 0-d array.
 
     Attributes beside the four fields: ``codes_used`` (how many distinct codes
-    the batch picked), ``codebook_loss`` and ``commitment_loss`` (Tensors).
+    the batch picked), ``counts`` (per code), ``codebook_loss`` and
+    ``commitment_loss`` (Tensors), ``z_e`` (the input), ``restarted`` (codes
+    re-seeded this step).
     """
 
 
@@ -72,8 +74,11 @@ def kmeans_plus_plus(vectors, k, iterations=10):
 class _QuantizerBase(Module):
     """What both quantisers share: dead-code restarts, k-means++ initialisation, usage statistics."""
 
-    def __init__(self, num_embeddings, embedding_dim, commitment_cost, restart_after, kmeans_init, kernel):
+    def __init__(self, num_embeddings, embedding_dim, commitment_cost, restart_after, kmeans_init, kernel,
+                 estimator):
         super().__init__()
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown gradient estimator {estimator!r}: use one of {', '.join(ESTIMATORS)}")
         if int(num_embeddings) < 1 or int(embedding_dim) < 1:
             raise ValueError(f"num_embeddings and embedding_dim must be >= 1, got {num_embeddings}, {embedding_dim}")
         if commitment_cost < 0:
@@ -85,6 +90,7 @@ class _QuantizerBase(Module):
         self.restart_after = int(restart_after)
         self.kmeans_init = bool(kmeans_init)
         self.kernel = kernel
+        self.estimator = estimator
         # steps since each code was last picked (for restarts); whether k-means init has run
         self.register_buffer("unused_steps", np.zeros(self.num_embeddings, np.int64))
         self.register_buffer("initialized", np.array(0 if kmeans_init else 1, np.int64))
@@ -119,9 +125,10 @@ class _QuantizerBase(Module):
         self.unused_steps[dead] = 0
         return int(dead.size)
 
-    def _output(self, quantized, loss, codebook_loss, commitment_loss, indices):
+    def _output(self, z_e, quantized, loss, codebook_loss, commitment_loss, indices):
         perplexity, counts = _usage(indices, self.num_embeddings)
         out = VQOutput(quantized, loss, indices, perplexity)
+        out.z_e = z_e
         out.codes_used = int((counts > 0).sum())
         out.codebook_loss, out.commitment_loss = codebook_loss, commitment_loss
         out.counts = counts
@@ -137,12 +144,14 @@ class VectorQuantizer(_QuantizerBase):
     Options: ``restart_after=n`` re-seeds codes unused for n training steps from
     vectors of the current batch; ``kmeans_init=True`` sets the codebook by
     k-means++ on the first training batch; ``kernel`` picks the nearest-code
-    backend (see ``minivq.kernels.nearest_code``).
+    backend (see ``minivq.kernels.nearest_code``); ``estimator`` the gradient
+    estimator, "straight_through" (the paper's) or "rotation" (Fifty et al., 2024).
     """
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost=0.25, restart_after=0,
-                 kmeans_init=False, kernel="auto"):
-        super().__init__(num_embeddings, embedding_dim, commitment_cost, restart_after, kmeans_init, kernel)
+                 kmeans_init=False, kernel="auto", estimator="straight_through"):
+        super().__init__(num_embeddings, embedding_dim, commitment_cost, restart_after, kmeans_init, kernel,
+                         estimator)
         k = self.num_embeddings
         self.codebook = Parameter(backend.rng().uniform(-1.0 / k, 1.0 / k, (k, self.embedding_dim))
                                   .astype(np.float32))
@@ -155,8 +164,8 @@ class VectorQuantizer(_QuantizerBase):
         flat = flatten_latents(z_e.data)
         self._maybe_kmeans_init(flat)
         quantized, codebook_loss, commitment_loss, indices = vector_quantize(
-            z_e, self.codebook, self.commitment_cost, backend=self.kernel)
-        out = self._output(quantized, codebook_loss + commitment_loss, codebook_loss, commitment_loss, indices)
+            z_e, self.codebook, self.commitment_cost, backend=self.kernel, estimator=self.estimator)
+        out = self._output(z_e, quantized, codebook_loss + commitment_loss, codebook_loss, commitment_loss, indices)
         out.restarted = self._restart_dead_codes(flat, out.counts)
         return out
 
@@ -177,8 +186,9 @@ class VectorQuantizerEMA(_QuantizerBase):
     """
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost=0.25, decay=0.99, epsilon=1e-5,
-                 restart_after=0, kmeans_init=False, kernel="auto"):
-        super().__init__(num_embeddings, embedding_dim, commitment_cost, restart_after, kmeans_init, kernel)
+                 restart_after=0, kmeans_init=False, kernel="auto", estimator="straight_through"):
+        super().__init__(num_embeddings, embedding_dim, commitment_cost, restart_after, kmeans_init, kernel,
+                         estimator)
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must lie in (0, 1), got {decay}")
         if epsilon <= 0:
@@ -207,8 +217,8 @@ class VectorQuantizerEMA(_QuantizerBase):
         self._maybe_kmeans_init(flat)
         codebook = self.codebook.astype(z_e.dtype, copy=False)
         quantized, codebook_loss, commitment_loss, indices = vector_quantize(
-            z_e, codebook, self.commitment_cost, backend=self.kernel)
-        out = self._output(quantized, commitment_loss, codebook_loss, commitment_loss, indices)
+            z_e, codebook, self.commitment_cost, backend=self.kernel, estimator=self.estimator)
+        out = self._output(z_e, quantized, commitment_loss, codebook_loss, commitment_loss, indices)
         if self.training:
             self._ema_update(flat, indices.reshape(-1))
         out.restarted = self._restart_dead_codes(flat, out.counts)
