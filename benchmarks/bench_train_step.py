@@ -1,0 +1,159 @@
+"""Time one VQ-VAE training step (forward, backward, Adam) in minivq and in PyTorch, interleaved.
+
+Both models have the paper's architecture (benchmarks/torch_vqvae.py mirrors
+minivq.models.VQVAE layer for layer) and train on the same batch of
+Fashion-MNIST images (random images if the dataset is absent). Repeats
+alternate between the two, so load on the machine hits both alike; medians
+and the ratio minivq / PyTorch are reported.
+
+    python benchmarks/bench_train_step.py [--batches 32 128] [--repeats 15] [--device cpu|cuda]
+
+Writes JSON to benchmarks/results/train-step-<device>-<date>.json with the machine described.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import describe_machine  # noqa: E402
+
+import minivq as mv  # noqa: E402
+from minivq import backend, functional as F  # noqa: E402
+from minivq.models import VQVAE  # noqa: E402
+
+
+def load_images(n):
+    try:
+        from minivq.data import load_dataset
+        ds = load_dataset(None, "train")
+        x, _ = ds.batch(np.arange(n))
+        return x, float(ds.pixel_variance()), ds.name
+    except (OSError, ValueError):
+        rng = np.random.default_rng(0)
+        return rng.uniform(-0.5, 0.5, (n, 1, 32, 32)).astype(np.float32), 1 / 12, "uniform noise"
+
+
+def minivq_step(device, x_host, variance):
+    mv.manual_seed(0)
+    model = VQVAE().to(device)
+    opt = mv.optim.Adam(model.parameters(), lr=1e-3)
+    x = mv.tensor(backend.to_device(x_host, device))
+    sync = _sync(device)
+
+    def step():
+        x_recon, vq = model(x)
+        loss = F.mse_loss(x_recon, x) / variance + vq.loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sync()
+    return step
+
+
+def torch_step(device, x_host, variance):
+    import torch
+    from torch_vqvae import VQVAE as TorchVQVAE, train_step
+    torch.manual_seed(0)
+    dev = "cuda" if device.startswith("cuda") else "cpu"
+    model = TorchVQVAE().to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.from_numpy(x_host).to(dev)
+
+    def step():
+        train_step(model, opt, x, variance)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        import cupy
+        return cupy.cuda.get_current_stream().synchronize
+    return lambda: None
+
+
+def flops_per_step(batch):
+    """Multiply-adds x 2 of the convolutions, forward and backward (backward = 2 x forward)."""
+    layers = [  # (C_in, C_out, k, output H*W) at 32x32 input
+        (1, 64, 4, 16 * 16), (64, 128, 4, 8 * 8), (128, 128, 3, 64),
+        (128, 32, 3, 64), (32, 128, 1, 64), (128, 32, 3, 64), (32, 128, 1, 64), (128, 64, 1, 64),
+        (64, 128, 3, 64), (128, 32, 3, 64), (32, 128, 1, 64), (128, 32, 3, 64), (32, 128, 1, 64),
+        (128, 64, 4, 8 * 8), (64, 1, 4, 16 * 16)]   # transposed convs: cost measured on their input grid
+    fwd = sum(2 * ci * co * k * k * hw for ci, co, k, hw in layers) * batch
+    return 3 * fwd
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="BLAS/torch threads (default: all cores)")
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train-step-...)")
+    args = ap.parse_args()
+
+    threads = args.threads or os.cpu_count()
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(threads)
+    except ImportError:
+        pass
+    try:
+        import torch
+        torch.set_num_threads(threads)
+        have_torch = True
+    except ImportError:
+        have_torch = False
+        print("PyTorch not installed: timing minivq alone", file=sys.stderr)
+
+    rows = []
+    for batch in args.batches:
+        x, variance, source = load_images(batch)
+        impls = {"minivq": minivq_step(args.device, x, variance)}
+        if have_torch:
+            impls["pytorch"] = torch_step(args.device, x, variance)
+        times = {name: [] for name in impls}
+        for _ in range(args.warmup):
+            for fn in impls.values():
+                fn()
+        for _ in range(args.repeats):
+            for name, fn in impls.items():          # interleaved: both see the same machine state
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        row = {"batch": batch, "data": source, "flops": flops_per_step(batch)}
+        for name, ts in times.items():
+            row[f"{name}_ms"] = 1e3 * float(np.median(ts))
+            row[f"{name}_all_ms"] = [round(1e3 * t, 3) for t in ts]
+            row[f"{name}_gflops"] = row["flops"] / float(np.median(ts)) / 1e9
+        if have_torch:
+            row["ratio"] = row["minivq_ms"] / row["pytorch_ms"]
+        rows.append(row)
+
+    print(f"{'batch':>6} {'minivq ms':>10} {'GF/s':>6} {'pytorch ms':>11} {'GF/s':>6} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['minivq_ms']:>10.1f} {r['minivq_gflops']:>6.1f} "
+              f"{r.get('pytorch_ms', float('nan')):>11.1f} {r.get('pytorch_gflops', float('nan')):>6.1f} "
+              f"{r.get('ratio', float('nan')):>6.2f}")
+    machine = describe_machine()
+    result = {"benchmark": "train_step", "device": args.device, "threads": threads, "repeats": args.repeats,
+              "machine": machine, "rows": rows}
+    if args.device.startswith("cuda"):
+        import cupy
+        result["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"train-step-{args.device.replace(':', '')}-{time.strftime('%Y%m%d')}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
