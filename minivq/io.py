@@ -9,6 +9,22 @@ from . import backend
 from .autograd import Tensor
 
 
+TEMP_PREFIX = ".minivq-tmp-"   # temporary files of atomic_write; a killed writer may leave one behind
+
+
+def remove_stale_temporaries(folder):
+    """Delete temporary files a killed writer left in ``folder``; returns how many."""
+    removed = 0
+    for name in os.listdir(folder):
+        if name.startswith(TEMP_PREFIX):
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def save(state_dict, path):
     """Write a mapping of names to arrays to ``path`` (an ``.npz``), atomically.
 
@@ -39,7 +55,7 @@ def atomic_write(path, write):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -21,7 +21,7 @@ import numpy as np
 from . import backend
 from . import functional as F
 from .autograd import Tensor, no_grad
-from .io import load, save
+from .io import load, remove_stale_temporaries, save
 from .optim import Adam
 
 CHECKPOINT = "checkpoint.npz"
@@ -247,13 +247,14 @@ def run_steps(compute, optimizer, start, steps, out, resume, checkpoint, evaluat
 
 # ---------------------------------------------------------------- training
 def check_output_folder(out):
-    """Create ``out`` and prove it is writable, before any work is done."""
+    """Create ``out``, prove it is writable before any work is done, and clear a killed run's temporaries."""
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, ".minivq-write-test")
         with open(probe, "w") as f:
             f.write("ok")
         os.unlink(probe)
+        remove_stale_temporaries(out)
     except OSError as exc:
         raise ValueError(f"output folder {out} is not writable ({exc.strerror or exc}); "
                          f"choose another with --out") from None

@@ -97,7 +97,7 @@ def test_argument_errors_exit_2(argv, capsys):
 
 
 def test_nothing_half_written_after_failures(data):
-    leftovers = [p for p in data.rglob(".tmp-*")]
+    leftovers = [p for p in data.rglob(".minivq-tmp-*")]
     assert leftovers == []
 
 

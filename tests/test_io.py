@@ -17,7 +17,7 @@ def test_round_trip(tmp_path):
     np.testing.assert_array_equal(back["a.weight"], state["a.weight"])
     assert back["a.weight"].dtype == np.float32
     assert back["step"] == 7 and str(back["meta"]) == '{"x": 1}'
-    assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp")] == []
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".minivq-tmp")] == []
 
 
 def test_overwrite_is_atomic_when_writing_fails(tmp_path):
