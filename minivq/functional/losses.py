@@ -42,10 +42,9 @@ class CrossEntropy(Function):
     def backward(self, g):
         xp = get_array_module(g)
         # d/dlogits = (softmax - onehot(target)) / count
-        grad = xp.exp(self.log_p)
-        idx = xp.expand_dims(self.target, 1)
-        xp.put_along_axis(grad, idx, xp.take_along_axis(grad, idx, axis=1) - 1, axis=1)
-        return grad * (g / self.count), None
+        classes = xp.arange(self.log_p.shape[1]).reshape((1, -1) + (1,) * (self.log_p.ndim - 2))
+        onehot = xp.expand_dims(self.target, 1) == classes
+        return (xp.exp(self.log_p) - onehot) * (g / self.count), None
 
 
 def cross_entropy(logits, target):
