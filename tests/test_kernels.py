@@ -324,6 +324,14 @@ def test_non_finite_values_are_located(bad, which):
         kernels.nearest_code(x, codebook)
 
 
+def test_finite_values_whose_sum_overflows_pass_validation():
+    # x.sum() overflows to inf although every value is finite: the cheap check must not reject it
+    # (the distances themselves overflow too, so only the absence of an error is checked)
+    x = np.full((3, 4), np.finfo(np.float32).max / 2, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert kernels.nearest_code(x, np.ones((2, 4), np.float32), backend="numpy").shape == (3,)
+
+
 @pytest.mark.parametrize("name", ["cuda", "NUMBA", "", None, 3])
 def test_unknown_backend(name):
     with pytest.raises(ValueError, match="unknown backend"):
