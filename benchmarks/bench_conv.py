@@ -5,7 +5,7 @@ training; the first layer's input (the data batch) needs no gradient. minivq and
 PyTorch run interleaved in one process, PyTorch with as many threads as NumPy's
 BLAS; the order alternates every repeat, and each timed call waits ``--gap``
 seconds first, because either library's idle threads keep spinning after a call
-(OpenBLAS's for 2^28 cycles, about 0.11 s here) and would otherwise slow the
+(OpenBLAS's for 2^28 TSC cycles, 0.13 s here) and would otherwise slow the
 other one down by up to 3x. Medians are reported (minima too: on a shared
 machine the minimum is the least disturbed run). Also measured: NumPy's SGEMM
 rate, which with the layers' GEMM FLOPs gives the time that a perfect
@@ -265,7 +265,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gap", type=float, default=0.25,
                         help="seconds to pause before each timed call, so that the other library's idle threads "
-                             "have stopped spinning (default 0.25; OpenBLAS spins about 0.11 s here)")
+                             "have stopped spinning (default 0.25; OpenBLAS spins about 0.13 s here)")
     parser.add_argument("--quick", action="store_true", help="batch 32, 3 repeats, 1 warm-up")
     parser.add_argument("--no-torch", action="store_true", help="time minivq alone")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/conv-<host>-<date>.json)")
