@@ -196,7 +196,7 @@ class Tensor:
                 raise ValueError(f"backward() without a gradient needs a one-element output, got shape {self.shape}")
             grad = xp.ones_like(self.data)
         else:
-            grad = _as_array(grad, dtype=self.dtype)
+            grad = _as_array(grad, dtype=self.dtype, device=self.device)    # a host gradient follows the tensor
             if grad.shape != self.shape:
                 raise ValueError(f"backward() gradient has shape {grad.shape}, the tensor has {self.shape}")
         run_backward(self, grad)

@@ -109,20 +109,23 @@ class _QuantizerBase(Module):
         if self.training and int(self.initialized) == 0:
             centres = kmeans_plus_plus(flat, self.num_embeddings)
             self._set_codes(np.arange(self.num_embeddings), centres)
-            self.initialized = np.array(1, np.int64)
+            self.initialized = backend.to_device(np.array(1, np.int64), backend.array_device(self.initialized))
 
     def _restart_dead_codes(self, flat, counts):
         """Re-seed codes unused for ``restart_after`` steps from random vectors of this batch."""
         if not (self.training and self.restart_after):
             return 0
         used = backend.to_numpy(counts) > 0
-        self.unused_steps = np.where(used, 0, backend.to_numpy(self.unused_steps) + 1)
-        dead = np.flatnonzero(self.unused_steps >= self.restart_after)
+        # which codes restart is decided on the host (it sizes host-side random draws); the buffer
+        # itself stays on the module's device
+        unused = np.where(used, 0, backend.to_numpy(self.unused_steps) + 1)
+        dead = np.flatnonzero(unused >= self.restart_after)
+        unused[dead] = 0
+        self.unused_steps = backend.to_device(unused, backend.array_device(self.unused_steps))
         if dead.size == 0:
             return 0
         rows = backend.rng().choice(flat.shape[0], size=dead.size, replace=dead.size > flat.shape[0])
         self._set_codes(dead, flat[backend.to_device(rows, backend.array_device(flat))])
-        self.unused_steps[dead] = 0
         return int(dead.size)
 
     def _output(self, z_e, quantized, loss, codebook_loss, commitment_loss, indices):
