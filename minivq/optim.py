@@ -79,7 +79,9 @@ class SGD(Optimizer):
         if self.momentum:
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = state["momentum_buffer"] = d.copy()
+                # an array, also for a 0-d parameter (NumPy turns 0-d arithmetic into scalars, which
+                # the in-place updates below would rebind instead of update)
+                buf = state["momentum_buffer"] = backend.get_array_module(param).array(d, dtype=param.dtype)
             else:
                 buf *= self.momentum
                 buf += (1 - self.dampening) * d
