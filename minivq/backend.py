@@ -123,6 +123,16 @@ def is_float_dtype(dtype):
     return np.dtype(dtype).kind == "f"
 
 
+def min_max(a):
+    """``(min, max)`` of a non-empty array as Python numbers, read from the GPU in one copy.
+
+    For range checks of indices: two ``int(a.min())`` reads would each wait for the device.
+    """
+    xp = get_array_module(a)
+    both = to_numpy(xp.stack([a.min(), a.max()]))
+    return both[0].item(), both[1].item()
+
+
 # ---------------------------------------------------------------- random state
 # minivq draws every random number (initialisation, shuffling, restarts,
 # sampling) from this one NumPy generator, on CPU and GPU runs alike, and moves

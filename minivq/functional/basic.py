@@ -433,14 +433,24 @@ def to_device(x, device):
 
 # ---------------------------------------------------------------- embedding
 class Embedding(Function):
-    """Rows of ``weight`` picked by integer ``indices``; backward scatter-adds into the picked rows."""
+    """Rows of ``weight`` picked by integer ``indices``; backward scatter-adds into the picked rows.
+
+    ``check_range=False`` skips the range check of the indices (one wait for the GPU), for callers
+    whose indices are in range by construction (the quantisers' nearest codes). On the GPU an
+    unchecked index out of range wraps around instead of failing.
+    """
+
+    def __init__(self, check_range=True):
+        self.check_range = check_range
 
     def forward(self, indices, weight):
         if indices.dtype.kind not in "iu":
             raise TypeError(f"embedding indices must be integers, got dtype {indices.dtype}")
-        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= weight.shape[0]):
-            raise ValueError(f"embedding indices must lie in [0, {weight.shape[0]}), "
-                             f"got values from {int(indices.min())} to {int(indices.max())}")
+        if self.check_range and indices.size:
+            lo, hi = backend.min_max(indices)
+            if lo < 0 or hi >= weight.shape[0]:
+                raise ValueError(f"embedding indices must lie in [0, {weight.shape[0]}), "
+                                 f"got values from {lo} to {hi}")
         self.indices, self.num_rows = indices, weight.shape[0]
         return weight[indices]
 

@@ -1,6 +1,6 @@
 """Softmax-family ops and the training losses."""
 from ..autograd import Function, Tensor
-from ..backend import get_array_module
+from ..backend import get_array_module, min_max
 
 
 def _logsumexp(x, axis):
@@ -60,9 +60,10 @@ def cross_entropy(logits, target):
     if t.shape != shape[:1] + shape[2:]:
         raise ValueError(f"cross_entropy target shape {t.shape} does not match logits {shape} "
                          f"(expected {shape[:1] + shape[2:]})")
-    if t.size and (int(t.min()) < 0 or int(t.max()) >= shape[1]):
-        raise ValueError(f"cross_entropy target values must lie in [0, {shape[1]}), "
-                         f"got {int(t.min())}..{int(t.max())}")
+    if t.size:
+        lo, hi = min_max(t)
+        if lo < 0 or hi >= shape[1]:
+            raise ValueError(f"cross_entropy target values must lie in [0, {shape[1]}), got {lo}..{hi}")
     return CrossEntropy()(logits, t.astype(xp.int64, copy=False))
 
 

@@ -98,14 +98,15 @@ def vector_quantize(z_e, codebook, commitment_cost=0.25, backend="auto", estimat
     whose codebook loss is then zero-gradient and may be ignored).
     """
     from ..kernels import nearest_code
-    from .basic import embedding, transpose
+    from .basic import Embedding, transpose
     from .losses import mse_loss
 
     n, d, h, w = z_e.shape
     flat = flatten_latents(z_e.data)
     cb = codebook.data if hasattr(codebook, "requires_grad") else codebook
     indices = nearest_code(flat, cb, backend=backend).reshape(n, h, w)
-    z_q = transpose(embedding(indices, codebook), (0, 3, 1, 2))      # e_k picked per position, NCHW
+    # e_k picked per position, NCHW; nearest_code's indices are in range, so no range check (a GPU wait)
+    z_q = transpose(Embedding(check_range=False)(indices, codebook), (0, 3, 1, 2))
     codebook_loss = mse_loss(stop_gradient(z_e), z_q)
     commitment_loss = mse_loss(z_e, stop_gradient(z_q)) * commitment_cost
     if estimator not in ESTIMATORS:

@@ -121,7 +121,8 @@ class GatedPixelCNN(Module):
             if not self.num_classes:
                 raise ValueError("labels given to a prior built without num_classes")
             lab = labels.data if isinstance(labels, Tensor) else labels
-            if lab.shape != shape[:1] or (lab.size and (int(lab.min()) < 0 or int(lab.max()) >= self.num_classes)):
+            lo, hi = backend.min_max(lab) if lab.size else (0, 0)
+            if lab.shape != shape[:1] or lo < 0 or hi >= self.num_classes:
                 raise ValueError(f"labels must have shape ({shape[0]},) and values in [0, {self.num_classes})")
 
     def forward(self, indices, labels=None):

@@ -24,6 +24,11 @@ class VQOutput(namedtuple("VQOutput", "quantized loss indices perplexity")):
     re-seeded this step).
     """
 
+    @property
+    def codes_used(self):
+        # computed when asked for: on the GPU it is a copy to the host, which waits for the device
+        return int((self.counts > 0).sum())
+
 
 def _usage(indices, num_embeddings):
     """Perplexity exp(H(p)) of the codes' empirical distribution, and how many codes were used."""
@@ -106,7 +111,8 @@ class _QuantizerBase(Module):
         raise NotImplementedError
 
     def _maybe_kmeans_init(self, flat):
-        if self.training and int(self.initialized) == 0:
+        # kmeans_init is checked first: reading the flag from the GPU would wait for the device every step
+        if self.training and self.kmeans_init and int(self.initialized) == 0:
             centres = kmeans_plus_plus(flat, self.num_embeddings)
             self._set_codes(np.arange(self.num_embeddings), centres)
             self.initialized = backend.to_device(np.array(1, np.int64), backend.array_device(self.initialized))
@@ -132,7 +138,6 @@ class _QuantizerBase(Module):
         perplexity, counts = _usage(indices, self.num_embeddings)
         out = VQOutput(quantized, loss, indices, perplexity)
         out.z_e = z_e
-        out.codes_used = int((counts > 0).sum())
         out.codebook_loss, out.commitment_loss = codebook_loss, commitment_loss
         out.counts = counts
         return out
@@ -237,7 +242,9 @@ class VectorQuantizerEMA(_QuantizerBase):
         w = 1.0 - self.decay
         self.cluster_size += w * (counts - self.cluster_size)       # hidden <- hidden - (hidden - value)(1 - decay)
         self.embed_sum += w * (sums - self.embed_sum)
-        debias = 1.0 - self.decay ** int(self.ema_steps)
+        # 1 - decay^t, computed where the step count lives (reading it to the host would wait for the GPU)
+        # and rounded to the accumulators' dtype, as a Python float is rounded in their arithmetic
+        debias = (1.0 - self.decay ** self.ema_steps).astype(self.cluster_size.dtype)
         size = self.cluster_size / debias
         embed = self.embed_sum / debias
         total = size.sum()
