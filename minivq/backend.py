@@ -87,10 +87,24 @@ def require_cuda(index=0):
         count = cp.cuda.runtime.getDeviceCount()
     except Exception as exc:
         raise RuntimeError(f"device 'cuda' asked for but CUDA reports no usable GPU ({exc}); use --device cpu") from None
+    if count == 0:
+        raise RuntimeError("device 'cuda' asked for but CuPy sees no GPU (is CUDA_VISIBLE_DEVICES empty?); "
+                           "use --device cpu")
     if index >= count:
         raise RuntimeError(f"device 'cuda:{index}' asked for but only {count} GPU(s) are visible; "
                            f"use cuda:0..cuda:{count - 1} or --device cpu")
     return cp
+
+
+def use_device(device):
+    """Make ``device`` CuPy's current GPU (for ``"cuda:N"``); nothing for ``"cpu"``.
+
+    CuPy runs kernels, and allocates new arrays, on its current device, which is GPU 0
+    unless set: a program working on ``cuda:1`` sets it once, before its first step.
+    """
+    kind, idx = parse_device(device)
+    if kind == "cuda":
+        require_cuda(idx).cuda.Device(idx).use()
 
 
 def array_device(a):
