@@ -234,7 +234,14 @@ class Dataset:
     def batch(self, indices, device="cpu", dtype=np.float32):
         """``(x, labels)`` for the given indices: x of ``dtype`` in [-0.5, 0.5], ``(B, C, H, W)``,
         and int64 labels (or None), both on ``device``. The uint8 pixels are what
-        crosses to the device; the scaling happens there."""
+        crosses to the device; the scaling happens there.
+
+        On the GPU the batch is gathered on the host (one copy of B images), then crosses in
+        one copy: ``cupy.asarray`` stages it through a pinned buffer and queues the transfer
+        on the current stream without waiting for it, so the host goes on to launch the
+        step. A pinned gather buffer of our own would save only the small host memcpy into
+        CuPy's staging buffer, so there is none.
+        """
         idx = np.asarray(indices)
         if idx.dtype.kind not in "iu":
             raise TypeError(f"batch indices must be integers, got dtype {idx.dtype}")
