@@ -99,6 +99,9 @@ class _QuantizerBase(Module):
         # steps since each code was last picked (for restarts); whether k-means init has run
         self.register_buffer("unused_steps", np.zeros(self.num_embeddings, np.int64))
         self.register_buffer("initialized", np.array(0 if kmeans_init else 1, np.int64))
+        # data-parallel training sets a minivq.distributed communicator: usage and EMA statistics are then
+        # summed over the ranks, and the random choices of restarts and k-means are made on rank 0
+        self.comm = None
 
     def extra_repr(self):
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
@@ -110,10 +113,20 @@ class _QuantizerBase(Module):
     def _set_codes(self, which, vectors):
         raise NotImplementedError
 
+    def _distributed(self):
+        return self.comm is not None and self.comm.size > 1
+
     def _maybe_kmeans_init(self, flat):
         # kmeans_init is checked first: reading the flag from the GPU would wait for the device every step
         if self.training and self.kmeans_init and int(self.initialized) == 0:
-            centres = kmeans_plus_plus(flat, self.num_embeddings)
+            if self._distributed():     # rank 0 clusters the whole global batch, the others take its centres
+                everything = self.comm.allgather(flat)
+                xp = backend.get_array_module(flat)
+                centres = (kmeans_plus_plus(everything, self.num_embeddings) if self.comm.rank == 0 else
+                           xp.empty((self.num_embeddings, flat.shape[1]), flat.dtype))
+                centres = self.comm.bcast(centres)
+            else:
+                centres = kmeans_plus_plus(flat, self.num_embeddings)
             self._set_codes(np.arange(self.num_embeddings), centres)
             self.initialized = backend.to_device(np.array(1, np.int64), backend.array_device(self.initialized))
 
@@ -121,18 +134,42 @@ class _QuantizerBase(Module):
         """Re-seed codes unused for ``restart_after`` steps from random vectors of this batch."""
         if not (self.training and self.restart_after):
             return 0
-        used = backend.to_numpy(counts) > 0
+        counts = backend.to_numpy(counts)
+        if self._distributed():     # a code is used if any rank's slice of the batch picked it
+            counts = self.comm.allreduce_sum(counts.astype(np.int64))
         # which codes restart is decided on the host (it sizes host-side random draws); the buffer
         # itself stays on the module's device
-        unused = np.where(used, 0, backend.to_numpy(self.unused_steps) + 1)
+        unused = np.where(counts > 0, 0, backend.to_numpy(self.unused_steps) + 1)
         dead = np.flatnonzero(unused >= self.restart_after)
         unused[dead] = 0
         self.unused_steps = backend.to_device(unused, backend.array_device(self.unused_steps))
         if dead.size == 0:
             return 0
-        rows = backend.rng().choice(flat.shape[0], size=dead.size, replace=dead.size > flat.shape[0])
-        self._set_codes(dead, flat[backend.to_device(rows, backend.array_device(flat))])
+        if self._distributed():
+            self._set_codes(dead, self._global_rows(flat, dead.size))
+        else:
+            rows = backend.rng().choice(flat.shape[0], size=dead.size, replace=dead.size > flat.shape[0])
+            self._set_codes(dead, flat[backend.to_device(rows, backend.array_device(flat))])
         return int(dead.size)
+
+    def _global_rows(self, flat, count):
+        """``count`` random rows of the global batch's latents, drawn on rank 0 as one process would draw them.
+
+        Rank r holds the global rows [r m, (r + 1) m) (m rows each, ranks take equal
+        consecutive slices of the batch); every rank fills in the chosen rows it holds,
+        zeros elsewhere, and a sum over the ranks assembles them exactly.
+        """
+        m, comm = flat.shape[0], self.comm
+        total = m * comm.size
+        rows = (backend.rng().choice(total, size=count, replace=count > total) if comm.rank == 0 else
+                np.empty(count, np.int64))
+        rows = comm.bcast(np.asarray(rows, np.int64))
+        mine = np.flatnonzero((rows >= comm.rank * m) & (rows < (comm.rank + 1) * m))
+        xp = backend.get_array_module(flat)
+        device = backend.array_device(flat)
+        vectors = xp.zeros((count, flat.shape[1]), flat.dtype)
+        vectors[backend.to_device(mine, device)] = flat[backend.to_device(rows[mine] - comm.rank * m, device)]
+        return comm.allreduce_sum(vectors)
 
     def _output(self, z_e, quantized, loss, codebook_loss, commitment_loss, indices):
         perplexity, counts = _usage(indices, self.num_embeddings)
@@ -208,7 +245,7 @@ class VectorQuantizerEMA(_QuantizerBase):
         self.register_buffer("cluster_size", np.zeros(k, np.float32))
         self.register_buffer("embed_sum", np.zeros((k, d), np.float32))
         self.register_buffer("ema_steps", np.array(0, np.int64))
-        self.reduce_stats = None   # data-parallel training sets this to allreduce (counts, sums)
+        self.reduce_stats = None   # a custom reduction of (counts, sums); by default `comm` sums them
 
     def _set_codes(self, which, vectors):
         which = backend.to_device(which, backend.array_device(self.codebook))
@@ -238,6 +275,10 @@ class VectorQuantizerEMA(_QuantizerBase):
         sums = backend.index_add(indices, flat.astype(self.embed_sum.dtype, copy=False), k)
         if self.reduce_stats is not None:
             counts, sums = self.reduce_stats(counts, sums)
+        elif self._distributed():   # the statistics of the global batch: one allreduce of (counts | sums)
+            xp = backend.get_array_module(sums)
+            both = self.comm.allreduce_sum(xp.concatenate([counts[:, None], sums], axis=1))
+            counts, sums = both[:, 0], both[:, 1:]
         self.ema_steps = self.ema_steps + 1
         w = 1.0 - self.decay
         self.cluster_size += w * (counts - self.cluster_size)       # hidden <- hidden - (hidden - value)(1 - decay)
