@@ -4,11 +4,20 @@ Every error a user can cause (bad flags, a missing or malformed dataset or
 checkpoint, a GPU asked for where none exists, an unwritable folder) ends as
 one line on stderr and exit code 2; a numerical failure during training exits
 with 3. Set MINIVQ_DEBUG=1 to see the full traceback instead.
+
+Started by ``mpiexec -n P`` (``minivq train`` only), the processes train one
+model data-parallel (``minivq.distributed``). An error that every rank meets
+alike is printed once, by rank 0, and every rank exits with its code; an
+error on some ranks only is printed once (by rank 0 when it can) and ends the
+whole job through ``MPI_Abort`` with that code.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
+import traceback
 
 
 def _positive_int(text):
@@ -61,6 +70,11 @@ def build_parser():
     t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     t.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: 0)")
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.npz")
+    t.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="floating-point type of the model and the batches (default: float32)")
+    t.add_argument("--comm", default="auto", choices=["auto", "mpi", "nccl"],
+                   help="under mpiexec with --device cuda: collectives through NCCL (auto: where usable) or "
+                        "through MPI via host memory (default: auto)")
     g = t.add_argument_group("model (defaults: the paper's; on --resume, taken from the checkpoint)")
     g.add_argument("--num-hiddens", type=_positive_int, default=None, help="h, encoder/decoder width (128)")
     g.add_argument("--residual-hiddens", type=_positive_int, default=None, help="residual width (32)")
@@ -150,10 +164,11 @@ def cmd_train(args):
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, skip_nonfinite=args.skip_nonfinite,
         restart_after=args.restart_after, kmeans_init=args.kmeans_init, kernel=args.kernel,
         estimator=args.estimator, log_grads=args.log_grads, progress=not args.no_progress,
-        model_config=_model_flags(args))
-    print(json.dumps(final))
-    print(f"wrote {os.path.join(args.out, 'checkpoint.npz')}, metrics.jsonl and reconstructions.png "
-          f"in {args.out}", file=sys.stderr)
+        model_config=_model_flags(args), dtype=args.dtype, comm=args.comm_world, comm_backend=args.comm)
+    if args.comm_world.rank == 0:
+        print(json.dumps(final))
+        print(f"wrote {os.path.join(args.out, 'checkpoint.npz')}, metrics.jsonl and reconstructions.png "
+              f"in {args.out}", file=sys.stderr)
 
 
 def _load_for_eval(args):
@@ -226,26 +241,65 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "reconstruct": cmd_reconstruct
             "train-prior": cmd_train_prior, "sample": cmd_sample, "plot": cmd_plot}
 
 
+def _report(comm, head, message, code, collective):
+    """Print ``head: message`` on stderr and return ``code``; under mpiexec, once for the whole job.
+
+    ``collective``: every rank met this error at the same point, so rank 0 prints
+    it and every rank returns. Otherwise, with several ranks, the job ends here
+    through the communicator's ``fail``: the line, naming the failing rank, is
+    printed by rank 0 when it can be reached, and every rank exits with ``code``.
+    """
+    from . import distributed
+    if comm is not None and comm.size > 1 and not collective:
+        comm.fail(f"{head}: {comm.where()}: {message}", code)
+    if comm is not None and comm.size > 1:
+        printer = comm.rank == 0
+    else:   # one process; or none known yet (the launch failed alike everywhere): the launcher's rank 0 prints
+        printer = comm is not None or (distributed.env_rank() or 0) == 0
+    if printer:
+        print(f"{head}: {message}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv=None):
+    from . import distributed
     parser = build_parser()
-    args = parser.parse_args(argv)
+    quiet = (distributed.env_rank() or 0) != 0      # under mpiexec, usage errors are printed by rank 0 alone
+    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        args = parser.parse_args(argv)
     from .train import NonFiniteError
+    debug = bool(os.environ.get("MINIVQ_DEBUG"))
+    comm = None
     try:
+        comm = distributed.from_environment()
+        if comm.size > 1 and args.command != "train":
+            raise distributed.CollectiveError(f"only `minivq train` runs on several processes; start "
+                                              f"`minivq {args.command}` without mpiexec")
+        args.comm_world = comm
         COMMANDS[args.command](args)
     except NonFiniteError as exc:
-        if os.environ.get("MINIVQ_DEBUG"):
+        if debug and (comm is None or comm.size == 1):
             raise
-        print(f"minivq {args.command}: error: {exc}", file=sys.stderr)
-        return 3
+        return _report(comm, f"minivq {args.command}: error", exc, 3, collective=True)
     except KeyboardInterrupt as exc:
-        print(f"minivq {args.command}: {exc or 'interrupted'}", file=sys.stderr)
-        return 130
+        return _report(comm, f"minivq {args.command}", exc or "interrupted", 130, collective=False)
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
-        if os.environ.get("MINIVQ_DEBUG"):
-            raise
+        if debug:
+            if comm is None or comm.size == 1:
+                raise
+            traceback.print_exc()
         message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"minivq {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return _report(comm, f"minivq {args.command}: error", message, 2,
+                       collective=isinstance(exc, distributed.CollectiveError))
+    except Exception:
+        if comm is None or comm.size == 1:
+            raise
+        traceback.print_exc()       # a bug: the traceback, then the whole job ends
+        return _report(comm, f"minivq {args.command}: error",
+                       f"unexpected {sys.exc_info()[0].__name__} (traceback above)", 1, collective=False)
+    finally:
+        if comm is not None:
+            comm.close()
     return 0
 
 

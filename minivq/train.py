@@ -9,6 +9,14 @@ Resuming is exact on the CPU: the batch of step s is a pure function of (seed, s
 (``minivq.data.BatchSampler``), and the checkpoint holds everything else that
 changes during training, so a resumed run computes the same losses as an
 uninterrupted one.
+
+Data-parallel training (``mpiexec -n P minivq train``, see ``minivq.distributed``
+and docs/distributed.md): every rank holds the whole model and takes rows
+[r B/P, (r + 1) B/P) of each global batch of B; the EMA statistics, the
+restart and k-means choices, the gradients (one allreduce of one flat buffer)
+and the logged metrics are combined over the ranks, so every rank makes the
+same update a single process would make with the whole batch. Only rank 0
+writes the run folder, and a checkpoint does not depend on the number of ranks.
 """
 import json
 import math
@@ -86,9 +94,9 @@ def load_vqvae(path, device="cpu"):
 class MetricsLog:
     """Append-only JSONL; on resume, records after the checkpoint's step are dropped first."""
 
-    def __init__(self, path, resume_step=None, append=False):
-        self.path = path
-        if append:
+    def __init__(self, path, resume_step=None, append=False, enabled=True):
+        self.path = path if enabled else None
+        if append or not enabled:
             return
         if resume_step is None:
             open(path, "w").close()
@@ -108,6 +116,8 @@ class MetricsLog:
             os.replace(tmp, path)
 
     def write(self, record):
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -151,25 +161,43 @@ class Progress:
 
 
 # ---------------------------------------------------------------- evaluation
-def evaluate(model, dataset, variance, device="cpu", batch_size=256, limit=None):
-    """Test-split metrics: MSE, MSE / variance, the quantiser's loss, perplexity and codes used."""
+def _model_dtype(model):
+    return next(iter(model.parameters())).dtype
+
+
+def _perplexity(counts):
+    """exp(entropy) of the code distribution given by per-code ``counts``."""
+    p = counts / max(counts.sum(), 1)
+    return float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+
+
+def evaluate(model, dataset, variance, device="cpu", batch_size=256, limit=None, comm=None):
+    """Test-split metrics: MSE, MSE / variance, the quantiser's loss, perplexity and codes used.
+
+    With a communicator of several ranks (a collective call), each rank
+    evaluates a consecutive share of the images and the sums are combined.
+    """
     was_training = model.training
     model.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    rank, size = (0, 1) if comm is None else (comm.rank, comm.size)
     k = model.vq.num_embeddings
     counts = np.zeros(k, np.int64)
     sq_err = vq_loss = 0.0
     with no_grad():
-        for lo in range(0, n, batch_size):
-            x, _ = dataset.batch(np.arange(lo, min(lo + batch_size, n)), device=device)
+        for lo in range(n * rank // size, n * (rank + 1) // size, batch_size):
+            x, _ = dataset.batch(np.arange(lo, min(lo + batch_size, n * (rank + 1) // size)), device=device,
+                                 dtype=_model_dtype(model))
             x_recon, vq = model(Tensor(x))
             m = x.shape[0]
             sq_err += float(F.mse_loss(x_recon, Tensor(x)).item()) * m
             vq_loss += float(vq.loss.item()) * m
             counts += backend.to_numpy(vq.counts)
     model.train(was_training)
-    p = counts / max(counts.sum(), 1)
-    perplexity = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+    if size > 1:
+        sums = comm.allreduce_sum(np.concatenate([[sq_err, vq_loss], counts]).astype(np.float64))
+        sq_err, vq_loss, counts = float(sums[0]), float(sums[1]), np.rint(sums[2:]).astype(np.int64)
+    perplexity = _perplexity(counts)
     mse = sq_err / n
     return {"mse": mse, "nmse": mse / variance, "vq_loss": vq_loss / n,
             "perplexity": perplexity, "codes_used": int((counts > 0).sum()), "images": n}
@@ -178,7 +206,7 @@ def evaluate(model, dataset, variance, device="cpu", batch_size=256, limit=None)
 def save_reconstructions(model, dataset, path, device="cpu", count=32):
     """A PNG of ``count`` test images, each row of originals followed by a row of reconstructions."""
     from .images import save_grid
-    x, _ = dataset.batch(np.arange(min(count, len(dataset))), device=device)
+    x, _ = dataset.batch(np.arange(min(count, len(dataset))), device=device, dtype=_model_dtype(model))
     was_training = model.training
     model.eval()
     with no_grad():
@@ -193,7 +221,7 @@ def save_reconstructions(model, dataset, path, device="cpu", count=32):
 
 
 def run_steps(compute, optimizer, start, steps, out, resume, checkpoint, evaluate_now, eval_every,
-              checkpoint_every, log_every, skip_nonfinite, progress, grad_report=None):
+              checkpoint_every, log_every, skip_nonfinite, progress, grad_report=None, comm=None):
     """The loop both trainers share: step, check for NaN/inf, log, evaluate, checkpoint.
 
     ``compute(step)`` builds the graph of one step and returns ``(loss, checked,
@@ -202,9 +230,19 @@ def run_steps(compute, optimizer, start, steps, out, resume, checkpoint, evaluat
     (``NonFiniteError``, the last checkpoint kept) or, with ``skip_nonfinite``,
     skips the step and counts it. ``grad_report()``, if given, is called after
     backward on logged steps and returns more fields for the log.
+
+    With a communicator of several ranks, ``compute`` returns metrics already
+    combined over the ranks (so all of them take the same decisions), gradients
+    are averaged over the ranks after backward, and only rank 0 writes the log
+    and shows progress; ``evaluate_now`` and ``checkpoint`` are called on every rank.
     """
-    log = MetricsLog(os.path.join(out, METRICS), resume_step=start if resume else None)
-    bar = Progress(steps, start, enabled=progress)
+    from .distributed import GradientAverager
+    parallel = comm is not None and comm.size > 1
+    root = not parallel or comm.rank == 0
+    average_gradients = GradientAverager(comm, optimizer.params) if parallel else None
+    comm_mark = comm.seconds if parallel else 0.0
+    log = MetricsLog(os.path.join(out, METRICS), resume_step=start if resume else None, enabled=root)
+    bar = Progress(steps, start, enabled=progress and root)
     skipped, last_good, step = 0, start, start
     t_start = time.perf_counter()
     try:
@@ -221,6 +259,8 @@ def run_steps(compute, optimizer, start, steps, out, resume, checkpoint, evaluat
                 skipped += 1
             else:
                 loss.backward()
+                if average_gradients is not None:
+                    average_gradients()
                 if logged and grad_report is not None:
                     extra = dict(extra, **grad_report())
                 optimizer.step()
@@ -229,6 +269,9 @@ def run_steps(compute, optimizer, start, steps, out, resume, checkpoint, evaluat
                               seconds=round(time.perf_counter() - t_start, 3))
                 if skip_nonfinite:
                     record["skipped_nonfinite"] = skipped
+                if parallel and comm.timed:     # rank 0's time in collectives since the last record
+                    record["comm_seconds"] = round(comm.seconds - comm_mark, 6)
+                    comm_mark = comm.seconds
                 log.write(record)
             bar.update(step, text)
             if step % eval_every == 0 and step != steps:
@@ -306,73 +349,144 @@ def resolve_model_config(given, checkpoint_config=None):
     return {k: checkpoint_config[k] for k in MODEL_DEFAULTS}
 
 
+DTYPES = ("float32", "float64")
+
+
+def check_dtype(dtype):
+    try:
+        name = None if dtype is None else np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"unknown training dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return name
+
+
+def _dataset_digest(*datasets):
+    """SHA-256 of the datasets' pixels: the ranks of a data-parallel run must read the same images."""
+    import hashlib
+    h = hashlib.sha256()
+    for dataset in datasets:
+        h.update(str(dataset.images.shape).encode())
+        h.update(np.ascontiguousarray(dataset.images).data)
+    return h.hexdigest()
+
+
+def _combine_step_metrics(comm, checked, extra, counts):
+    """The step's metrics over the global batch: loss terms averaged over the ranks, code counts summed."""
+    names = list(checked) + ["recon_error"]
+    local = [checked[k] for k in list(checked)] + [extra["recon_error"]]
+    sums = comm.allreduce_sum(np.concatenate([local, backend.to_numpy(counts)]).astype(np.float64))
+    means = dict(zip(names, (sums[:len(names)] / comm.size).tolist()))
+    counts = np.rint(sums[len(names):])
+    checked = {k: means[k] for k in checked}
+    extra = dict(extra, recon_error=means["recon_error"], perplexity=_perplexity(counts),
+                 codes_used=int((counts > 0).sum()))
+    return checked, extra
+
+
 def train_vqvae(out, data=None, steps=2000, batch_size=128, lr=1e-3, seed=0, device="cpu", resume=False,
                 eval_every=500, eval_size=None, checkpoint_every=500, log_every=10, skip_nonfinite=False,
                 restart_after=0, kmeans_init=False, kernel="auto", estimator="straight_through", log_grads=False,
-                progress=True, model_config=None):
+                progress=True, model_config=None, dtype="float32", comm=None, comm_backend="auto"):
     """Train a VQ-VAE; returns the final test metrics (a dict). See ``minivq train --help``.
 
     ``log_grads``: on logged steps, add per-layer gradient norms and the split of the
     encoder's gradient (at z_e) between the reconstruction and commitment terms.
+    ``dtype``: "float32" or "float64", for the model and the batches.
+    ``comm``: a ``minivq.distributed`` communicator for data-parallel training
+    (default: this process alone); ``batch_size`` is then the global batch, split
+    evenly over the ranks. ``comm_backend``: "auto" (NCCL for GPUs where usable),
+    "mpi" or "nccl".
     """
+    from . import distributed
     from .data import BatchSampler, load_dataset
     from .models import VQVAE
 
-    for name, value in [("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every),
-                        ("checkpoint_every", checkpoint_every), ("log_every", log_every)]:
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"learning rate must be a positive number, got {lr}")
-    device = check_device(device)
-    check_kernel(kernel)
-    check_output_folder(out)
+    comm = comm if comm is not None else distributed.SingleProcess()
     ckpt_path = os.path.join(out, CHECKPOINT)
-
-    meta = None
+    meta = sections = None
+    with distributed.agreement(comm):
+        for name, value in [("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every),
+                            ("checkpoint_every", checkpoint_every), ("log_every", log_every)]:
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"learning rate must be a positive number, got {lr}")
+        dtype = check_dtype(dtype)
+        if comm_backend not in distributed.BACKENDS:
+            raise ValueError(f"unknown communication backend {comm_backend!r}: "
+                             f"use one of {', '.join(distributed.BACKENDS)}")
+        device = check_device(distributed.rank_device(device, comm))
+        check_kernel(kernel)
+        if comm.rank == 0:      # only rank 0 touches the run folder
+            check_output_folder(out)
+            if resume:
+                if not os.path.exists(ckpt_path):
+                    raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
+                meta, sections = read_checkpoint(ckpt_path, "minivq-vqvae")
     if resume:
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
-        meta, sections = read_checkpoint(ckpt_path, "minivq-vqvae")
-        # the run's settings come from the checkpoint, so the continuation is the same run
-        t = meta["train"]
-        seed, batch_size, lr = t["seed"], t["batch_size"], t["lr"]
-        restart_after, kmeans_init = t["restart_after"], t["kmeans_init"]
-        estimator = t.get("estimator", "straight_through")
-        data = data if data is not None else t.get("data")
-    config = resolve_model_config(model_config or {}, meta["model"] if meta else None)
+        meta, sections = comm.bcast_object((meta, sections))
 
-    train_set = load_dataset(data, split="train")
-    test_set = load_dataset(data, split="test")
-    if batch_size > len(train_set):
-        raise ValueError(f"batch size {batch_size} is larger than the training set ({len(train_set)} images)")
-    variance = meta["data_variance"] if meta else float(train_set.pixel_variance())
+    with distributed.agreement(comm) as agreed:
+        if meta:
+            # the run's settings come from the checkpoint, so the continuation is the same run
+            t = meta["train"]
+            seed, batch_size, lr = t["seed"], t["batch_size"], t["lr"]
+            restart_after, kmeans_init = t["restart_after"], t["kmeans_init"]
+            estimator = t.get("estimator", "straight_through")
+            dtype = t.get("dtype", "float32")
+            data = data if data is not None else t.get("data")
+        config = resolve_model_config(model_config or {}, meta["model"] if meta else None)
 
-    backend.manual_seed(seed)
-    model = VQVAE(in_channels=train_set.num_channels, restart_after=restart_after, kmeans_init=kmeans_init,
-                  kernel=kernel, estimator=estimator, **config)
-    if meta and meta["model"].get("in_channels", train_set.num_channels) != train_set.num_channels:
-        raise ValueError(f"the checkpoint's model takes {meta['model']['in_channels']}-channel images, "
-                         f"the dataset has {train_set.num_channels}")
-    optimizer = Adam(model.parameters(), lr=lr)
-    start = 0
-    if meta:
-        model.load_state_dict(sections["model"])
-    model.to(device).train()
-    if meta:   # after the move: the optimiser state goes where its parameters are
-        optimizer.load_state_dict(sections["optim"])
-        backend.set_rng_state(meta["rng_state"])
-        start = int(meta["step"])
+        train_set = load_dataset(data, split="train")
+        test_set = load_dataset(data, split="test")
+        if batch_size > len(train_set):
+            raise ValueError(f"batch size {batch_size} is larger than the training set ({len(train_set)} images)")
+        if batch_size % comm.size:
+            raise ValueError(f"--batch {batch_size} (the global batch) does not split evenly over {comm.size} "
+                             f"processes; choose a multiple of {comm.size}")
+        variance = meta["data_variance"] if meta else float(train_set.pixel_variance())
 
-    record_meta = {"model": dict(config, in_channels=train_set.num_channels),
-                   "train": {"seed": seed, "batch_size": batch_size, "lr": lr, "data": data,
-                             "dataset": train_set.name, "restart_after": restart_after,
-                             "kmeans_init": kmeans_init, "estimator": estimator},
-                   "data_variance": variance}
+        backend.manual_seed(seed)
+        model = VQVAE(in_channels=train_set.num_channels, restart_after=restart_after, kmeans_init=kmeans_init,
+                      kernel=kernel, estimator=estimator, **config)
+        if meta and meta["model"].get("in_channels", train_set.num_channels) != train_set.num_channels:
+            raise ValueError(f"the checkpoint's model takes {meta['model']['in_channels']}-channel images, "
+                             f"the dataset has {train_set.num_channels}")
+        model.astype(dtype)
+        optimizer = Adam(model.parameters(), lr=lr)
+        start = 0
+        if meta:
+            model.load_state_dict(sections["model"])
+        model.to(device).train()
+        if meta:   # after the move: the optimiser state goes where its parameters are
+            optimizer.load_state_dict(sections["optim"])
+            backend.set_rng_state(meta["rng_state"])
+            start = int(meta["step"])
+
+        record_meta = {"model": dict(config, in_channels=train_set.num_channels),
+                       "train": {"seed": seed, "batch_size": batch_size, "lr": lr, "data": data,
+                                 "dataset": train_set.name, "restart_after": restart_after,
+                                 "kmeans_init": kmeans_init, "estimator": estimator, "dtype": dtype},
+                       "data_variance": variance}
+        if comm.size > 1:       # what every rank must share (paths may differ between machines, data may not)
+            agreed.config = dict(record_meta["model"], **{k: v for k, v in record_meta["train"].items()
+                                                          if k != "data"},
+                                 steps=steps, start=start, device=backend.parse_device(device)[0], kernel=kernel,
+                                 eval_every=eval_every, eval_size=eval_size, checkpoint_every=checkpoint_every,
+                                 log_every=log_every, skip_nonfinite=skip_nonfinite, log_grads=log_grads,
+                                 comm=comm_backend, data_sha256=_dataset_digest(train_set, test_set))
+
+    comm = distributed.for_device(comm, device, comm_backend)
+    if comm.size > 1:
+        model.vq.comm = comm
     sampler = BatchSampler(len(train_set), batch_size, seed)
+    local = batch_size // comm.size
 
     def compute(step):
-        x, _ = train_set.batch(sampler.indices(step - 1), device=device)
+        rows = sampler.indices(step - 1)[comm.rank * local:(comm.rank + 1) * local]
+        x, _ = train_set.batch(rows, device=device, dtype=dtype)
         x = Tensor(x)
         x_recon, vq = model(x)
         mse = F.mse_loss(x_recon, x)
@@ -380,6 +494,10 @@ def train_vqvae(out, data=None, steps=2000, batch_size=128, lr=1e-3, seed=0, dev
         loss = recon + vq.loss
         checked = {"loss": float(loss.item()), "nmse": float(recon.item()), "vq_loss": float(vq.loss.item())}
         extra = {"recon_error": float(mse.item()), "perplexity": float(vq.perplexity), "codes_used": vq.codes_used}
+        if comm.size > 1:
+            checked, extra = _combine_step_metrics(comm, checked, extra, vq.counts)
+        if restart_after:
+            extra["codes_restarted"] = vq.restarted
         if log_grads:
             vq.z_e.retain_grad()
             last["vq"] = vq
@@ -391,14 +509,18 @@ def train_vqvae(out, data=None, steps=2000, batch_size=128, lr=1e-3, seed=0, dev
         vq = last.pop("vq")
         return gradient_report(model, vq)
 
-    run_steps(compute, optimizer, start, steps, out, resume,
-              lambda step: save_checkpoint(ckpt_path, "minivq-vqvae", step, model, optimizer, record_meta),
-              lambda: evaluate(model, test_set, variance, device, limit=eval_size),
+    def checkpoint(step):
+        if comm.rank == 0:
+            save_checkpoint(ckpt_path, "minivq-vqvae", step, model, optimizer, record_meta)
+
+    run_steps(compute, optimizer, start, steps, out, resume, checkpoint,
+              lambda: evaluate(model, test_set, variance, device, limit=eval_size, comm=comm),
               eval_every, checkpoint_every, log_every, skip_nonfinite, progress,
-              grad_report=grad_report if log_grads else None)
-    final = dict(evaluate(model, test_set, variance, device, limit=eval_size), step=steps, split="test")
-    MetricsLog(os.path.join(out, METRICS), append=True).write(final)
-    save_reconstructions(model, test_set, os.path.join(out, RECONSTRUCTIONS), device)
+              grad_report=grad_report if log_grads else None, comm=comm)
+    final = dict(evaluate(model, test_set, variance, device, limit=eval_size, comm=comm), step=steps, split="test")
+    if comm.rank == 0:
+        MetricsLog(os.path.join(out, METRICS), append=True).write(final)
+        save_reconstructions(model, test_set, os.path.join(out, RECONSTRUCTIONS), device)
     return final
 
 
