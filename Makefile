@@ -14,7 +14,7 @@ dataset:
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 
 install: dataset
-	$(PIP) install -q -e ".[numba,test]"
+	$(PIP) install -q -e ".[numba,test,mpi]"
 
 train: install
 	$(PYTHON) -m minivq train --steps $(STEPS) --out $(OUT)
