@@ -304,9 +304,11 @@ def check_output_folder(out):
 
 
 def check_device(device):
+    """The canonical name of ``device``, after checking it exists; a GPU becomes CuPy's current one."""
     kind, index = backend.parse_device(device)
     if kind == "cuda":
         backend.require_cuda(index)
+        backend.use_device(device)      # kernels and new arrays go to cuda:N, not to GPU 0
     return backend.device_name(device)
 
 

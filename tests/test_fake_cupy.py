@@ -285,9 +285,6 @@ def test_cuda_1_runs_once_it_is_the_current_device(fake_cupy, monkeypatch):
                                    err_msg=name)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="minivq/train.py check_device does not make cuda:N CuPy's current device, so kernels "
-                          "run on GPU 0 with arrays of GPU N; fix: call backend.use_device(device) there")
 def test_train_on_cuda_1_in_one_process(fake_cupy, monkeypatch, tiny_npz, tmp_path):
     monkeypatch.setenv("FAKECUPY_DEVICES", "2")
     training.train_vqvae(str(tmp_path), data=tiny_npz, steps=1, batch_size=8, device="cuda:1", kernel="numpy",

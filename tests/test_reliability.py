@@ -41,6 +41,14 @@ def _losses(folder):
         return [(r["step"], r["loss"]) for r in map(json.loads, f) if r["split"] == "train"]
 
 
+def _logged_steps(folder):
+    try:
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
 def test_sigkill_at_random_moments_then_resume(tmp_path):
     data, steps = _data(tmp_path), 200
     full = tmp_path / "full"
@@ -50,9 +58,14 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     kills = 0
     for attempt in range(6):
         resume = ["--resume"] if (out / "checkpoint.npz").exists() else []
+        done = _logged_steps(out)
+        target = done + int(rng.integers(5, 30))          # kill somewhere after this many more steps
         proc = subprocess.Popen(_argv(data, out, steps) + resume, env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.6, 2.0))
+        deadline = time.time() + 60
+        while proc.poll() is None and _logged_steps(out) < target and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.05))                  # a random moment: mid-step, mid-write
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -60,7 +73,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         if (out / "checkpoint.npz").exists():
             meta, sections = read_checkpoint(str(out / "checkpoint.npz"), "minivq-vqvae")   # never corrupt
             assert 1 <= meta["step"] <= steps and sections["model"]
-    assert kills >= 2
+    assert kills >= 4
     resume = ["--resume"] if (out / "checkpoint.npz").exists() else []
     subprocess.run(_argv(data, out, steps) + resume, check=True, env=_env(), capture_output=True, timeout=300)
     assert _losses(out) == _losses(full)
