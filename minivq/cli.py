@@ -123,7 +123,7 @@ def build_parser():
     pr.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (0)")
     pr.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.npz")
     pr.add_argument("--conditional", action="store_true", help="condition on the class labels")
-    pr.add_argument("--channels", type=_positive_int, default=None, help="channels per stack (64)")
+    pr.add_argument("--channels", type=_positive_int, default=None, help="channels per stack (32)")
     pr.add_argument("--layers", type=_positive_int, default=None, help="gated layers (6)")
     pr.add_argument("--kernel-size", type=_positive_int, default=None, help="odd kernel size (5)")
     pr.add_argument("--eval-every", type=_positive_int, default=500, help="test NLL period (500)")

@@ -527,7 +527,7 @@ def train_vqvae(out, data=None, steps=2000, batch_size=128, lr=1e-3, seed=0, dev
 
 
 # ---------------------------------------------------------------- the prior
-PRIOR_DEFAULTS = dict(channels=64, num_layers=6, kernel_size=5, head_channels=256)
+PRIOR_DEFAULTS = dict(channels=32, num_layers=6, kernel_size=5, head_channels=128)
 
 
 def encode_dataset(model, dataset, device="cpu", batch_size=256):

@@ -89,13 +89,14 @@ class GatedLayer(Module):
 class GatedPixelCNN(Module):
     """An autoregressive prior over (N, H, W) grids of codes in [0, num_embeddings).
 
-    Defaults (64 channels, 6 layers, 5x5 kernels, a 1x1 head through 256
-    channels) reach beyond an 8x8 grid in every direction and train on
+    Defaults (32 channels per stack, 6 layers, 5x5 kernels, a 1x1 head
+    through 128 channels; 0.34 M parameters at K = 512) reach beyond an 8x8
+    grid in every direction (6 layers x 2 rows/columns each) and train on
     Fashion-MNIST codes in minutes on two cores. ``num_classes`` enables
     class conditioning (``labels`` then required).
     """
 
-    def __init__(self, num_embeddings, channels=64, num_layers=6, kernel_size=5, head_channels=256,
+    def __init__(self, num_embeddings, channels=32, num_layers=6, kernel_size=5, head_channels=128,
                  num_classes=None):
         super().__init__()
         if kernel_size < 3 or kernel_size % 2 == 0:
