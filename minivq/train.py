@@ -78,6 +78,22 @@ def read_checkpoint(path, kind):
     return meta, sections
 
 
+def restore(model, optimizer, meta, sections, device):
+    """Move ``model`` to ``device`` in train mode, after loading a checkpoint's state if ``meta`` is given.
+
+    Returns the step to continue from (0 for a fresh run). The optimiser state is
+    loaded after the move, so it lands where its parameters are.
+    """
+    if meta:
+        model.load_state_dict(sections["model"])
+    model.to(device).train()
+    if not meta:
+        return 0
+    optimizer.load_state_dict(sections["optim"])
+    backend.set_rng_state(meta["rng_state"])
+    return int(meta["step"])
+
+
 def load_vqvae(path, device="cpu"):
     """A trained VQ-VAE (in eval mode) and its checkpoint's meta record."""
     from .models import VQVAE
@@ -458,14 +474,7 @@ def train_vqvae(out, data=None, steps=2000, batch_size=128, lr=1e-3, seed=0, dev
                              f"the dataset has {train_set.num_channels}")
         model.astype(dtype)
         optimizer = Adam(model.parameters(), lr=lr)
-        start = 0
-        if meta:
-            model.load_state_dict(sections["model"])
-        model.to(device).train()
-        if meta:   # after the move: the optimiser state goes where its parameters are
-            optimizer.load_state_dict(sections["optim"])
-            backend.set_rng_state(meta["rng_state"])
-            start = int(meta["step"])
+        start = restore(model, optimizer, meta, sections, device)
 
         record_meta = {"model": dict(config, in_channels=train_set.num_channels),
                        "train": {"seed": seed, "batch_size": batch_size, "lr": lr, "data": data,
@@ -627,7 +636,7 @@ def train_prior(vqvae_path, out=None, data=None, steps=2000, batch_size=64, lr=1
     vqvae, vq_meta = load_vqvae(vqvae_path, device)
     data = data if data is not None else vq_meta["train"].get("data")
 
-    meta = None
+    meta = sections = None
     if resume:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
@@ -654,14 +663,7 @@ def train_prior(vqvae_path, out=None, data=None, steps=2000, batch_size=64, lr=1
     backend.manual_seed(seed)
     prior = GatedPixelCNN(**config)
     optimizer = Adam(prior.parameters(), lr=lr)
-    start = 0
-    if meta:
-        prior.load_state_dict(sections["model"])
-    prior.to(device).train()
-    if meta:   # after the move: the optimiser state goes where its parameters are
-        optimizer.load_state_dict(sections["optim"])
-        backend.set_rng_state(meta["rng_state"])
-        start = int(meta["step"])
+    start = restore(prior, optimizer, meta, sections, device)
 
     record_meta = {"prior": config, "vqvae": vq_meta["model"], "vqvae_checkpoint": os.path.abspath(vqvae_path),
                    "latent_shape": list(train_codes.shape[1:]), "codes_cache": cache,

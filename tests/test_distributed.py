@@ -21,6 +21,8 @@ from minivq import distributed
 from minivq.cli import main
 from minivq.train import read_checkpoint
 
+from conftest import write_blobs
+
 TINY = ["--num-hiddens", "8", "--residual-hiddens", "4", "--residual-layers", "1", "--embedding-dim", "4",
         "--num-embeddings", "32", "--kernel", "numpy"]
 LAUNCH_VARIABLES = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE",
@@ -65,18 +67,7 @@ def mpirun(n, argv, program=None, timeout=90, **env):
 
 @pytest.fixture(scope="module")
 def blobs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dp-data")
-    rng = np.random.default_rng(0)
-
-    def images(n):
-        yy, xx = np.mgrid[:16, :16]
-        cy, cx = rng.uniform(4, 12, (2, n, 1, 1))
-        r = rng.uniform(2, 5, (n, 1, 1))
-        return (255 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2)).astype(np.uint8)
-
-    path = folder / "blobs.npz"
-    np.savez(path, x_train=images(96), x_test=images(40))
-    return str(path)
+    return write_blobs(tmp_path_factory.mktemp("dp-data") / "blobs.npz", 96, 40, labels=False)
 
 
 def _train_args(data, out, steps, *extra):

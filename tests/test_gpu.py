@@ -28,6 +28,8 @@ import numpy as np
 import pytest
 
 import minivq as mv
+
+from conftest import write_blobs
 from minivq import backend, kernels, nn, optim
 from minivq import train as training
 from minivq import functional as F
@@ -451,20 +453,7 @@ def test_vqvae_encode_and_decode_on_the_gpu():
 # ---------------------------------------------------------------- training, the prior, sampling
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    """Blobs on a dark background, 16x16, with labels, as an .npz with train and test splits."""
-    folder = tmp_path_factory.mktemp("gpu-data")
-    rng = np.random.default_rng(0)
-
-    def images(n):
-        yy, xx = np.mgrid[:16, :16]
-        cy, cx = rng.uniform(4, 12, (2, n, 1, 1))
-        r = rng.uniform(2, 5, (n, 1, 1))
-        return (255 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2)).astype(np.uint8)
-
-    path = folder / "blobs.npz"
-    np.savez(path, x_train=images(48), y_train=rng.integers(0, 3, 48), x_test=images(16),
-             y_test=rng.integers(0, 3, 16))
-    return str(path)
+    return write_blobs(tmp_path_factory.mktemp("gpu-data") / "blobs.npz", 48, 16)
 
 
 def train_records(folder):

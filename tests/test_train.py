@@ -8,26 +8,15 @@ import pytest
 import minivq as mv
 from minivq.cli import main
 
+from conftest import write_blobs
+
 TINY = ["--num-hiddens", "8", "--residual-hiddens", "4", "--residual-layers", "1", "--embedding-dim", "4",
         "--num-embeddings", "16"]
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    """Blobs on a dark background, 16x16, as an .npz with train and test splits."""
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-
-    def images(n):
-        yy, xx = np.mgrid[:16, :16]
-        cy, cx = rng.uniform(4, 12, (2, n, 1, 1))
-        r = rng.uniform(2, 5, (n, 1, 1))
-        return (255 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r ** 2)).astype(np.uint8)
-
-    path = folder / "blobs.npz"
-    np.savez(path, x_train=images(96), y_train=rng.integers(0, 3, 96), x_test=images(40),
-             y_test=rng.integers(0, 3, 40))
-    return str(path)
+    return write_blobs(tmp_path_factory.mktemp("data") / "blobs.npz", 96, 40)
 
 
 def read_log(folder):
