@@ -14,7 +14,7 @@ im2col+GEMM implementation could not beat.
     python benchmarks/bench_conv.py                 # batches 32 and 128, 10 repeats
     python benchmarks/bench_conv.py --quick         # batch 32, 3 repeats
     python benchmarks/bench_conv.py --batches 64 --repeats 20 --out /tmp/conv.json
-    python benchmarks/bench_conv.py --ablate cpu   # each optimisation switched off in turn (NOTES-conv.md)
+    python benchmarks/bench_conv.py --ablate cpu   # each optimisation switched off in turn (benchmarks/NOTES.md, conv section)
 """
 import contextlib
 import argparse
@@ -188,7 +188,7 @@ ABLATIONS = ["current", "no-flip", "no-block", "no-keep"]
 
 @contextlib.contextmanager
 def ablation(name):
-    """Switch one optimisation of minivq.functional.conv off (see NOTES-conv.md)."""
+    """Switch one optimisation of minivq.functional.conv off (see NOTES.md, conv section)."""
     saved = (conv_module._flipped_geometry, conv_module.COL2IM_BLOCK_BYTES, conv_module._im2col_pass)
     original_pass = conv_module._im2col_pass
     if name == "no-flip":         # stride-1 input gradients through col2im

@@ -15,7 +15,7 @@ For ``conv2d`` the input is the image and the output the grid; for
 weight layouts, ``(C_out, C_in, kH, kW)`` and ``(C_in, C_out, kH, kW)``, both
 put the grid's channels first, so one ``wmat`` serves both.
 
-Layouts, chosen by measurement (benchmarks/NOTES-conv.md). The image side is
+Layouts, chosen by measurement (benchmarks/NOTES.md, conv section). The image side is
 channels-last inside: a window row ``(kw, c)`` is then one contiguous run of
 ``kW*C`` numbers, so im2col is one copy of long runs out of a strided view. The
 grid side is kept channel-major, ``(C_grid, N*OH*OW)``: NCHW with N and C
@@ -176,7 +176,7 @@ def _im2col_pass(image, g, wmat=None, grid_mat=None, bias=None, cols=None, keep_
         if grid_mat is not None:
             # dW = grid_mat @ cols, computed as (cols.T @ grid_mat.T).T: as fast on an idle machine,
             # and 3x faster when another process holds a core (OpenBLAS's two threads then stall
-            # each other on the short-and-deep grid_mat @ cols; measured in benchmarks/NOTES-conv.md)
+            # each other on the short-and-deep grid_mat @ cols; measured in benchmarks/NOTES.md, conv section)
             part = (chunk_cols.T @ grid_mat[:, start * rows:stop * rows].T).T
             dwmat = part if dwmat is None else dwmat + part
         if keep_cols and step >= n:
