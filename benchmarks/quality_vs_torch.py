@@ -3,8 +3,9 @@
     python benchmarks/quality_vs_torch.py --minivq-run runs/fmnist-2000 [--steps 2000] [--seed 0]
 
 The PyTorch model (benchmarks/torch_vqvae.py) has the same architecture,
-initialisation scheme, loss and optimiser; it sees the same batches in the
-same order (minivq.data.BatchSampler with the same seed). After training, both
+initialisation scheme, loss and optimiser; it starts from the very weights
+minivq draws for the seed (``--own-init``: PyTorch draws its own) and sees the
+same batches in the same order (minivq.data.BatchSampler with the same seed). After training, both
 are evaluated on the whole test split with the same metric code: normalised MSE
 (MSE / training-set pixel variance) and codebook perplexity. The minivq figures
 are read from the run folder's final test record (metrics.jsonl) and checked
@@ -22,7 +23,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import describe_machine  # noqa: E402
 
 
-def torch_run(steps, seed, batch, lr, data, threads):
+def copy_minivq_init(model, seed, in_channels):
+    """Give the PyTorch model the initial weights minivq draws for ``seed`` (same order, same shapes)."""
+    import torch
+    import minivq as mv
+    mv.manual_seed(seed)
+    ours = mv.models.VQVAE(in_channels=in_channels)
+    theirs = list(model.parameters())
+    mine = [p.data for p in ours.parameters()]
+    # minivq registers the codebook between encoder and decoder, as the twin does
+    assert [tuple(p.shape) for p in theirs] == [a.shape for a in mine], "architectures differ"
+    with torch.no_grad():
+        for p, a in zip(theirs, mine):
+            p.copy_(torch.from_numpy(a))
+
+
+def torch_run(steps, seed, batch, lr, data, threads, same_init=True):
     import torch
     from torch_vqvae import VQVAE, train_step
     from minivq.data import BatchSampler, load_dataset
@@ -31,6 +47,8 @@ def torch_run(steps, seed, batch, lr, data, threads):
     train_set, test_set = load_dataset(data, "train"), load_dataset(data, "test")
     variance = float(train_set.pixel_variance())
     model = VQVAE(in_channels=train_set.num_channels)
+    if same_init:
+        copy_minivq_init(model, seed, train_set.num_channels)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sampler = BatchSampler(len(train_set), batch, seed)
     t0 = time.perf_counter()
@@ -77,11 +95,15 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--data", default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--own-init", action="store_true",
+                    help="let PyTorch draw its own initial weights (default: start from minivq's, same seed)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ours = minivq_result(args.minivq_run)
-    theirs = torch_run(args.steps, args.seed, args.batch, args.lr, args.data, args.threads)
-    result = {"benchmark": "quality_vs_torch", "steps": args.steps, "batch": args.batch, "lr": args.lr,
+    theirs = torch_run(args.steps, args.seed, args.batch, args.lr, args.data, args.threads,
+                       same_init=not args.own_init)
+    result = {"benchmark": "quality_vs_torch", "same_init": not args.own_init,
+              "steps": args.steps, "batch": args.batch, "lr": args.lr,
               "seed": args.seed, "minivq": ours, "pytorch": theirs, "machine": describe_machine()}
     print(f"{'':10} {'test nmse':>10} {'perplexity':>11} {'codes used':>11} {'train s':>8}")
     for name, r in (("minivq", ours), ("pytorch", theirs)):
