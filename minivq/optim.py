@@ -6,7 +6,6 @@ loads into a freshly built model in another.
 """
 import math
 
-import numpy as np
 
 from . import backend
 from .autograd import Tensor

@@ -20,6 +20,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def read_log(folder):
+    """The records of a run folder's metrics.jsonl."""
+    import os
+    from minivq.plot import read_metrics
+    return read_metrics(os.path.join(folder, "metrics.jsonl"))
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 
-import minivq as mv
 from minivq import backend
 from minivq.cli import main
 

@@ -16,7 +16,6 @@ import textwrap
 import numpy as np
 import pytest
 
-import minivq as mv
 from minivq import distributed
 from minivq.cli import main
 from minivq.train import read_checkpoint

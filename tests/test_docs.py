@@ -4,7 +4,6 @@ import io
 import os
 import re
 
-import pytest
 
 DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "gradients.md")
 

@@ -19,7 +19,6 @@ On a real GPU the two sides round differently, and the tolerances say by how muc
   magnitude. ``terms`` is the length of the longest sum behind an output: the inner dimension of a
   product, the window of a convolution, the elements of a mean, the layers of a network.
 """
-import json
 import os
 import types
 import zlib
@@ -29,7 +28,7 @@ import pytest
 
 import minivq as mv
 
-from conftest import write_blobs
+from conftest import read_log, write_blobs
 from minivq import backend, kernels, nn, optim
 from minivq import train as training
 from minivq import functional as F
@@ -456,11 +455,6 @@ def tiny_data(tmp_path_factory):
     return write_blobs(tmp_path_factory.mktemp("gpu-data") / "blobs.npz", 48, 16)
 
 
-def train_records(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def train_both(tiny_data, root, **options):
     """train_vqvae on the CPU and on the GPU, three steps logged every step; returns the two run folders."""
     folders = {}
@@ -475,7 +469,7 @@ def train_both(tiny_data, root, **options):
 
 
 def compare_logs(folders, keys, first_rtol, later_rtol):
-    logs = {device: train_records(folder) for device, folder in folders.items()}
+    logs = {device: read_log(folder) for device, folder in folders.items()}
     cpu, gpu = logs["cpu"], logs[GPU]
     assert [(r["step"], r["split"]) for r in gpu] == [(r["step"], r["split"]) for r in cpu]
     for rec_cpu, rec_gpu in zip(cpu, gpu):

@@ -30,7 +30,7 @@ def test_vqvae_layout_and_shapes():
 
 
 def test_vqvae_parameter_count_matches_torch_reference():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     import sys, os
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
     from torch_vqvae import VQVAE as TorchVQVAE

@@ -8,7 +8,7 @@ import pytest
 import minivq as mv
 from minivq.cli import main
 
-from conftest import write_blobs
+from conftest import read_log, write_blobs
 
 TINY = ["--num-hiddens", "8", "--residual-hiddens", "4", "--residual-layers", "1", "--embedding-dim", "4",
         "--num-embeddings", "16"]
@@ -17,11 +17,6 @@ TINY = ["--num-hiddens", "8", "--residual-hiddens", "4", "--residual-layers", "1
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     return write_blobs(tmp_path_factory.mktemp("data") / "blobs.npz", 96, 40)
-
-
-def read_log(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def train(tiny_data, out, steps, *extra):
