@@ -336,3 +336,18 @@ def test_a_batch_crosses_as_uint8_once(fake_cupy):
     x_cpu, labels_cpu = data.batch(idx)
     np.testing.assert_array_equal(backend.to_numpy(x), x_cpu)
     np.testing.assert_array_equal(backend.to_numpy(labels), labels_cpu)
+
+
+def test_col2im_on_device_is_one_pass_per_kernel_offset(fake_cupy, monkeypatch):
+    """On the CPU col2im works in cache-sized blocks of images; on a GPU each pass is a kernel
+    launch and the chunk fits in L2, so it must add the whole chunk at once: kH*kW passes."""
+    from minivq.functional import conv as conv_module
+    monkeypatch.setattr(conv_module, "COL2IM_BLOCK_BYTES", 1)          # one image per block on the CPU
+    g = conv_module._Geometry(6, 3, 7, 6, 4, (4, 3), (2, 2), (1, 1))
+    cols = np.random.default_rng(0).standard_normal((g.n * g.oh * g.ow, g.k))
+    passes = []
+    original = fake_cupy.ndarray.__setitem__
+    monkeypatch.setattr(fake_cupy.ndarray, "__setitem__", lambda self, k, v: passes.append(1) or original(self, k, v))
+    on_device = conv_module._col2im(fake_cupy.asarray(cols), g, g.n)
+    assert len(passes) == g.kh * g.kw
+    np.testing.assert_array_equal(on_device.get(), conv_module._col2im(cols, g, g.n))

@@ -137,14 +137,15 @@ def _im2col(image, g):
 def _col2im(cols, g, n):
     """The adjoint of ``_im2col``: add each row's window back into the image; returns (n, H, W, C) (a view).
 
-    Images are done a few at a time so that the block being added into stays in cache
-    through its kH*kW passes.
+    On the CPU, images are done a few at a time so that the block being added into stays
+    in cache through its kH*kW passes. On a GPU every pass is one kernel launch and the
+    whole chunk fits in its L2, so the chunk is done in one block (kH*kW launches).
     """
     xp = get_array_module(cols)
     padded = xp.zeros((n, g.hp, g.wp, g.c_img), dtype=cols.dtype)
     windows = cols.reshape(n, g.oh, g.ow, g.kh, g.kw, g.c_img)
     h_span, w_span = g.sh * (g.oh - 1) + 1, g.sw * (g.ow - 1) + 1
-    block = max(1, COL2IM_BLOCK_BYTES // (g.hp * g.wp * g.c_img * cols.dtype.itemsize))
+    block = n if xp is not np else max(1, COL2IM_BLOCK_BYTES // (g.hp * g.wp * g.c_img * cols.dtype.itemsize))
     for start in range(0, n, block):
         target, source = padded[start:start + block], windows[start:start + block]
         for i in range(g.kh):
