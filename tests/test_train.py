@@ -119,3 +119,21 @@ def test_nonfinite_loss_stops_or_is_skipped(tiny_data, tmp_path, capsys, monkeyp
     assert train(tiny_data, tmp_path / "b", 6, "--skip-nonfinite") == 0
     log = [r for r in read_log(tmp_path / "b") if r["split"] == "train"]
     assert log[-1]["skipped_nonfinite"] == 1
+
+
+def test_compare_runs_script_reports_each_run_and_what_differs(tiny_data, tmp_path, capsys):
+    """benchmarks/compare_runs.py (behind the README's quantiser-variant table) on two tiny runs."""
+    import subprocess
+    import sys
+    plain, ema = tmp_path / "plain", tmp_path / "ema"
+    assert train(tiny_data, plain, 4) == 0 and train(tiny_data, ema, 4, "--ema") == 0
+    capsys.readouterr()
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "compare_runs.py")
+    out = tmp_path / "runs.json"
+    done = subprocess.run([sys.executable, script, str(plain), str(ema), "--out", str(out)],
+                          capture_output=True, text=True, check=True)
+    result = json.loads(out.read_text())
+    assert result["differing_options"] == ["model.decay"]
+    finals = {os.path.basename(r["folder"]): r["test"][-1] for r in result["runs"]}
+    assert finals["plain"] == {k: v for k, v in read_log(plain)[-1].items() if k in finals["plain"]}
+    assert finals["ema"]["step"] == 4 and "model.decay=0.99" in done.stdout
