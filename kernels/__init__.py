@@ -20,6 +20,9 @@ Numba and CuPy are imported on first use only, so ``import minivq.kernels``
 needs NumPy alone. This package and ``minivq.backend`` are the only places
 that look at whether arrays are NumPy or CuPy.
 """
+import functools
+import operator
+
 import numpy as np
 
 from minivq import backend as _backend
@@ -72,17 +75,21 @@ def _as_array(a, what):
     raise TypeError(f"{what} must be a NumPy or CuPy array, got {type(a).__name__}")
 
 
-def _check_finite(a, what):
-    xp = _backend.get_array_module(a)
-    # A finite sum proves there is no NaN and no inf, in one pass and without a temporary;
-    # only when it is not (a NaN, an inf, or a sum that merely overflowed) look element by element.
-    if a.size == 0 or bool(xp.isfinite(a.sum())):
+def _check_finite(named):
+    """ValueError naming the first NaN or inf in any of the ``(array, name)`` pairs."""
+    xp = _backend.get_array_module(named[0][0])
+    # A finite sum proves there is no NaN and no inf, in one pass and without a temporary, and one
+    # sum over all the arrays costs one wait for a GPU; only when it is not finite (a NaN, an inf,
+    # or a sum that merely overflowed) look element by element.
+    sums = [a.sum() for a, _ in named if a.size]
+    if not sums or bool(xp.isfinite(functools.reduce(operator.add, sums))):
         return
-    bad = ~xp.isfinite(a)
-    if bool(bad.any()):
-        row, col = (int(i) for i in xp.argwhere(bad)[0])
-        raise ValueError(f"{what} {tuple(a.shape)} contains NaN or inf: first at row {row}, "
-                         f"column {col} ({float(a[row, col])})")
+    for a, what in named:
+        bad = ~xp.isfinite(a)
+        if bool(bad.any()):
+            row, col = (int(i) for i in xp.argwhere(bad)[0])
+            raise ValueError(f"{what} {tuple(a.shape)} contains NaN or inf: first at row {row}, "
+                             f"column {col} ({float(a[row, col])})")
 
 
 def _validate(x, codebook):
@@ -103,8 +110,7 @@ def _validate(x, codebook):
                          f"shapes {tuple(x.shape)} and {tuple(codebook.shape)}")
     if codebook.shape[0] == 0:
         raise ValueError(f"codebook {tuple(codebook.shape)} has no codes (K = 0)")
-    _check_finite(x, "x")
-    _check_finite(codebook, "codebook")
+    _check_finite(((x, "x"), (codebook, "codebook")))
     return x, codebook, x_dev
 
 

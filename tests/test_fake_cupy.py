@@ -351,3 +351,20 @@ def test_col2im_on_device_is_one_pass_per_kernel_offset(fake_cupy, monkeypatch):
     on_device = conv_module._col2im(fake_cupy.asarray(cols), g, g.n)
     assert len(passes) == g.kh * g.kw
     np.testing.assert_array_equal(on_device.get(), conv_module._col2im(cols, g, g.n))
+
+
+def test_nearest_code_checks_both_inputs_with_one_wait(fake_cupy, monkeypatch):
+    """The finite check over x and the codebook reads one number back from the GPU, not one per array;
+    a NaN is still named with its array and place."""
+    cp = fake_cupy
+    monkeypatch.setitem(kernels._loaded, "cupy", types.SimpleNamespace(
+        nearest_code_cupy=lambda x, cb: cp.zeros(x.shape[0], dtype=np.int64)))    # a kernel that waits for nothing
+    x = np.random.default_rng(0).standard_normal((7, 3)).astype(np.float32)
+    cb = np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32)
+    x_dev, cb_dev = cp.asarray(x), cp.asarray(cb)
+    cp.reset_stats()
+    kernels.nearest_code(x_dev, cb_dev, backend="cupy")
+    assert cp.stats["d2h"] == 1
+    cb[4, 2] = np.nan
+    with pytest.raises(ValueError, match=r"codebook \(5, 3\) contains NaN or inf: first at row 4, column 2"):
+        kernels.nearest_code(x_dev, cp.asarray(cb), backend="cupy")
