@@ -20,9 +20,6 @@ Numba and CuPy are imported on first use only, so ``import minivq.kernels``
 needs NumPy alone. This package and ``minivq.backend`` are the only places
 that look at whether arrays are NumPy or CuPy.
 """
-import functools
-import operator
-
 import numpy as np
 
 from minivq import backend as _backend
@@ -82,7 +79,7 @@ def _check_finite(named):
     # sum over all the arrays costs one wait for a GPU; only when it is not finite (a NaN, an inf,
     # or a sum that merely overflowed) look element by element.
     sums = [a.sum() for a, _ in named if a.size]
-    if not sums or bool(xp.isfinite(functools.reduce(operator.add, sums))):
+    if not sums or bool(xp.isfinite(sum(sums[1:], sums[0]))):
         return
     for a, what in named:
         bad = ~xp.isfinite(a)

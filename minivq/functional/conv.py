@@ -138,8 +138,8 @@ def _col2im(cols, g, n):
     """The adjoint of ``_im2col``: add each row's window back into the image; returns (n, H, W, C) (a view).
 
     On the CPU, images are done a few at a time so that the block being added into stays
-    in cache through its kH*kW passes. On a GPU every pass is one kernel launch and the
-    whole chunk fits in its L2, so the chunk is done in one block (kH*kW launches).
+    in cache through its kH*kW passes. On a GPU every pass is one kernel launch, so the
+    whole chunk is done at once (kH*kW launches).
     """
     xp = get_array_module(cols)
     padded = xp.zeros((n, g.hp, g.wp, g.c_img), dtype=cols.dtype)
