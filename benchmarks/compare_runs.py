@@ -24,8 +24,11 @@ from _machine import describe_machine  # noqa: E402
 def read_run(folder):
     from minivq.plot import read_metrics
     from minivq.train import read_checkpoint
-    meta, _ = read_checkpoint(os.path.join(folder, "checkpoint.npz"), "minivq-vqvae")
-    tests = [r for r in read_metrics(os.path.join(folder, "metrics.jsonl")) if r["split"] == "test"]
+    try:
+        meta, _ = read_checkpoint(os.path.join(folder, "checkpoint.npz"), "minivq-vqvae")
+        tests = [r for r in read_metrics(os.path.join(folder, "metrics.jsonl")) if r["split"] == "test"]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{folder}: {e}; pass folders of finished `minivq train` runs") from None
     if not tests:
         raise SystemExit(f"{folder}: metrics.jsonl has no test-split record; let the run finish first")
     return {"folder": folder, "step": meta["step"], "model": meta["model"], "train": meta["train"],
