@@ -28,9 +28,12 @@ def read_run(folder):
         meta, _ = read_checkpoint(os.path.join(folder, "checkpoint.npz"), "minivq-vqvae")
         tests = [r for r in read_metrics(os.path.join(folder, "metrics.jsonl")) if r["split"] == "test"]
     except (OSError, ValueError) as e:
-        raise SystemExit(f"{folder}: {e}; pass folders of finished `minivq train` runs") from None
+        print(f"compare_runs: {folder}: {e}; pass folders of finished `minivq train` runs", file=sys.stderr)
+        raise SystemExit(2) from None
     if not tests:
-        raise SystemExit(f"{folder}: metrics.jsonl has no test-split record; let the run finish first")
+        print(f"compare_runs: {folder}: metrics.jsonl has no test-split record; let the run finish first",
+              file=sys.stderr)
+        raise SystemExit(2)
     return {"folder": folder, "step": meta["step"], "model": meta["model"], "train": meta["train"],
             "test": [{k: r[k] for k in ("step", "nmse", "perplexity", "codes_used", "images")} for r in tests]}
 
