@@ -454,3 +454,35 @@ class GradientAverager:
         for p in self.params:
             p.grad = self.buffer[offset:offset + p.data.size].reshape(p.shape)
             offset += p.data.size
+
+
+# ---------------------------------------------------------------- quantiser statistics
+class BatchReducer:
+    """What training injects into a quantiser (``quantizer.reducer``) under data parallelism.
+
+    The quantisers (``minivq.nn``) know nothing of processes: they ask a reducer
+    for the sums, the rows and the choices of the global batch, and a single
+    process's reducer returns its own batch (``minivq.nn.quantizers.LocalBatch``).
+    This one answers through the communicator, so every rank takes the same
+    codebook step that one process would take with the whole batch.
+    """
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    @property
+    def rank(self):
+        return self.comm.rank
+
+    @property
+    def size(self):
+        return self.comm.size
+
+    def sum(self, array):
+        return self.comm.allreduce_sum(array)
+
+    def gather(self, array):
+        return self.comm.allgather(array)
+
+    def broadcast(self, array):
+        return self.comm.bcast(array)

@@ -491,7 +491,7 @@ def train_vqvae(out, data=None, steps=2000, batch_size=128, lr=1e-3, seed=0, dev
 
     comm = distributed.for_device(comm, device, comm_backend)
     if comm.size > 1:
-        model.vq.comm = comm
+        model.vq.reducer = distributed.BatchReducer(comm)
     sampler = BatchSampler(len(train_set), batch_size, seed)
     local = batch_size // comm.size
 

@@ -39,6 +39,29 @@ def _usage(indices, num_embeddings):
     return xp.exp(entropy), counts
 
 
+class LocalBatch:
+    """Where the quantisers' batch statistics come from: in a single process, the batch alone.
+
+    Data-parallel training (``minivq.distributed``) sets ``quantizer.reducer`` to an
+    object with these same five members that combines the shares of the global
+    batch held by the ranks; nn itself never sees a process. Rank ``r`` of ``size``
+    holds the consecutive rows [r m, (r + 1) m) of the global batch.
+    """
+    rank, size = 0, 1
+
+    def sum(self, array):
+        """The element-wise sum of ``array`` over the ranks (counts, EMA sums)."""
+        return array
+
+    def gather(self, array):
+        """Every rank's rows of ``array``, concatenated in rank order (the global batch)."""
+        return array
+
+    def broadcast(self, array):
+        """Rank 0's ``array`` (a choice made once for all ranks)."""
+        return array
+
+
 def _check_latents(z_e, dim, who):
     if not isinstance(z_e, Tensor):
         raise TypeError(f"{who} takes a Tensor, got {type(z_e).__name__}")
@@ -99,9 +122,9 @@ class _QuantizerBase(Module):
         # steps since each code was last picked (for restarts); whether k-means init has run
         self.register_buffer("unused_steps", np.zeros(self.num_embeddings, np.int64))
         self.register_buffer("initialized", np.array(0 if kmeans_init else 1, np.int64))
-        # data-parallel training sets a minivq.distributed communicator: usage and EMA statistics are then
-        # summed over the ranks, and the random choices of restarts and k-means are made on rank 0
-        self.comm = None
+        # data-parallel training injects a reducer over the ranks: usage and EMA statistics are then
+        # summed over the global batch, and the random choices of restarts and k-means are made on rank 0
+        self.reducer = LocalBatch()
 
     def extra_repr(self):
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
@@ -114,17 +137,17 @@ class _QuantizerBase(Module):
         raise NotImplementedError
 
     def _distributed(self):
-        return self.comm is not None and self.comm.size > 1
+        return self.reducer.size > 1
 
     def _maybe_kmeans_init(self, flat):
         # kmeans_init is checked first: reading the flag from the GPU would wait for the device every step
         if self.training and self.kmeans_init and int(self.initialized) == 0:
             if self._distributed():     # rank 0 clusters the whole global batch, the others take its centres
-                everything = self.comm.allgather(flat)
+                everything = self.reducer.gather(flat)
                 xp = backend.get_array_module(flat)
-                centres = (kmeans_plus_plus(everything, self.num_embeddings) if self.comm.rank == 0 else
+                centres = (kmeans_plus_plus(everything, self.num_embeddings) if self.reducer.rank == 0 else
                            xp.empty((self.num_embeddings, flat.shape[1]), flat.dtype))
-                centres = self.comm.bcast(centres)
+                centres = self.reducer.broadcast(centres)
             else:
                 centres = kmeans_plus_plus(flat, self.num_embeddings)
             self._set_codes(np.arange(self.num_embeddings), centres)
@@ -136,7 +159,7 @@ class _QuantizerBase(Module):
             return 0
         counts = backend.to_numpy(counts)
         if self._distributed():     # a code is used if any rank's slice of the batch picked it
-            counts = self.comm.allreduce_sum(counts.astype(np.int64))
+            counts = self.reducer.sum(counts.astype(np.int64))
         # which codes restart is decided on the host (it sizes host-side random draws); the buffer
         # itself stays on the module's device
         unused = np.where(counts > 0, 0, backend.to_numpy(self.unused_steps) + 1)
@@ -159,17 +182,17 @@ class _QuantizerBase(Module):
         consecutive slices of the batch); every rank fills in the chosen rows it holds,
         zeros elsewhere, and a sum over the ranks assembles them exactly.
         """
-        m, comm = flat.shape[0], self.comm
-        total = m * comm.size
-        rows = (backend.rng().choice(total, size=count, replace=count > total) if comm.rank == 0 else
+        m, reducer = flat.shape[0], self.reducer
+        total = m * reducer.size
+        rows = (backend.rng().choice(total, size=count, replace=count > total) if reducer.rank == 0 else
                 np.empty(count, np.int64))
-        rows = comm.bcast(np.asarray(rows, np.int64))
-        mine = np.flatnonzero((rows >= comm.rank * m) & (rows < (comm.rank + 1) * m))
+        rows = reducer.broadcast(np.asarray(rows, np.int64))
+        mine = np.flatnonzero((rows >= reducer.rank * m) & (rows < (reducer.rank + 1) * m))
         xp = backend.get_array_module(flat)
         device = backend.array_device(flat)
         vectors = xp.zeros((count, flat.shape[1]), flat.dtype)
-        vectors[backend.to_device(mine, device)] = flat[backend.to_device(rows[mine] - comm.rank * m, device)]
-        return comm.allreduce_sum(vectors)
+        vectors[backend.to_device(mine, device)] = flat[backend.to_device(rows[mine] - reducer.rank * m, device)]
+        return reducer.sum(vectors)
 
     def _output(self, z_e, quantized, loss, codebook_loss, commitment_loss, indices):
         perplexity, counts = _usage(indices, self.num_embeddings)
@@ -245,7 +268,6 @@ class VectorQuantizerEMA(_QuantizerBase):
         self.register_buffer("cluster_size", np.zeros(k, np.float32))
         self.register_buffer("embed_sum", np.zeros((k, d), np.float32))
         self.register_buffer("ema_steps", np.array(0, np.int64))
-        self.reduce_stats = None   # a custom reduction of (counts, sums); by default `comm` sums them
 
     def _set_codes(self, which, vectors):
         which = backend.to_device(which, backend.array_device(self.codebook))
@@ -273,11 +295,9 @@ class VectorQuantizerEMA(_QuantizerBase):
         k = self.num_embeddings
         counts = backend.bincount(indices, k, self.cluster_size.dtype)
         sums = backend.index_add(indices, flat.astype(self.embed_sum.dtype, copy=False), k)
-        if self.reduce_stats is not None:
-            counts, sums = self.reduce_stats(counts, sums)
-        elif self._distributed():   # the statistics of the global batch: one allreduce of (counts | sums)
+        if self._distributed():   # the statistics of the global batch: one sum of (counts | sums)
             xp = backend.get_array_module(sums)
-            both = self.comm.allreduce_sum(xp.concatenate([counts[:, None], sums], axis=1))
+            both = self.reducer.sum(xp.concatenate([counts[:, None], sums], axis=1))
             counts, sums = both[:, 0], both[:, 1:]
         self.ema_steps = self.ema_steps + 1
         w = 1.0 - self.decay
