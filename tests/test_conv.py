@@ -1,4 +1,5 @@
-"""conv2d / conv_transpose2d: forward against naive loops, everything against PyTorch where installed,
+"""conv2d / conv_transpose2d: the loop references (minivq/functional/conv_reference.py) against hand-computed
+examples and PyTorch; the fast ops' forward against those references, everything against PyTorch where installed,
 argument errors, batch chunking under a workspace limit, the nn layers, and CuPy against NumPy."""
 import contextlib
 import math
@@ -10,44 +11,8 @@ import minivq as mv
 from minivq import backend
 from minivq.functional import conv as conv_module
 from minivq.functional.conv import conv2d, conv_transpose2d, workspace_limit, get_workspace_limit
+from minivq.functional.conv_reference import conv2d_reference, conv_transpose2d_reference
 from minivq.nn.conv import Conv2d, ConvTranspose2d
-
-
-# ---------------------------------------------------------------- references written with plain loops
-def naive_conv2d(x, w, b, stride, padding):
-    """Cross-correlation by a loop over output pixels (no im2col, nothing from minivq)."""
-    (sh, sw), (ph, pw) = stride, padding
-    n, c_in, h, wd = x.shape
-    c_out, _, kh, kw = w.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
-    y = np.zeros((n, c_out, oh, ow), dtype=x.dtype)
-    for i in range(oh):
-        for j in range(ow):
-            patch = xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw]
-            y[:, :, i, j] = np.einsum("ncab,dcab->nd", patch, w)
-    if b is not None:
-        y += b.reshape(1, -1, 1, 1)
-    return y
-
-
-def naive_conv_transpose2d(x, w, b, stride, padding, output_padding):
-    """Scatter every input pixel times the kernel into the output, then crop the padding."""
-    (sh, sw), (ph, pw), (oph, opw) = stride, padding, output_padding
-    n, c_in, h, wd = x.shape
-    _, c_out, kh, kw = w.shape
-    full = np.zeros((n, c_out, (h - 1) * sh + kh + oph, (wd - 1) * sw + kw + opw), dtype=x.dtype)
-    for i in range(h):
-        for j in range(wd):
-            for a in range(kh):
-                for c in range(kw):
-                    full[:, :, i * sh + a, j * sw + c] += x[:, :, i, j] @ w[:, :, a, c]
-    oh = (h - 1) * sh - 2 * ph + kh + oph
-    ow = (wd - 1) * sw - 2 * pw + kw + opw
-    y = full[:, :, ph:ph + oh, pw:pw + ow]
-    if b is not None:
-        y = y + b.reshape(1, -1, 1, 1)
-    return y
 
 
 def random_config(gen, transposed):
@@ -84,8 +49,8 @@ def run(transposed, x, w, b, cfg, **kw):
 
 def reference(transposed, x, w, b, cfg):
     if transposed:
-        return naive_conv_transpose2d(x, w, b, cfg["stride"], cfg["padding"], cfg["output_padding"])
-    return naive_conv2d(x, w, b, cfg["stride"], cfg["padding"])
+        return conv_transpose2d_reference(x, w, b, cfg["stride"], cfg["padding"], cfg["output_padding"])
+    return conv2d_reference(x, w, b, cfg["stride"], cfg["padding"])
 
 
 def forward_and_grads(transposed, x, w, b, cfg, gy=None, gen=None):
@@ -100,9 +65,95 @@ def forward_and_grads(transposed, x, w, b, cfg, gy=None, gen=None):
     return y.data, grads, gy
 
 
-# ---------------------------------------------------------------- forward against the loops
+# ---------------------------------------------------------------- the loop references themselves
+def test_conv2d_reference_hand_computed():
+    x = np.arange(9.0).reshape(1, 1, 3, 3)                       # [[0 1 2] [3 4 5] [6 7 8]]
+    w = np.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 1, 2, 2)
+    # y[i, j] = x[i, j] + 2 x[i, j+1] + 3 x[i+1, j] + 4 x[i+1, j+1]
+    np.testing.assert_array_equal(conv2d_reference(x, w), [[[[27, 37], [57, 67]]]])
+    np.testing.assert_array_equal(conv2d_reference(x, w, np.array([0.5])), [[[[27.5, 37.5], [57.5, 67.5]]]])
+    # padded with zeros to 5x5, windows at rows/columns 0 and 2
+    np.testing.assert_array_equal(conv2d_reference(x, w, stride=2, padding=1), [[[[0, 11], [30, 67]]]])
+    # stride and padding per axis: 1 row of padding, none across; stride 1 down, 2 across
+    np.testing.assert_array_equal(conv2d_reference(x, w, stride=(1, 2), padding=(1, 0)),
+                                  [[[[4], [27], [57], [20]]]])
+    # two input channels summed, two output channels, a batch of two
+    image = np.concatenate([x[0], np.ones((1, 3, 3))])               # channel 0: x; channel 1: ones
+    x2 = np.stack([image, -image])
+    w2 = np.zeros((2, 2, 2, 2))
+    w2[0, 0], w2[0, 1] = w[0, 0], 1.0        # out 0: the kernel above on channel 0, plus 4 ones of channel 1
+    w2[1, 1, 0, 0] = 1.0                     # out 1: channel 1's top-left pixel
+    y = conv2d_reference(x2, w2)
+    assert y.shape == (2, 2, 2, 2)
+    np.testing.assert_array_equal(y[0], [[[31, 41], [61, 71]], [[1, 1], [1, 1]]])
+    np.testing.assert_array_equal(y[1], -y[0])
+
+
+def test_conv_transpose2d_reference_hand_computed():
+    x = np.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 1, 2, 2)
+    w = np.array([[1.0, 10.0], [100.0, 1000.0]]).reshape(1, 1, 2, 2)
+    # stride 1: the four stamps x[i, j] * w, shifted by (i, j), overlap and add
+    np.testing.assert_array_equal(conv_transpose2d_reference(x, w),
+                                  [[[[1, 12, 20], [103, 1234, 2040], [300, 3400, 4000]]]])
+    # padding 1 crops one row and column off each side
+    np.testing.assert_array_equal(conv_transpose2d_reference(x, w, padding=1), [[[[1234]]]])
+    # stride 2: the stamps tile the output without overlapping
+    stamps = [[1, 10, 2, 20], [100, 1000, 200, 2000], [3, 30, 4, 40], [300, 3000, 400, 4000]]
+    np.testing.assert_array_equal(conv_transpose2d_reference(x, w, stride=2), [[stamps]])
+    # output_padding adds a last row and column that only the bias reaches
+    y = conv_transpose2d_reference(x, w, np.array([0.5]), stride=2, output_padding=1)
+    expected = np.zeros((5, 5))
+    expected[:4, :4] = stamps
+    np.testing.assert_array_equal(y, [[expected + 0.5]])
+    np.testing.assert_array_equal(conv_transpose2d_reference(x, w, stride=2, padding=1, output_padding=1),
+                                  [[[[1000, 200, 2000], [30, 4, 40], [3000, 400, 4000]]]])
+    # channels: out[d] = sum over c of x[c] stamped with w[c, d]
+    x2 = np.concatenate([x, 2 * x], axis=1)                                  # (1, 2, 2, 2)
+    w2 = np.stack([np.concatenate([w[0], -w[0]]), np.concatenate([w[0], w[0]])])   # (2 in, 2 out, 2, 2)
+    y2 = conv_transpose2d_reference(x2, w2, stride=2)
+    np.testing.assert_array_equal(y2[0, 0], 3 * np.array(stamps))               # x w + 2x w
+    np.testing.assert_array_equal(y2[0, 1], -np.array(stamps) + 2 * np.array(stamps))
+
+
+def test_references_are_adjoint_to_each_other():
+    """<conv2d_reference(x, W), y> == <x, conv_transpose2d_reference(y, W)>: the two loops agree with each
+    other without any of the fast code involved."""
+    gen = np.random.default_rng(11)
+    for _ in range(20):
+        cfg = random_config(gen, False)
+        x, w, _ = make_arrays(cfg, gen, False)
+        y_shape = conv2d_reference(x, w, None, cfg["stride"], cfg["padding"]).shape
+        (sh, sw), (ph, pw) = cfg["stride"], cfg["padding"]
+        oph = cfg["h"] + 2 * ph - cfg["kernel"][0] - (y_shape[2] - 1) * sh
+        opw = cfg["w"] + 2 * pw - cfg["kernel"][1] - (y_shape[3] - 1) * sw
+        y = gen.standard_normal(y_shape)
+        back = conv_transpose2d_reference(y, w, None, cfg["stride"], cfg["padding"], (oph, opw))
+        assert back.shape == x.shape, cfg
+        lhs = float((conv2d_reference(x, w, None, cfg["stride"], cfg["padding"]) * y).sum())
+        assert lhs == pytest.approx(float((x * back).sum()), rel=1e-10, abs=1e-10), cfg
+
+
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
-def test_forward_matches_naive_loops(transposed):
+def test_references_match_torch(transposed):
+    torch = pytest.importorskip("torch")
+    tf = torch.nn.functional
+    gen = np.random.default_rng(60 + transposed)
+    for _ in range(30):
+        cfg = random_config(gen, transposed)
+        x, w, b = make_arrays(cfg, gen, transposed)
+        tb = torch.tensor(b) if b is not None else None
+        if transposed:
+            expected = tf.conv_transpose2d(torch.tensor(x), torch.tensor(w), tb, cfg["stride"], cfg["padding"],
+                                           cfg["output_padding"])
+        else:
+            expected = tf.conv2d(torch.tensor(x), torch.tensor(w), tb, cfg["stride"], cfg["padding"])
+        np.testing.assert_allclose(reference(transposed, x, w, b, cfg), expected.numpy(), rtol=1e-12, atol=1e-12,
+                                   err_msg=str(cfg))
+
+
+# ---------------------------------------------------------------- the fast forward against the loops
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+def test_forward_matches_the_loop_reference(transposed):
     gen = np.random.default_rng(10 + transposed)
     for _ in range(40):
         cfg = random_config(gen, transposed)
@@ -114,7 +165,7 @@ def test_forward_matches_naive_loops(transposed):
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
-def test_forward_float32_matches_naive_loops(transposed):
+def test_forward_float32_matches_the_loop_reference(transposed):
     gen = np.random.default_rng(20 + transposed)
     for _ in range(10):
         cfg = random_config(gen, transposed)
@@ -416,7 +467,7 @@ def test_conv2d_layer_init_and_forward():
     np.testing.assert_array_equal(layer.bias.data, gen.uniform(-bound, bound, 8).astype(np.float32))
     x = mv.tensor(np.random.default_rng(0).standard_normal((2, 3, 9, 10)).astype(np.float32))
     y = layer(x)
-    np.testing.assert_allclose(y.data, naive_conv2d(x.data, layer.weight.data, layer.bias.data, (2, 2), (1, 2)),
+    np.testing.assert_allclose(y.data, conv2d_reference(x.data, layer.weight.data, layer.bias.data, (2, 2), (1, 2)),
                                rtol=1e-5, atol=1e-5)
     y.sum().backward()
     assert layer.weight.grad.shape == layer.weight.shape and layer.bias.grad.shape == (8,)
@@ -433,7 +484,7 @@ def test_conv_transpose2d_layer_init_uses_dim1_fan_in():
     x = np.random.default_rng(1).standard_normal((2, 16, 5, 5)).astype(np.float32)
     y = layer(x)
     assert y.shape == (2, 4, 10, 10)
-    np.testing.assert_allclose(y.data, naive_conv_transpose2d(x, layer.weight.data, None, (2, 2), (1, 1), (1, 1)),
+    np.testing.assert_allclose(y.data, conv_transpose2d_reference(x, layer.weight.data, None, (2, 2), (1, 1), (1, 1)),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -512,6 +563,19 @@ def test_cupy_layers_float32():
     x = np.random.default_rng(0).standard_normal((2, 3, 9, 9)).astype(np.float32)
     y = layer(mv.tensor(x, device="cuda"))
     y.sum().backward()
-    np.testing.assert_allclose(cp.asnumpy(y.data), naive_conv2d(x, cpu_weight, cp.asnumpy(layer.bias.data),
+    np.testing.assert_allclose(cp.asnumpy(y.data), conv2d_reference(x, cpu_weight, cp.asnumpy(layer.bias.data),
                                                                  (1, 1), (1, 1)), rtol=1e-4, atol=1e-4)
     assert backend.array_device(layer.weight.grad).startswith("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+def test_references_run_on_cupy(transposed):
+    cp = _cupy_or_skip()
+    gen = np.random.default_rng(70 + transposed)
+    for _ in range(5):
+        cfg = random_config(gen, transposed)
+        x, w, b = make_arrays(cfg, gen, transposed)
+        on_gpu = reference(transposed, cp.asarray(x), cp.asarray(w), None if b is None else cp.asarray(b), cfg)
+        assert backend.array_device(on_gpu).startswith("cuda")
+        np.testing.assert_allclose(cp.asnumpy(on_gpu), reference(transposed, x, w, b, cfg), rtol=1e-12, atol=1e-12)

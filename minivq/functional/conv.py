@@ -1,5 +1,6 @@
 """2-D convolution and transposed convolution, written by hand: im2col, one GEMM, col2im.
 
+New here? Read conv_reference.py first: the same two ops as plain loops, the tests' reference.
 Both ops are one *correlation* seen from its two ends. On one side lies the
 **image** ``(N, C_img, H, W)``, which im2col reads windows from and col2im
 adds windows back into; on the other lies the **grid** of windows
