@@ -152,17 +152,12 @@ class GatedPixelCNN(Module):
             labels = backend.to_device(np.broadcast_to(np.asarray(labels, np.int64), (int(n),)).copy(), device)
         xp = backend.get_array_module(backend.to_device(np.zeros(1), device))
         grid = xp.zeros((int(n), h, w), np.int64)
-        was_training = self.training
-        self.eval()
-        try:
-            with no_grad():
-                for i in range(h):
-                    for j in range(w):
-                        # rows below i cannot influence row i, so the grid is cut after it
-                        logits = self(grid[:, :i + 1], labels).data[:, :, i, j].astype(np.float64)
-                        grid[:, i, j] = xp.asarray(_draw(backend.to_numpy(logits) / temperature))
-        finally:
-            self.train(was_training)
+        with self.evaluating(), no_grad():
+            for i in range(h):
+                for j in range(w):
+                    # rows below i cannot influence row i, so the grid is cut after it
+                    logits = self(grid[:, :i + 1], labels).data[:, :, i, j].astype(np.float64)
+                    grid[:, i, j] = xp.asarray(_draw(backend.to_numpy(logits) / temperature))
         return grid
 
 

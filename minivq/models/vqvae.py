@@ -119,16 +119,11 @@ class VQVAE(Module):
 
     def encode(self, x):
         """Index grids (N, H/4, W/4) of images ``x`` (no graph, no codebook updates)."""
-        was_training = self.training
-        self.eval()
-        try:
-            with no_grad():
-                if not isinstance(x, Tensor):
-                    x = Tensor(x)
-                self.check_input(x)
-                return self.vq(self.encoder(x)).indices
-        finally:
-            self.train(was_training)
+        with self.evaluating(), no_grad():
+            if not isinstance(x, Tensor):
+                x = Tensor(x)
+            self.check_input(x)
+            return self.vq(self.encoder(x)).indices
 
     def decode_indices(self, indices):
         """Images decoded from index grids (N, h, w)."""

@@ -1,4 +1,5 @@
 """``Module`` and ``Parameter``: containers that find their parameters in registration order."""
+import contextlib
 from collections import OrderedDict
 
 import numpy as np
@@ -149,6 +150,16 @@ class Module:
 
     def eval(self):
         return self.train(False)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Within this block the module is in eval mode; its previous mode comes back after, even on error."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
 
     def to(self, device):
         """Move every parameter, gradient and buffer to ``device`` (in place); returns self."""
