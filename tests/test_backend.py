@@ -65,5 +65,15 @@ def test_cupy_round_trip():
     g = backend.to_device(a, "cuda")
     assert backend.get_array_module(g) is cp and backend.array_device(g) == "cuda:0"
     np.testing.assert_array_equal(backend.to_numpy(g), a)
-    t = mv.tensor(a, requires_grad=True).to("cuda")
-    (t * 2.0).sum().backward()
+    # ToDevice's backward takes the gradient back to where the input lives
+    leaf = mv.tensor(a, requires_grad=True)
+    t = leaf.to("cuda")
+    assert t.device == "cuda:0" and t.requires_grad
+    (t * mv.tensor(np.array([1.0, 2.0, 3.0]), device="cuda")).sum().backward()
+    assert isinstance(leaf.grad, np.ndarray)
+    np.testing.assert_array_equal(leaf.grad, [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    # and from the GPU to the host and back
+    g_leaf = mv.tensor(a, requires_grad=True, device="cuda")
+    (g_leaf.to("cpu") * 3.0).sum().backward()
+    assert backend.array_device(g_leaf.grad) == "cuda:0"
+    np.testing.assert_array_equal(backend.to_numpy(g_leaf.grad), np.full((2, 3), 3.0))
