@@ -8,14 +8,14 @@ import pytest
 
 from minivq import backend
 from minivq.cli import main
+from minivq.io import TEMP_PREFIX
 
 TINY = ["--num-hiddens", "8", "--residual-hiddens", "4", "--residual-layers", "1", "--embedding-dim", "4",
         "--num-embeddings", "16"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli-data")
+def write_data(folder):
+    """The inputs of every case below, and one good 2-step run (folder/run), written into ``folder``."""
     rng = np.random.default_rng(0)
     np.savez(folder / "gray.npz", x_train=rng.integers(0, 256, (40, 16, 16), dtype=np.uint8),
              x_test=rng.integers(0, 256, (8, 16, 16), dtype=np.uint8))
@@ -29,7 +29,15 @@ def data(tmp_path_factory):
     out = folder / "run"
     assert main(["train", "--data", str(folder / "gray.npz"), "--out", str(out), "--steps", "2", "--batch", "8",
                  "--no-progress", *TINY]) == 0
+    np.savez(folder / "foreign.npz", weights=np.zeros(3))
+    (folder / "corrupt.npz").write_bytes((out / "checkpoint.npz").read_bytes()[:200])
+    (folder / "a_file").write_text("x")
     return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("cli-data"))
 
 
 def one_line_error(capsys, code, argv, expect):
@@ -43,10 +51,8 @@ def one_line_error(capsys, code, argv, expect):
 
 
 def cases(d):
+    """(name, argv, expected words) of each bad input, over the folder ``write_data`` made."""
     ckpt = str(d / "run" / "checkpoint.npz")
-    np.savez(d / "foreign.npz", weights=np.zeros(3))
-    (d / "corrupt.npz").write_bytes(open(ckpt, "rb").read()[:200])
-    (d / "a_file").write_text("x")
     train = ["train", "--no-progress", "--steps", "2", "--batch", "8", *TINY]
     yield "missing dataset", train + ["--data", str(d / "nope"), "--out", str(d / "o1")], "nope"
     yield "empty dataset folder", train + ["--data", str(d / "empty"), "--out", str(d / "o2")], "empty"
@@ -95,9 +101,28 @@ def test_argument_errors_exit_2(argv, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_nothing_half_written_after_failures(data):
-    leftovers = [p for p in data.rglob(".minivq-tmp-*")]
-    assert leftovers == []
+def snapshot(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_nothing_half_written_after_failures(tmp_path, capsys):
+    """Every failing case, in a folder of its own: afterwards no temporary file is left, nothing that was
+    there changed (the run folder a resume was refused on included), and no failed run wrote output."""
+    d = write_data(tmp_path)
+    files_before = snapshot(d)
+    names = []
+    for name, argv, _ in cases(d):
+        assert main(argv) == 2, f"case '{name}': {capsys.readouterr().err}"
+        names.append(name)
+    capsys.readouterr()
+    assert len(names) >= 15
+    files_after = snapshot(d)
+    assert [p for p in files_after if TEMP_PREFIX in p] == []
+    assert [p for p in files_before if files_after.get(p) != files_before[p]] == []
+    # a run that fails on its first batch may have opened its metrics log, but wrote nothing into it
+    # (today: the image-size case leaves an empty o4/metrics.jsonl); no checkpoint, record or image
+    assert {p: files_after[p] for p in set(files_after) - set(files_before) if files_after[p]} == {}
 
 
 def test_python_dash_m_entry_point(data):
