@@ -32,8 +32,26 @@ def test_parameters_in_registration_order():
     names = [n for n, _ in Net().named_parameters()]
     assert names == ["scale", "first.weight", "first.bias", "body.0.weight", "body.0.bias",
                      "body.2.weight", "body.2.bias"]
-    # own parameters come first (PyTorch's order); stable from run to run
-    assert names == [n for n, _ in Net().named_parameters()]
+    # own parameters come first (PyTorch's order); parameters() is the same list, object for object
+    net = Net()
+    assert [id(p) for p in net.parameters()] == [id(p) for _, p in net.named_parameters()]
+    assert list(net.state_dict())[:2] == ["scale", "first.weight"]
+
+
+def test_registration_order_is_neither_by_name_nor_by_creation():
+    """Parameters created in one order and registered in another, under shuffled names: the order is the
+    registration order, which a set, a sort by name or a sort by id() would each lose."""
+    gen = np.random.default_rng(0)
+    created = [nn.Parameter(np.full((1,), float(i), np.float32)) for i in range(40)]
+    order = [int(i) for i in gen.permutation(40)]
+    names = [f"p{int(i)}" for i in gen.permutation(40)]
+    assert names != sorted(names) and order != sorted(order)
+    module = nn.Module()
+    for name, i in zip(names, order):
+        setattr(module, name, created[i])
+    assert [n for n, _ in module.named_parameters()] == names
+    assert [float(p.data[0]) for p in module.parameters()] == [float(i) for i in order]
+    assert list(module.state_dict()) == names
 
 
 def test_shared_parameter_listed_once():
