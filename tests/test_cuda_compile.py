@@ -36,8 +36,41 @@ GXX = shutil.which("g++")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA toolkit not installed)")
 
 
-def test_there_is_cuda_source():
-    assert KERNELS / "nearest_code.cu" in CU_FILES
+def test_every_cu_source_is_shipped_beside_its_loader(tmp_path):
+    """setuptools' own build of a copy of the tree puts every kernels/*.cu into minivq/kernels/, next to
+    nearest_cuda.py, which reads its source from its own folder: an installed package finds its kernels."""
+    pytest.importorskip("setuptools")
+    root = KERNELS.parent
+    assert KERNELS / "nearest_code.cu" in CU_FILES and Path(nearest_cuda.SOURCE).name == "nearest_code.cu"
+    assert Path(nearest_cuda.SOURCE).is_file()
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
+        if (root / name).exists():
+            shutil.copy(root / name, tree / name)
+    for folder in ("minivq", "kernels"):
+        shutil.copytree(root / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "-q", "build_py",
+                            "--build-lib", str(tmp_path / "lib")], cwd=tree, capture_output=True, text=True,
+                           timeout=120)
+    assert build.returncode == 0, build.stderr
+    installed = tmp_path / "lib" / "minivq" / "kernels"
+    shipped = sorted(p.name for p in installed.glob("*.cu"))
+    assert shipped == [cu.name for cu in CU_FILES]
+    for cu in CU_FILES:
+        assert (installed / cu.name).read_bytes() == cu.read_bytes(), cu.name
+    assert (installed / "nearest_cuda.py").is_file()
+
+
+def test_the_kernels_the_loader_launches_are_entry_points_of_the_source():
+    """nearest_cuda.py asks the compiled module for "<name>_" + suffix; each must be an extern "C"
+    __global__ function of nearest_code.cu (a misspelling would only show on a GPU, at first use)."""
+    loader = Path(nearest_cuda.__file__).read_text()
+    prefixes = set(re.findall(r'get_function\(\s*"(\w+)"\s*\+\s*suffix\s*\)', loader))
+    assert prefixes == {"code_norms_", "nearest_code_", "reduce_splits_"}, prefixes
+    wanted = {prefix + suffix for prefix in prefixes for suffix in nearest_cuda.SUFFIX.values()}
+    assert len(wanted) == 6
+    assert wanted == set(entry_points(Path(nearest_cuda.SOURCE)))
 
 
 def entry_points(cu):
