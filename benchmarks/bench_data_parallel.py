@@ -38,15 +38,17 @@ def worker(args):
     """One rank of one configuration (run under mpiexec, or alone for one rank)."""
     import numpy as np
     from minivq import distributed
+    from minivq.config import TrainConfig
     from minivq.train import train_vqvae
 
     comm = distributed.from_environment()
     if args.device != "cpu" and comm.size > 1:
         comm = distributed.NCCLCommunicator(comm, distributed.rank_device(args.device, comm))
         comm.timing = True      # synchronise around NCCL calls so their time is counted
-    train_vqvae(args.out, data=args.data, steps=args.warmup + args.steps, batch_size=args.batch, device=args.device,
-                eval_every=10 ** 9, eval_size=args.batch, checkpoint_every=10 ** 9, log_every=1, progress=False,
-                dtype="float32", comm=comm, comm_backend="nccl" if args.device != "cpu" else "auto")
+    train_vqvae(TrainConfig(out=args.out, data=args.data, steps=args.warmup + args.steps, batch_size=args.batch,
+                            device=args.device, eval_every=10 ** 9, eval_size=args.batch, checkpoint_every=10 ** 9,
+                            log_every=1, progress=False, dtype="float32",
+                            comm_backend="nccl" if args.device != "cpu" else "auto"), comm=comm)
     bare = []
     if comm.size > 1:           # the transfer alone: allreduces of a gradient-sized buffer, after a barrier
         from minivq.models import VQVAE

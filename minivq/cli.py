@@ -19,38 +19,66 @@ import os
 import sys
 import traceback
 
+from . import distributed
+from .checkpoint import load_vqvae
+from .config import (ModelConfig, PriorConfig, TrainConfig, cli_fields, non_negative_int, positive_float,
+                     positive_int)
+from .data import load_dataset
+from .evaluation import evaluate, save_reconstructions
+from .images import save_grid
+from .loop import NonFiniteError
+from .prior import sample_images, train_prior
+from .runlog import CHECKPOINT, METRICS, RECONSTRUCTIONS
+from .train import check_device, train_vqvae
 
-def _int_at_least(minimum, what):
-    """An argparse type: an integer >= ``minimum``, with a one-line error otherwise."""
+
+def _number(kind, check=None):
+    """An argparse type: an int or a float, then ``check`` (one of minivq.config's validators) if given."""
     def parse(text):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what} integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what} integer, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if check is not None:
+            try:
+                value = check(value, "value")
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
         return value
     return parse
 
 
-_positive_int = _int_at_least(1, "a positive")
-_non_negative_int = _int_at_least(0, "a non-negative")
+def _add_options(parser, cls, groups, only=None):
+    """One option per command-line field of the config class ``cls`` (``minivq.config``).
+
+    Every option defaults to None, meaning "not given": the config's own default
+    applies, and a resumed run can tell a flag the user gave from one they did not.
+    The help shows the config's default, and its choices where it has them.
+    """
+    for f in cli_fields(cls):
+        meta = f.metadata
+        if only is not None and meta.get("group") not in only:
+            continue
+        target = groups.get(meta.get("group"), parser)
+        shown = f.type is not bool and f.default is not None
+        text = meta["help"] + (f" (default: {f.default})" if shown else "")
+        if f.type is bool:
+            target.add_argument(meta["flag"], dest=f.name, action="store_true", default=None, help=meta["help"])
+            continue
+        kind = _number(f.type, meta.get("check")) if f.type in (int, float) else str
+        metavar = "{" + ",".join(meta["choices"]) + "}" if meta.get("choices") else \
+            {int: "N", float: "X"}.get(f.type)
+        target.add_argument(meta["flag"], dest=f.name, type=kind, default=None, metavar=metavar, help=text)
 
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
+def _given(args, cls):
+    """{field: value} of the options of ``cls`` given on the command line."""
+    return {f.name: getattr(args, f.name) for f in cli_fields(cls) if getattr(args, f.name, None) is not None}
 
 
 def _add_common(p):
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--data", default=None,
-                   help="dataset folder or file (default: $MINIVQ_DATA, else Debian's dataset-fashion-mnist)")
+    _add_options(p, TrainConfig, {}, only=("common",))
 
 
 def build_parser():
@@ -60,84 +88,43 @@ def build_parser():
     sub.required = True
 
     t = sub.add_parser("train", help="train a VQ-VAE", description="Train a VQ-VAE on an image dataset.")
-    _add_common(t)
-    t.add_argument("--out", default="runs/vqvae", help="run folder: checkpoint, metrics.jsonl, PNG (default: runs/vqvae)")
-    t.add_argument("--steps", type=_positive_int, default=2000, help="total training steps (default: 2000)")
-    t.add_argument("--batch", type=_positive_int, default=128, help="batch size (default: 128)")
-    t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
-    t.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: 0)")
-    t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.npz")
-    t.add_argument("--dtype", default="float32", choices=["float32", "float64"],
-                   help="floating-point type of the model and the batches (default: float32)")
-    t.add_argument("--comm", default="auto", choices=["auto", "mpi", "nccl"],
-                   help="under mpiexec with --device cuda: collectives through NCCL (auto: where usable) or "
-                        "through MPI via host memory (default: auto)")
-    g = t.add_argument_group("model (defaults: the paper's; on --resume, taken from the checkpoint)")
-    g.add_argument("--num-hiddens", type=_positive_int, default=None, help="h, encoder/decoder width (128)")
-    g.add_argument("--residual-hiddens", type=_positive_int, default=None, help="residual width (32)")
-    g.add_argument("--residual-layers", type=_non_negative_int, default=None, help="residual blocks (2)")
-    g.add_argument("--embedding-dim", type=_positive_int, default=None, help="D, code vector size (64)")
-    g.add_argument("--num-embeddings", type=_positive_int, default=None, help="K, codebook size (512)")
-    g.add_argument("--commitment-cost", type=float, default=None, help="beta (0.25)")
-    g.add_argument("--ema", action="store_true", help="EMA codebook updates (decay 0.99) instead of a codebook loss")
-    g.add_argument("--decay", type=float, default=None, help="EMA decay (implies --ema; 0.99)")
-    g.add_argument("--restart-after", type=_non_negative_int, default=0,
-                   help="re-seed codes unused for this many steps from the batch (0: never)")
-    g.add_argument("--kmeans-init", action="store_true", help="initialise the codebook by k-means++ on the first batch")
-    g.add_argument("--kernel", default="auto", help="nearest-code backend: auto, numpy, numba, cupy")
-    g.add_argument("--estimator", default="straight_through", choices=["straight_through", "rotation"],
-                   help="gradient estimator through the quantiser (straight_through)")
-    r = t.add_argument_group("logging and checkpoints")
-    r.add_argument("--eval-every", type=_positive_int, default=500, help="test-split evaluation period (500)")
-    r.add_argument("--eval-size", type=_positive_int, default=None, help="test images per evaluation (all)")
-    r.add_argument("--checkpoint-every", type=_positive_int, default=500, help="checkpoint period (500)")
-    r.add_argument("--log-every", type=_positive_int, default=10, help="metrics log period in steps (10)")
-    r.add_argument("--skip-nonfinite", action="store_true", help="skip steps whose loss is NaN/inf (counted in the log)")
-    r.add_argument("--log-grads", action="store_true",
-                   help="log per-layer gradient norms and the recon/commitment split of the encoder's gradient")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    groups = {"model": t.add_argument_group("model (on --resume, taken from the checkpoint)"),
+              "logging": t.add_argument_group("logging and checkpoints")}
+    _add_options(t, TrainConfig, groups)
+    _add_options(t, ModelConfig, groups)
+    groups["model"].add_argument("--ema", action="store_true", help="EMA codebook updates (--decay 0.99) "
+                                                                   "instead of a codebook loss")
+    groups["logging"].add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="test-split metrics of a checkpoint, as JSON on stdout")
     e.add_argument("checkpoint")
     _add_common(e)
-    e.add_argument("--eval-size", type=_positive_int, default=None, help="test images to use (all)")
+    e.add_argument("--eval-size", type=_number(int, positive_int), default=None,
+                   help="test images to use (default: all)")
 
     c = sub.add_parser("reconstruct", help="a PNG of test images above their reconstructions")
     c.add_argument("checkpoint")
     _add_common(c)
     c.add_argument("--out", required=True, help="PNG file to write")
-    c.add_argument("--n", type=_positive_int, default=32, help="number of images (32)")
+    c.add_argument("--n", type=_number(int, positive_int), default=32, help="number of images (default: 32)")
 
     pr = sub.add_parser("train-prior", help="fit a gated PixelCNN prior to a trained VQ-VAE's codes",
                         description="Encode the dataset with a trained VQ-VAE (cached beside the checkpoint) "
                                     "and fit a gated PixelCNN to the code grids.")
     pr.add_argument("checkpoint", help="the VQ-VAE checkpoint (from minivq train)")
-    _add_common(pr)
-    pr.add_argument("--out", default=None, help="run folder (default: prior/ beside the checkpoint)")
-    pr.add_argument("--steps", type=_positive_int, default=2000, help="training steps (2000)")
-    pr.add_argument("--batch", type=_positive_int, default=64, help="batch size (64)")
-    pr.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (1e-3)")
-    pr.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (0)")
-    pr.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.npz")
-    pr.add_argument("--conditional", action="store_true", help="condition on the class labels")
-    pr.add_argument("--channels", type=_positive_int, default=None, help="channels per stack (32)")
-    pr.add_argument("--layers", type=_positive_int, default=None, help="gated layers (6)")
-    pr.add_argument("--kernel-size", type=_positive_int, default=None, help="odd kernel size (5)")
-    pr.add_argument("--eval-every", type=_positive_int, default=500, help="test NLL period (500)")
-    pr.add_argument("--eval-size", type=_positive_int, default=None, help="test grids per evaluation (all)")
-    pr.add_argument("--checkpoint-every", type=_positive_int, default=500, help="checkpoint period (500)")
-    pr.add_argument("--log-every", type=_positive_int, default=10, help="metrics log period (10)")
-    pr.add_argument("--skip-nonfinite", action="store_true", help="skip steps whose loss is NaN/inf")
-    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    groups = {"model": pr.add_argument_group("the PixelCNN (on --resume, taken from the checkpoint)"),
+              "logging": pr.add_argument_group("logging and checkpoints")}
+    _add_options(pr, PriorConfig, groups)
+    groups["logging"].add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser("sample", help="images from a trained prior, decoded by its VQ-VAE")
     s.add_argument("checkpoint", help="the prior checkpoint (from minivq train-prior)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    s.add_argument("--n", type=_positive_int, default=64, help="number of images (64)")
-    s.add_argument("--class", dest="label", type=_non_negative_int, default=None,
+    s.add_argument("--n", type=_number(int, positive_int), default=64, help="number of images (default: 64)")
+    s.add_argument("--class", dest="label", type=_number(int, non_negative_int), default=None,
                    help="class to sample (class-conditional priors)")
-    s.add_argument("--temperature", type=_positive_float, default=1.0, help="softmax temperature (1.0)")
-    s.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (0): same seed, same images")
+    s.add_argument("--temperature", type=_number(float, positive_float), default=1.0, help="softmax temperature (default: 1.0)")
+    s.add_argument("--seed", type=_number(int, non_negative_int), default=0, help="random seed (0): same seed, same images")
     s.add_argument("--out", required=True, help="PNG file to write")
 
     pl = sub.add_parser("plot", help="PNG curves from a metrics.jsonl (needs matplotlib: .[viz])")
@@ -146,32 +133,31 @@ def build_parser():
     return parser
 
 
-def _model_flags(args):
-    decay = args.decay if args.decay is not None else (0.99 if args.ema else None)
-    return {"num_hiddens": args.num_hiddens, "num_residual_hiddens": args.residual_hiddens,
-            "num_residual_layers": args.residual_layers, "embedding_dim": args.embedding_dim,
-            "num_embeddings": args.num_embeddings, "commitment_cost": args.commitment_cost, "decay": decay}
+def _train_config(args):
+    given = _given(args, TrainConfig)
+    if args.no_progress:
+        given["progress"] = False
+    return TrainConfig.from_dict(given)
+
+
+def _model_choices(args):
+    """The model settings given on the command line (--ema stands for --decay 0.99)."""
+    given = _given(args, ModelConfig)
+    if args.ema and "decay" not in given:
+        given["decay"] = 0.99
+    return given
 
 
 def cmd_train(args):
-    from .train import train_vqvae
-    final = train_vqvae(
-        args.out, data=args.data, steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed,
-        device=args.device, resume=args.resume, eval_every=args.eval_every, eval_size=args.eval_size,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, skip_nonfinite=args.skip_nonfinite,
-        restart_after=args.restart_after, kmeans_init=args.kmeans_init, kernel=args.kernel,
-        estimator=args.estimator, log_grads=args.log_grads, progress=not args.no_progress,
-        model_config=_model_flags(args), dtype=args.dtype, comm=args.comm_world, comm_backend=args.comm)
+    final = train_vqvae(_train_config(args), _model_choices(args), comm=args.comm_world)
     if args.comm_world.rank == 0:
+        out = args.out if args.out is not None else TrainConfig.out
         print(json.dumps(final))
-        print(f"wrote {os.path.join(args.out, 'checkpoint.npz')}, metrics.jsonl and reconstructions.png "
-              f"in {args.out}", file=sys.stderr)
+        print(f"wrote {os.path.join(out, CHECKPOINT)}, {METRICS} and {RECONSTRUCTIONS} in {out}", file=sys.stderr)
 
 
 def _load_for_eval(args):
-    from .data import load_dataset
-    from .train import check_device, load_vqvae
-    device = check_device(args.device)
+    device = check_device(args.device if args.device is not None else TrainConfig.device)
     model, meta = load_vqvae(args.checkpoint, device)
     data = args.data if args.data is not None else meta["train"].get("data")
     test_set = load_dataset(data, split="test")
@@ -182,14 +168,12 @@ def _load_for_eval(args):
 
 
 def cmd_eval(args):
-    from .train import evaluate
     model, meta, test_set, device = _load_for_eval(args)
     metrics = evaluate(model, test_set, meta["data_variance"], device, limit=args.eval_size)
     print(json.dumps(dict(metrics, step=meta["step"], checkpoint=args.checkpoint)))
 
 
 def cmd_reconstruct(args):
-    from .train import save_reconstructions
     _check_png_target(args.out)
     model, meta, test_set, device = _load_for_eval(args)
     save_reconstructions(model, test_set, args.out, device, count=args.n)
@@ -197,19 +181,13 @@ def cmd_reconstruct(args):
 
 
 def cmd_train_prior(args):
-    from .train import train_prior
-    final = train_prior(
-        args.checkpoint, out=args.out, data=args.data, steps=args.steps, batch_size=args.batch, lr=args.lr,
-        seed=args.seed, device=args.device, resume=args.resume, eval_every=args.eval_every,
-        eval_size=args.eval_size, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        skip_nonfinite=args.skip_nonfinite, conditional=args.conditional, progress=not args.no_progress,
-        prior_config={"channels": args.channels, "num_layers": args.layers, "kernel_size": args.kernel_size})
-    print(json.dumps(final))
+    given = _given(args, PriorConfig)
+    if args.no_progress:
+        given["progress"] = False
+    print(json.dumps(train_prior(args.checkpoint, PriorConfig.from_dict(given))))
 
 
 def cmd_sample(args):
-    from .images import save_grid
-    from .train import sample_images
     _check_png_target(args.out)
     images = sample_images(args.checkpoint, n=args.n, label=args.label, temperature=args.temperature,
                            seed=args.seed, device=args.device)
@@ -218,7 +196,7 @@ def cmd_sample(args):
 
 
 def cmd_plot(args):
-    from .plot import plot_metrics
+    from .plot import plot_metrics     # matplotlib, an optional extra: imported only for this command
     _check_png_target(args.out)
     if not os.path.isfile(args.metrics):
         raise FileNotFoundError(f"no such metrics log: {args.metrics}")
@@ -246,7 +224,6 @@ def _report(comm, head, message, code, collective):
     through the communicator's ``fail``: the line, naming the failing rank, is
     printed by rank 0 when it can be reached, and every rank exits with ``code``.
     """
-    from . import distributed
     if comm is not None and comm.size > 1 and not collective:
         comm.fail(f"{head}: {comm.where()}: {message}", code)
     if comm is not None and comm.size > 1:
@@ -259,12 +236,10 @@ def _report(comm, head, message, code, collective):
 
 
 def main(argv=None):
-    from . import distributed
     parser = build_parser()
     quiet = (distributed.env_rank() or 0) != 0      # under mpiexec, usage errors are printed by rank 0 alone
     with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
         args = parser.parse_args(argv)
-    from .train import NonFiniteError
     debug = bool(os.environ.get("MINIVQ_DEBUG"))
     comm = None
     try:
@@ -279,7 +254,7 @@ def main(argv=None):
             raise
         return _report(comm, f"minivq {args.command}: error", exc, 3, collective=True)
     except KeyboardInterrupt as exc:
-        return _report(comm, f"minivq {args.command}", exc or "interrupted", 130, collective=False)
+        return _report(comm, f"minivq {args.command}", str(exc) or "interrupted", 130, collective=False)
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
         if debug:
             if comm is None or comm.size == 1:

@@ -30,7 +30,9 @@ import minivq as mv
 
 from conftest import read_log, write_blobs
 from minivq import backend, kernels, nn, optim
+from minivq import prior as prior_training
 from minivq import train as training
+from minivq.config import ModelConfig, PriorConfig, TrainConfig
 from minivq import functional as F
 from minivq.kernels.nearest_numpy import nearest_code_numpy
 
@@ -455,15 +457,18 @@ def tiny_data(tmp_path_factory):
     return write_blobs(tmp_path_factory.mktemp("gpu-data") / "blobs.npz", 48, 16)
 
 
-def train_both(tiny_data, root, **options):
+TINY_MODEL = dict(num_hiddens=8, num_residual_hiddens=4, num_residual_layers=1, embedding_dim=4, num_embeddings=16)
+
+
+def train_both(tiny_data, root, model=None, **options):
     """train_vqvae on the CPU and on the GPU, three steps logged every step; returns the two run folders."""
     folders = {}
     for device in ("cpu", GPU):
         out = os.path.join(root, f"vqvae-{device}")
-        training.train_vqvae(out, data=tiny_data, steps=3, batch_size=8, lr=2e-3, seed=1, device=device,
-                             eval_every=100, checkpoint_every=3, log_every=1, progress=False,
-                             model_config=dict(num_hiddens=8, num_residual_hiddens=4, num_residual_layers=1,
-                                               embedding_dim=4, num_embeddings=16), **options)
+        training.train_vqvae(TrainConfig(out=out, data=tiny_data, steps=3, batch_size=8, lr=2e-3, seed=1,
+                                         device=device, eval_every=100, checkpoint_every=3, log_every=1,
+                                         progress=False, **options),
+                             ModelConfig(**TINY_MODEL, **(model or {})))
         folders[device] = out
     return folders
 
@@ -481,10 +486,11 @@ def compare_logs(folders, keys, first_rtol, later_rtol):
                 assert_close_floats(rec_gpu[key], rec_cpu[key], rtol, f"step {rec_cpu['step']} {key}")
 
 
-@pytest.mark.parametrize("options", [dict(), dict(kmeans_init=True, restart_after=1), dict(log_grads=True)],
+@pytest.mark.parametrize("model,options", [(None, dict()), (dict(kmeans_init=True, restart_after=1), dict()),
+                                           (None, dict(log_grads=True))],
                          ids=["plain", "kmeans-restarts", "log-grads"])
-def test_train_vqvae_first_losses_match_the_cpu(tiny_data, tmp_path, options):
-    folders = train_both(tiny_data, str(tmp_path), **options)
+def test_train_vqvae_first_losses_match_the_cpu(tiny_data, tmp_path, model, options):
+    folders = train_both(tiny_data, str(tmp_path), model, **options)
     compare_logs(folders, ["loss", "nmse", "vq_loss", "recon_error"], 1e-4, 5e-3)
     assert os.path.exists(os.path.join(folders[GPU], "reconstructions.png"))
 
@@ -493,10 +499,9 @@ def test_train_vqvae_ema_first_losses_match_the_cpu(tiny_data, tmp_path):
     folders = {}
     for device in ("cpu", GPU):
         out = str(tmp_path / device)
-        training.train_vqvae(out, data=tiny_data, steps=3, batch_size=8, seed=2, device=device, eval_every=2,
-                             checkpoint_every=3, log_every=1, progress=False,
-                             model_config=dict(num_hiddens=8, num_residual_hiddens=4, num_residual_layers=1,
-                                               embedding_dim=4, num_embeddings=16, decay=0.9))
+        training.train_vqvae(TrainConfig(out=out, data=tiny_data, steps=3, batch_size=8, seed=2, device=device,
+                                         eval_every=2, checkpoint_every=3, log_every=1, progress=False),
+                             ModelConfig(**TINY_MODEL, decay=0.9))
         folders[device] = out
     compare_logs(folders, ["loss", "nmse", "vq_loss", "mse"], 1e-4, 5e-3)
 
@@ -512,9 +517,9 @@ def test_prior_training_and_sampling_match_the_cpu(tiny_data, tmp_path):
         ckpt = folder / "vqvae.npz"
         shutil.copy(os.path.join(vq_folders["cpu"], "checkpoint.npz"), ckpt)
         out = str(folder / "prior")
-        training.train_prior(str(ckpt), out=out, steps=3, batch_size=8, seed=0, device=device, eval_every=2,
-                             checkpoint_every=3, log_every=1, conditional=True, progress=False,
-                             prior_config=dict(channels=4, num_layers=2, kernel_size=3, head_channels=8))
+        prior_training.train_prior(str(ckpt), PriorConfig(
+            out=out, steps=3, batch_size=8, seed=0, device=device, eval_every=2, checkpoint_every=3, log_every=1,
+            conditional=True, progress=False, channels=4, num_layers=2, kernel_size=3, head_channels=8))
         prior_folders[device], ckpts[device] = out, os.path.join(out, "checkpoint.npz")
     caches = {device: [f for f in os.listdir(tmp_path / f"prior-{device}") if f.startswith("codes-")]
               for device in prior_folders}
@@ -523,7 +528,7 @@ def test_prior_training_and_sampling_match_the_cpu(tiny_data, tmp_path):
         np.testing.assert_array_equal(codes[GPU][key], codes["cpu"][key], err_msg=f"encoded {key}")
     compare_logs(prior_folders, ["loss", "bits_per_latent", "nll_bits"], 1e-4, 5e-3)
     # sampling the same (CPU-trained) prior on both devices draws the same codes and images
-    images = {device: training.sample_images(ckpts["cpu"], n=3, label=1, seed=5, device=device)
+    images = {device: prior_training.sample_images(ckpts["cpu"], n=3, label=1, seed=5, device=device)
               for device in ("cpu", GPU)}
     assert not on_gpu(images[GPU])
     np.testing.assert_allclose(images[GPU], images["cpu"], rtol=1e-4, atol=1e-5)

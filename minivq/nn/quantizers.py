@@ -30,13 +30,19 @@ class VQOutput(namedtuple("VQOutput", "quantized loss indices perplexity")):
         return int((self.counts > 0).sum())
 
 
+def perplexity(counts):
+    """exp(H(p)), p the code distribution given by per-code ``counts``: a 0-d array beside the counts."""
+    xp = backend.get_array_module(counts)
+    p = counts / xp.maximum(counts.sum(), 1)
+    entropy = -(p * xp.log(xp.where(p > 0, p, 1.0))).sum()
+    return xp.exp(entropy)
+
+
 def _usage(indices, num_embeddings):
-    """Perplexity exp(H(p)) of the codes' empirical distribution, and how many codes were used."""
+    """Perplexity of the codes' empirical distribution, and the per-code counts."""
     xp = backend.get_array_module(indices)
     counts = xp.bincount(indices.reshape(-1), minlength=num_embeddings)
-    p = counts / max(indices.size, 1)
-    entropy = -(p * xp.log(xp.where(p > 0, p, 1.0))).sum()
-    return xp.exp(entropy), counts
+    return perplexity(counts), counts
 
 
 class LocalBatch:

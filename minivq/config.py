@@ -1,0 +1,257 @@
+"""The settings of a run, in one place: what the CLI parses, the trainers take and a checkpoint records.
+
+Three dataclasses:
+
+    ModelConfig   the VQ-VAE's hyperparameters; its defaults are read from ``VQVAE``'s
+                  signature, so the model's defaults are written once, in models/vqvae.py
+    TrainConfig   how ``minivq train`` runs (steps, batch, optimiser, logging, device ...)
+    PriorConfig   how ``minivq train-prior`` runs, and the gated PixelCNN's size (its
+                  defaults read from ``GatedPixelCNN``'s signature)
+
+Each field that is a command-line flag says so in its metadata (``flag``, ``help``);
+``minivq.cli`` builds its parsers from these fields, so a default, a help text and
+a set of allowed choices exist once. ``validate()`` checks every field and raises
+ValueError naming the flag, the value and what is allowed: one family of checks
+for the CLI, the Python API and the values read back from a checkpoint.
+"""
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .distributed import BACKENDS as COMM_BACKENDS
+from .functional.quantize import ESTIMATORS
+from .kernels import BACKENDS as KERNELS
+from .models import GatedPixelCNN, VQVAE
+
+DTYPES = ("float32", "float64")
+
+
+def _defaults_of(cls):
+    """{parameter: default} of ``cls.__init__``: the one source of a model's defaults."""
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+_VQVAE_DEFAULTS = _defaults_of(VQVAE)
+_PRIOR_DEFAULTS = _defaults_of(GatedPixelCNN)
+
+
+def option(default, flag=None, help=None, check=None, choices=None, group=None):
+    """A config field; ``flag``/``help`` make it a command-line option, ``check``/``choices`` validate it."""
+    return field(default=default, metadata=dict(flag=flag, help=help, check=check, choices=choices, group=group))
+
+
+# ---------------------------------------------------------------- validators
+# Each takes (value, name) and returns the value, or raises ValueError naming the option.
+def positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def non_negative_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def optional_positive_int(value, name):
+    return None if value is None else positive_int(value, name)
+
+
+def positive_float(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def non_negative_float(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def unit_interval(value, name):
+    """A number in [0, 1)."""
+    value = non_negative_float(value, name)
+    if value >= 1:
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+    return value
+
+
+def boolean(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def dtype_name(value, name):
+    try:
+        canonical = None if value is None else np.dtype(value).name
+    except TypeError:
+        canonical = None
+    if canonical not in DTYPES:
+        raise ValueError(f"unknown training dtype {value!r} for {name}: use one of {', '.join(DTYPES)}")
+    return canonical
+
+
+def _flag_name(f):
+    return f.metadata.get("flag") or f.name
+
+
+class _Config:
+    """What the three configs share: validation, conversion to and from plain dicts."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            choices, check = f.metadata.get("choices"), f.metadata.get("check")
+            if choices is not None and value not in choices:
+                raise ValueError(f"unknown {_flag_name(f).lstrip('-')} {value!r}: use one of {', '.join(choices)}")
+            if check is not None:
+                setattr(self, f.name, check(value, _flag_name(f)))
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values, **overrides):
+        """A config from a (checkpoint's) dict; keys this version does not know are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(values, **overrides).items() if k in names})
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+# A checkpoint written before an option existed was trained without it: these values, not today's
+# defaults, fill the options such a checkpoint does not name.
+_BEFORE_OPTION = {"restart_after": 0, "kmeans_init": False, "estimator": "straight_through"}
+
+
+@dataclass
+class ModelConfig(_Config):
+    """The VQ-VAE's hyperparameters (``VQVAE(in_channels, **config.to_dict())``); defaults are VQVAE's."""
+    num_hiddens: int = option(_VQVAE_DEFAULTS["num_hiddens"], "--num-hiddens",
+                              "h, encoder/decoder width", positive_int, group="model")
+    num_residual_hiddens: int = option(_VQVAE_DEFAULTS["num_residual_hiddens"], "--residual-hiddens",
+                                       "residual width", positive_int, group="model")
+    num_residual_layers: int = option(_VQVAE_DEFAULTS["num_residual_layers"], "--residual-layers",
+                                      "residual blocks", non_negative_int, group="model")
+    embedding_dim: int = option(_VQVAE_DEFAULTS["embedding_dim"], "--embedding-dim",
+                                "D, code vector size", positive_int, group="model")
+    num_embeddings: int = option(_VQVAE_DEFAULTS["num_embeddings"], "--num-embeddings",
+                                 "K, codebook size", positive_int, group="model")
+    commitment_cost: float = option(_VQVAE_DEFAULTS["commitment_cost"], "--commitment-cost",
+                                    "beta, weight of the commitment loss", non_negative_float, group="model")
+    decay: float = option(_VQVAE_DEFAULTS["decay"], "--decay",
+                          "EMA decay of the codebook (0: a codebook loss instead; --ema sets 0.99)",
+                          unit_interval, group="model")
+    restart_after: int = option(_VQVAE_DEFAULTS["restart_after"], "--restart-after",
+                                "re-seed codes unused for this many steps from the batch (0: never)",
+                                non_negative_int, group="model")
+    kmeans_init: bool = option(_VQVAE_DEFAULTS["kmeans_init"], "--kmeans-init",
+                               "initialise the codebook by k-means++ on the first batch", boolean, group="model")
+    estimator: str = option(_VQVAE_DEFAULTS["estimator"], "--estimator",
+                            "gradient estimator through the quantiser", choices=tuple(ESTIMATORS), group="model")
+
+    def build(self, in_channels, kernel="auto"):
+        """The VQ-VAE these settings describe (float32, on the CPU)."""
+        return VQVAE(in_channels=in_channels, kernel=kernel, **self.to_dict())
+
+    @classmethod
+    def from_checkpoint(cls, meta):
+        """The model settings a checkpoint's meta record describes.
+
+        Checkpoints of earlier versions kept the quantiser's options in their
+        ``train`` record; they are read from there when ``model`` lacks them.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        legacy = {k: v for k, v in (meta.get("train") or {}).items() if k in names}
+        return cls.from_dict(dict(_BEFORE_OPTION, **legacy, **meta["model"]))
+
+
+@dataclass
+class _RunConfig(_Config):
+    """What both trainers' step loops take."""
+    data: object = option(None, "--data", "dataset folder or file (default: $MINIVQ_DATA, else Debian's "
+                                          "dataset-fashion-mnist)", group="common")
+    device: str = option("cpu", "--device", "cpu, cuda or cuda:N", group="common")
+    steps: int = option(2000, "--steps", "total training steps", positive_int)
+    batch_size: int = option(128, "--batch", "batch size", positive_int)
+    lr: float = option(1e-3, "--lr", "Adam learning rate", positive_float)
+    seed: int = option(0, "--seed", "random seed", non_negative_int)
+    resume: bool = option(False, "--resume", "continue from --out/checkpoint.npz", boolean)
+    eval_every: int = option(500, "--eval-every", "test-split evaluation period in steps", positive_int,
+                             group="logging")
+    eval_size: object = option(None, "--eval-size", "test images per evaluation (default: all)",
+                               optional_positive_int, group="logging")
+    checkpoint_every: int = option(500, "--checkpoint-every", "checkpoint period in steps", positive_int,
+                                   group="logging")
+    log_every: int = option(10, "--log-every", "metrics log period in steps", positive_int, group="logging")
+    skip_nonfinite: bool = option(False, "--skip-nonfinite", "skip steps whose loss is NaN/inf (counted in the "
+                                                             "log)", boolean, group="logging")
+    progress: bool = option(True, None, "show a progress bar (the CLI's --no-progress turns it off)", boolean)
+
+
+@dataclass
+class TrainConfig(_RunConfig):
+    """How ``minivq train`` runs; the model's own settings are a ``ModelConfig``."""
+    out: str = option("runs/vqvae", "--out", "run folder: checkpoint, metrics.jsonl, PNG")
+    dtype: str = option("float32", "--dtype", "floating-point type of the model and the batches",
+                        dtype_name, choices=DTYPES)
+    comm_backend: str = option("auto", "--comm", "under mpiexec with --device cuda: collectives through NCCL "
+                                                 "(auto: where usable) or through MPI via host memory",
+                               choices=COMM_BACKENDS)
+    kernel: str = option("auto", "--kernel", "nearest-code backend", choices=KERNELS, group="model")
+    log_grads: bool = option(False, "--log-grads", "log per-layer gradient norms and the recon/commitment split "
+                                                   "of the encoder's gradient", boolean, group="logging")
+
+    # what a resumed run takes from its checkpoint, so the continuation is the same run
+    FROM_CHECKPOINT = ("seed", "batch_size", "lr", "dtype")
+
+    def record(self):
+        """The part of these settings a checkpoint keeps (its meta record's ``train``)."""
+        return {"seed": self.seed, "batch_size": self.batch_size, "lr": self.lr, "data": self.data,
+                "dtype": self.dtype}
+
+
+@dataclass
+class PriorConfig(_RunConfig):
+    """How ``minivq train-prior`` runs, with the gated PixelCNN's size; defaults are GatedPixelCNN's."""
+    out: object = option(None, "--out", "run folder (default: prior/ beside the checkpoint)")
+    batch_size: int = option(64, "--batch", "batch size", positive_int)
+    conditional: bool = option(False, "--conditional", "condition on the class labels", boolean)
+    channels: int = option(_PRIOR_DEFAULTS["channels"], "--channels", "channels per stack", positive_int,
+                           group="model")
+    num_layers: int = option(_PRIOR_DEFAULTS["num_layers"], "--layers", "gated layers", positive_int,
+                             group="model")
+    kernel_size: int = option(_PRIOR_DEFAULTS["kernel_size"], "--kernel-size", "odd kernel size", positive_int,
+                              group="model")
+    head_channels: int = option(_PRIOR_DEFAULTS["head_channels"], None, "width of the 1x1 output head",
+                                positive_int, group="model")
+
+    FROM_CHECKPOINT = ("seed", "batch_size", "lr", "conditional")
+
+    def model(self):
+        """The PixelCNN's size, as GatedPixelCNN takes it (num_embeddings and num_classes come from the data)."""
+        return {"channels": self.channels, "num_layers": self.num_layers, "kernel_size": self.kernel_size,
+                "head_channels": self.head_channels}
+
+    def record(self):
+        return {"seed": self.seed, "batch_size": self.batch_size, "lr": self.lr, "data": self.data,
+                "conditional": self.conditional}
+
+
+def cli_fields(cls):
+    """The fields of ``cls`` that are command-line options, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("flag")]
