@@ -213,6 +213,36 @@ def test_module_state_and_gradcheck_on_the_device(fake_cupy):
     assert mv.gradcheck(lambda a, b: F.conv2d(a, b, stride=2, padding=1), [x, w])
 
 
+def test_to_device_backward_brings_the_gradient_home(fake_cupy):
+    """Tensor.to is a node of the graph: its backward moves the gradient to the input's device, both ways."""
+    host = mv.tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
+    (host.to("cuda") * mv.tensor(np.array([1.0, 2.0, 3.0]), device="cuda")).sum().backward()
+    assert isinstance(host.grad, np.ndarray)
+    np.testing.assert_array_equal(host.grad, [[1, 2, 3], [1, 2, 3]])
+    on_device = mv.tensor(np.ones(3), requires_grad=True, device="cuda")
+    (on_device.to("cpu") * np.array([4.0, 5.0, 6.0])).sum().backward()
+    assert backend.array_device(on_device.grad) == "cuda:0"
+    np.testing.assert_array_equal(backend.to_numpy(on_device.grad), [4, 5, 6])
+
+
+def test_conv_references_run_on_device_arrays(fake_cupy):
+    """The loop references take the array module from their input: device in, device out, nothing read back."""
+    from minivq.functional.conv_reference import conv2d_reference, conv_transpose2d_reference
+    cp = fake_cupy
+    rng = np.random.default_rng(6)
+    x, bias = rng.standard_normal((2, 3, 7, 6)), rng.standard_normal(4)
+    cases = [(conv2d_reference, rng.standard_normal((4, 3, 3, 2)), dict(stride=(2, 1), padding=1)),
+             (conv_transpose2d_reference, rng.standard_normal((3, 4, 3, 2)), dict(stride=2, padding=(1, 0),
+                                                                                  output_padding=1))]
+    for reference, weight, kwargs in cases:
+        expected = reference(x, weight, bias, **kwargs)
+        on_device = [cp.asarray(a) for a in (x, weight, bias)]
+        cp.reset_stats()
+        got = reference(*on_device, **kwargs)
+        assert cp.stats["d2h"] == 0 and backend.array_device(got) == "cuda:0", reference.__name__
+        np.testing.assert_allclose(cp.asnumpy(got), expected, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------- 4. bugs the fake found
 def test_backward_moves_a_host_gradient_to_the_device(fake_cupy):
     """Was: a NumPy gradient given to backward() of a device tensor stayed on the host (mixed arithmetic)."""
@@ -285,10 +315,49 @@ def test_cuda_1_runs_once_it_is_the_current_device(fake_cupy, monkeypatch):
                                    err_msg=name)
 
 
-def test_train_on_cuda_1_in_one_process(fake_cupy, monkeypatch, tiny_npz, tmp_path):
+def test_train_on_cuda_1_in_one_process(fake_cupy, monkeypatch, tiny_npz, tmp_path, tmp_path_factory, capsys):
+    """A run on the second of two GPUs: its losses are computed on cuda:1 with cuda:1 CuPy's current device,
+    and are finite and those of the same run on the CPU; its checkpoint holds host arrays equal to the CPU
+    run's, and evaluates on the CPU to the run's own final test error."""
+    cp = fake_cupy
+    # the same run on the CPU, through the CLI (whose defaults are the trainer's)
+    cpu_run = tmp_path_factory.mktemp("cpu-run")
+    assert main(["train", "--data", tiny_npz, "--out", str(cpu_run), "--steps", "1", "--batch", "8", "--kernel",
+                 "numpy", "--no-progress", *TINY_FLAGS]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    backwards = []                          # (device of the loss, CuPy's current device) at each backward
+    real_backward = mv.Tensor.backward
+
+    def recording_backward(self, *args, **kwargs):
+        backwards.append((backend.array_device(self.data), cp.cuda.Device().id))
+        return real_backward(self, *args, **kwargs)
+    monkeypatch.setattr(mv.Tensor, "backward", recording_backward)
     monkeypatch.setenv("FAKECUPY_DEVICES", "2")
     training.train_vqvae(str(tmp_path), data=tiny_npz, steps=1, batch_size=8, device="cuda:1", kernel="numpy",
                          progress=False, model_config=dict(TINY))
+    monkeypatch.setattr(mv.Tensor, "backward", real_backward)
+    assert backwards and set(backwards) == {("cuda:1", 1)}, backwards
+
+    def records(folder):
+        with open(folder / "metrics.jsonl") as f:
+            return [json.loads(line) for line in f]
+    gpu_log, cpu_log = records(tmp_path), records(cpu_run)
+    assert [(r["split"], r["step"]) for r in gpu_log] == [(r["split"], r["step"]) for r in cpu_log]
+    assert {r["split"] for r in gpu_log} == {"train", "test"}
+    assert np.isfinite(gpu_log[0]["loss"]) and np.isfinite(gpu_log[-1]["mse"])
+    for mine, ref in zip(gpu_log, cpu_log):
+        assert set(mine) == set(ref)
+        for key in set(ref) - {"seconds"}:          # loss, mse, nmse, vq_loss, perplexity, codes used ...
+            assert mine[key] == pytest.approx(ref[key], rel=1e-5), (key, mine, ref)
+    state, cpu_state = mv.load(tmp_path / "checkpoint.npz"), mv.load(cpu_run / "checkpoint.npz")
+    assert sorted(state) == sorted(cpu_state) and any(key.startswith("model.") for key in state)
+    for key, value in state.items():
+        assert isinstance(value, np.ndarray), key                          # the checkpoint holds host arrays
+        if key != "meta":
+            np.testing.assert_allclose(value, cpu_state[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert main(["eval", str(tmp_path / "checkpoint.npz")]) == 0, capsys.readouterr().err
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["mse"] == pytest.approx(gpu_log[-1]["mse"], rel=1e-5)
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.9])
