@@ -13,7 +13,7 @@ import numpy as np
 from . import backend
 from .config import ModelConfig
 from .io import load, save
-from .models import GatedPixelCNN, VQVAE
+from .models import GatedPixelCNN
 
 VQVAE_KIND = "minivq-vqvae"
 PRIOR_KIND = "minivq-prior"

@@ -42,7 +42,6 @@ import contextlib
 import gzip
 import io
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -52,6 +51,7 @@ import numpy as np
 from numpy.lib import format as _npy_format
 
 from .backend import to_device, to_numpy
+from .cifar_unpickle import RefusedGlobal, load_cifar_batch
 
 __all__ = ["Dataset", "BatchSampler", "DataFormatError", "default_data_dir", "load_dataset"]
 
@@ -449,79 +449,16 @@ def _read_cifar_bin(paths):
     return images, labels
 
 
-try:  # NumPy >= 2 keeps it in numpy._core; its pickles name numpy._core.multiarray._reconstruct
-    from numpy._core.multiarray import _reconstruct as _np_reconstruct
-except ImportError:  # NumPy 1.x
-    from numpy.core.multiarray import _reconstruct as _np_reconstruct
-
-
-class _PickledNdarrayType:
-    """Stands for ``numpy.ndarray`` in a pickle: good only as ``_reconstruct``'s first argument.
-    No attributes and no ``__dict__``, so a pickle cannot alter it (BUILD fails)."""
-    __slots__ = ()
-
-
-class _PickledReconstruct:
-    """``_reconstruct`` as NumPy's own pickles call it: ``(ndarray, (0,), b'b')``, an empty
-    array that ``__setstate__`` then fills from bytes whose length NumPy checks."""
-    __slots__ = ()
-
-    def __call__(self, subtype, shape, typecode):
-        if not (isinstance(subtype, _PickledNdarrayType) and type(shape) is tuple and shape == (0,)
-                and type(typecode) in (bytes, str) and typecode in (b"b", "b")):
-            raise pickle.UnpicklingError("numpy _reconstruct called with arguments NumPy never writes")
-        return _np_reconstruct(np.ndarray, (0,), b"b")
-
-
-class _PickledDtype:
-    """``numpy.dtype`` restricted to plain numeric types, always a fresh copy (so that the
-    pickle's BUILD sets the state of its own dtype, never of NumPy's shared ones)."""
-    __slots__ = ()
-
-    def __call__(self, spec, align=False, copy=True):
-        if isinstance(spec, bytes):
-            spec = spec.decode("ascii")
-        if not isinstance(spec, str) or len(spec) > 8:
-            raise pickle.UnpicklingError(f"numpy dtype {spec!r} is not a plain numeric type")
-        dtype = np.dtype(spec)
-        if dtype.kind not in "biuf":
-            raise pickle.UnpicklingError(f"numpy dtype {spec!r} is not a plain numeric type")
-        return np.dtype(spec, bool(align), True)
-
-
-_ADMITTED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _PickledReconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _PickledReconstruct,
-    ("numpy", "ndarray"): _PickledNdarrayType,
-    ("numpy", "dtype"): _PickledDtype,
-}
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """An unpickler that resolves no global but the four NumPy names above."""
-
-    def __init__(self, file, path):
-        super().__init__(file, encoding="bytes")
-        self.path = path
-
-    def find_class(self, module, name):
-        admitted = _ADMITTED_GLOBALS.get((module, name))
-        if admitted is None:
-            why = ""
-            if (module, name) == ("_codecs", "encode"):
-                why = " (a pickle re-written by Python 3 with protocol 2; use the original files)"
-            raise DataFormatError(f"{self.path} refused: its pickle names the global {module}.{name}{why}; "
-                                  "CIFAR-10 batches hold only dicts, lists, strings, ints and numpy arrays "
-                                  f"and nothing else is ever loaded; {_CIFAR_PY_HINT}")
-        return admitted()   # a fresh instance per use: nothing a pickle does to it outlives the load
-
-
 def _read_cifar_py_batch(path):
     """One CIFAR-10 python batch -> (uint8 (n, 3, 32, 32), int64 (n,))."""
     with open(path, "rb") as f:
         payload = f.read()
     with _parsing(path, "CIFAR-10 python batch", _CIFAR_PY_HINT):
-        batch = _CifarUnpickler(io.BytesIO(payload), path).load()
+        try:
+            batch = load_cifar_batch(payload)
+        except RefusedGlobal as exc:
+            raise DataFormatError(f"{path} refused: {exc}; CIFAR-10 batches hold only dicts, lists, strings, "
+                                  f"ints and numpy arrays and nothing else is ever loaded; {_CIFAR_PY_HINT}") from None
 
     def bad(what):
         return DataFormatError(f"{path} is not a CIFAR-10 python batch: {what}; {_CIFAR_PY_HINT}")

@@ -35,7 +35,7 @@ from .config import ModelConfig, TrainConfig
 from .data import BatchSampler, load_dataset
 from .evaluation import evaluate, save_reconstructions
 from .graph import grad_norm
-from .loop import NonFiniteError, run_steps  # noqa: F401  (NonFiniteError: part of this module's interface)
+from .loop import run_steps
 from .nn.quantizers import perplexity
 from .optim import Adam
 from .runlog import CHECKPOINT, METRICS, RECONSTRUCTIONS, MetricsLog, check_output_folder

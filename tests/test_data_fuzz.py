@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from minivq import data
+from minivq import cifar_unpickle
 from minivq.data import Dataset, load_dataset
 from test_data import cifar_records, idx_bytes, py2_cifar_pickle, write
 
@@ -243,8 +243,8 @@ def test_admitted_numpy_names_cannot_be_abused(tmp_path, stream, message):
     write(path, stream)
     with pytest.raises(ValueError, match=message):
         load_dataset(path)
-    assert data._ADMITTED_GLOBALS[("numpy", "dtype")] is data._PickledDtype
-    assert not hasattr(data._PickledDtype(), "__dict__")
+    assert cifar_unpickle._ADMITTED_GLOBALS[("numpy", "dtype")] is cifar_unpickle._PickledDtype
+    assert not hasattr(cifar_unpickle._PickledDtype(), "__dict__")
 
 
 def test_pickled_object_arrays_in_npy_and_npz_are_refused(tmp_path):
