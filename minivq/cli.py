@@ -94,6 +94,7 @@ def build_parser():
     _add_options(t, ModelConfig, groups)
     groups["model"].add_argument("--ema", action="store_true", help="EMA codebook updates (--decay 0.99) "
                                                                    "instead of a codebook loss")
+    groups["model"].add_argument("--restart-after", default=None, help=argparse.SUPPRESS)  # replaced: see _model_choices
     groups["logging"].add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="test-split metrics of a checkpoint, as JSON on stdout")
@@ -142,6 +143,10 @@ def _train_config(args):
 
 def _model_choices(args):
     """The model settings given on the command line (--ema stands for --decay 0.99)."""
+    if args.restart_after is not None:
+        raise ValueError("--restart-after (re-seed every code unused for N steps at once) was replaced by "
+                         "--dead-code-threshold X (re-seed codes whose usage EMA falls below X, at most "
+                         "--max-replacements a step); see docs/codebook.md")
     given = _given(args, ModelConfig)
     if args.ema and "decay" not in given:
         given["decay"] = 0.99

@@ -90,6 +90,21 @@ def boolean(value, name):
     return bool(value)
 
 
+def levels_tuple(value, name):
+    """FSQ levels: None, or a tuple of integers >= 2 (also read from "8,8,8" or a JSON list)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.split(",")]
+        except ValueError:
+            raise ValueError(f"{name} takes integers separated by commas, e.g. 8,8,8; got {value!r}") from None
+    if not isinstance(value, (list, tuple)) or not value or \
+            any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 2 for v in value):
+        raise ValueError(f"{name} takes integers >= 2, e.g. 8,8,8; got {value!r}")
+    return tuple(int(v) for v in value)
+
+
 def dtype_name(value, name):
     try:
         canonical = None if value is None else np.dtype(value).name
@@ -135,7 +150,8 @@ class _Config:
 
 # A checkpoint written before an option existed was trained without it: these values, not today's
 # defaults, fill the options such a checkpoint does not name.
-_BEFORE_OPTION = {"restart_after": 0, "kmeans_init": False, "estimator": "straight_through"}
+_BEFORE_OPTION = {"kmeans_init": False, "estimator": "straight_through", "dead_code_threshold": 0.0,
+                  "lookup": "l2", "lookup_dim": None, "simvq": False, "levels": None}
 
 
 @dataclass
@@ -156,13 +172,27 @@ class ModelConfig(_Config):
     decay: float = option(_VQVAE_DEFAULTS["decay"], "--decay",
                           "EMA decay of the codebook (0: a codebook loss instead; --ema sets 0.99)",
                           unit_interval, group="model")
-    restart_after: int = option(_VQVAE_DEFAULTS["restart_after"], "--restart-after",
-                                "re-seed codes unused for this many steps from the batch (0: never)",
-                                non_negative_int, group="model")
     kmeans_init: bool = option(_VQVAE_DEFAULTS["kmeans_init"], "--kmeans-init",
                                "initialise the codebook by k-means++ on the first batch", boolean, group="model")
     estimator: str = option(_VQVAE_DEFAULTS["estimator"], "--estimator",
                             "gradient estimator through the quantiser", choices=tuple(ESTIMATORS), group="model")
+    dead_code_threshold: float = option(_VQVAE_DEFAULTS["dead_code_threshold"], "--dead-code-threshold",
+                                        "re-seed codes whose usage (an EMA of counts per batch) falls below this "
+                                        "from the batch's encoder outputs (0: never)", non_negative_float,
+                                        group="model")
+    max_replacements: int = option(_VQVAE_DEFAULTS["max_replacements"], "--max-replacements",
+                                   "at most this many dead codes re-seeded per step", positive_int, group="model")
+    lookup: str = option(_VQVAE_DEFAULTS["lookup"], "--lookup", "nearest code by squared distance (l2) or by "
+                                                                "cosine similarity of l2-normalised vectors",
+                         choices=("l2", "cosine"), group="model")
+    lookup_dim: int = option(_VQVAE_DEFAULTS["lookup_dim"], "--lookup-dim",
+                                "search the codebook in this many dimensions through learned projections "
+                                "(default: D itself)", optional_positive_int, group="model")
+    simvq: bool = option(_VQVAE_DEFAULTS["simvq"], "--simvq", "codes = a frozen random codebook times a learned "
+                                                             "linear map (SimVQ)", boolean, group="model")
+    levels: object = option(_VQVAE_DEFAULTS["levels"], "--levels", "finite scalar quantisation with these levels "
+                                                                  "per dimension, e.g. 8,8,8 (K = their product)",
+                            levels_tuple, group="model")
 
     def build(self, in_channels, kernel="auto"):
         """The VQ-VAE these settings describe (float32, on the CPU)."""
@@ -193,7 +223,7 @@ class _RunConfig(_Config):
     resume: bool = option(False, "--resume", "continue from --out/checkpoint.npz", boolean)
     eval_every: int = option(500, "--eval-every", "test-split evaluation period in steps", positive_int,
                              group="logging")
-    eval_size: object = option(None, "--eval-size", "test images per evaluation (default: all)",
+    eval_size: int = option(None, "--eval-size", "test images per evaluation (default: all)",
                                optional_positive_int, group="logging")
     checkpoint_every: int = option(500, "--checkpoint-every", "checkpoint period in steps", positive_int,
                                    group="logging")

@@ -1,4 +1,6 @@
-"""Dataset readers and batching for the VQ-VAE.
+"""Datasets and batching for the VQ-VAE: which files make up a dataset, and the batches drawn from it.
+
+The file formats themselves are parsed in ``minivq.formats``.
 
 ``load_dataset(path, split)`` looks at a folder or a file and reads one of:
 
@@ -38,78 +40,20 @@ Every malformed, truncated or foreign file raises ``ValueError`` (its subclass
 get it; a missing file raises ``FileNotFoundError`` saying what was looked for
 and where.
 """
-import contextlib
-import gzip
-import io
 import os
 import re
 import shutil
 import subprocess
-import zipfile
 
 import numpy as np
-from numpy.lib import format as _npy_format
 
 from .backend import to_device, to_numpy
-from .cifar_unpickle import RefusedGlobal, load_cifar_batch
+from .formats import (_CIFAR_FILES, _FASHION_HINT, _IDX_PREFIX, _NPY_MAGIC, SPLITS, DataFormatError, _as_labels,
+                      _as_uint8_nchw, cifar_files, idx_names, read_cifar, read_idx_split, read_npy, read_npz)
 
 __all__ = ["Dataset", "BatchSampler", "DataFormatError", "default_data_dir", "load_dataset"]
 
-SPLITS = ("train", "test")
-
-_FASHION_HINT = "expected Fashion-MNIST from `apt-get install dataset-fashion-mnist` or pass --data DIR"
-_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
-_CIFAR_BIN_HINT = (f"expected the CIFAR-10 binary version (cifar-10-binary.tar.gz from {_CIFAR_URL}, "
-                   "unpacked with `tar xzf`) or pass --data DIR")
-_CIFAR_PY_HINT = (f"expected the CIFAR-10 python version (cifar-10-python.tar.gz from {_CIFAR_URL}, "
-                  "unpacked with `tar xzf`) or pass --data DIR")
-_NPY_HINT = ("expected images saved with numpy.save/savez: uint8 (N,H,W), (N,C,H,W) or (N,H,W,C) "
-             "with C 1 or 3, or floats in [0, 1]")
-
 _DEBIAN_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-_CHUNK = 1 << 22               # bytes handled at a time when streaming or scanning
-_MAX_DEFLATE_RATIO = 1100      # deflate cannot expand data more than 1032:1
-
-
-class DataFormatError(ValueError):
-    """A dataset file is malformed, truncated or not what was expected."""
-
-
-# ------------------------------------------------------------------ helpers
-def _short(exc):
-    """``Type: message`` on one line, cut to a readable length."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-@contextlib.contextmanager
-def _parsing(path, what, hint):
-    """Report any failure of a library parser (gzip, zipfile, NumPy's .npy header,
-    the unpickler) on untrusted bytes as one DataFormatError.
-
-    Those parsers raise open-ended sets of types on bad input (OSError, EOFError,
-    zlib.error, BadZipFile, LZMAError, UnpicklingError, KeyError, MemoryError, ...);
-    the contract here is ValueError, always. The files are opened before this
-    block, so a missing file still surfaces as FileNotFoundError.
-    """
-    try:
-        yield
-    except DataFormatError:
-        raise
-    except Exception as exc:
-        raise DataFormatError(f"{path} is not a valid {what} ({_short(exc)}); {hint}") from exc
-
-
-def _read_into(stream, out):
-    """Fill the 1-D uint8 array ``out`` from ``stream`` in chunks; return the byte count read."""
-    view = memoryview(out)
-    pos = 0
-    while pos < len(out):
-        got = stream.readinto(view[pos:pos + _CHUNK])
-        if not got:
-            break
-        pos += got
-    return pos
 
 
 def _first_file(folder, names):
@@ -130,65 +74,7 @@ def _pad_to_32(images):
     return out
 
 
-def _as_uint8_nchw(images, where, hint=""):
-    """Images in any accepted layout and dtype -> C-contiguous uint8 (N, C, H, W)."""
-    tail = f"; {hint}" if hint else ""
-    a = np.asarray(images)
-    if a.dtype.kind not in "uif":
-        raise DataFormatError(f"{where}: images must be integers in 0..255 or floats in [0, 1], "
-                              f"got dtype {a.dtype}{tail}")
-    if a.ndim == 3:
-        a = a[:, None]
-    elif a.ndim == 4:
-        if a.shape[1] in (1, 3):
-            pass                                   # (N, C, H, W)
-        elif a.shape[3] in (1, 3):
-            a = a.transpose(0, 3, 1, 2)            # (N, H, W, C) -> (N, C, H, W)
-        else:
-            raise DataFormatError(f"{where}: cannot tell the channel axis of shape {a.shape}; expected "
-                                  f"(N, C, H, W) or (N, H, W, C) with C 1 or 3{tail}")
-    else:
-        raise DataFormatError(f"{where}: images must be (N, H, W), (N, C, H, W) or (N, H, W, C), "
-                              f"got shape {a.shape}{tail}")
-    if 0 in a.shape:
-        raise DataFormatError(f"{where}: holds no images (shape {a.shape}){tail}")
-    if a.dtype == np.uint8:
-        return np.ascontiguousarray(a)
-    out = np.empty(a.shape, dtype=np.uint8)
-    step = max(1, _CHUNK // (a[0].size * a.dtype.itemsize))   # bounded temporaries
-    for start in range(0, a.shape[0], step):
-        part = a[start:start + step]
-        if a.dtype.kind == "f":
-            if not np.isfinite(part).all():
-                raise DataFormatError(f"{where}: float images hold NaN or infinity{tail}")
-            lo, hi = float(part.min()), float(part.max())
-            if lo < 0.0 or hi > 1.0:
-                raise DataFormatError(f"{where}: float images must lie in [0, 1], found values in "
-                                      f"[{lo:g}, {hi:g}] (divide by 255, or store uint8){tail}")
-            out[start:start + step] = np.rint(part.astype(np.float64) * 255.0)
-        else:
-            lo, hi = int(part.min()), int(part.max())
-            if lo < 0 or hi > 255:
-                raise DataFormatError(f"{where}: integer images must lie in 0..255, found values in "
-                                      f"[{lo}, {hi}]{tail}")
-            out[start:start + step] = part
-    return out
 
-
-def _as_labels(labels, n, where, hint=""):
-    """Labels -> int64 (n,), or None."""
-    if labels is None:
-        return None
-    tail = f"; {hint}" if hint else ""
-    a = np.asarray(labels)
-    if a.dtype.kind not in "iu" or a.ndim != 1:
-        raise DataFormatError(f"{where}: labels must be a 1-D integer array, got {a.dtype} {a.shape}{tail}")
-    if a.shape[0] != n:
-        raise DataFormatError(f"{where}: {a.shape[0]} labels for {n} images; they must match one to one{tail}")
-    return a.astype(np.int64)
-
-
-# ------------------------------------------------------------------ dataset
 class Dataset:
     """Images as uint8 ``(N, C, H, W)``, labels as int64 ``(N,)`` or ``None``.
 
@@ -340,280 +226,6 @@ class BatchSampler:
         return self.order(epoch)[start:start + self.batch_size].copy()
 
 
-# ------------------------------------------------------------------ IDX
-_IDX_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "int16", 0x0C: "int32",
-              0x0D: "float32", 0x0E: "float64"}
-_IDX_PREFIX = {"train": "train", "test": "t10k"}
-
-
-def _idx_names(prefix, kind):
-    """File names tried for one IDX file; ``kind`` is "images" or "labels"."""
-    tag = "idx3" if kind == "images" else "idx1"
-    stems = (f"{prefix}-{kind}-{tag}-ubyte", f"{prefix}-{kind}.{tag}-ubyte")
-    return [stem + ext for stem in stems for ext in ("", ".gz")]
-
-
-def _read_idx(path, ndim, hint=_FASHION_HINT):
-    """One IDX file of unsigned bytes with ``ndim`` dimensions -> uint8 array, strictly checked."""
-    kind = "image" if ndim == 3 else "label"
-    with open(path, "rb") as raw:
-        file_size = os.fstat(raw.fileno()).st_size
-        packed = raw.read(2) == b"\x1f\x8b"
-        raw.seek(0)
-        what = f"gzip-compressed IDX {kind} file" if packed else f"IDX {kind} file"
-        with _parsing(path, what, hint):
-            stream = gzip.GzipFile(fileobj=raw, mode="rb") if packed else raw
-            header = stream.read(4)
-            if len(header) < 4:
-                raise DataFormatError(f"{path} is too short to be an IDX {kind} file "
-                                      f"({len(header)} bytes); {hint}")
-            magic = int.from_bytes(header, "big")
-            if header[:2] != b"\0\0" or header[2] not in _IDX_TYPES:
-                raise DataFormatError(f"{path} is not an IDX {kind} file (bad magic 0x{magic:08x}, "
-                                      f"expected 0x{0x800 | ndim:08x}); {hint}")
-            if header[2] != 0x08:
-                raise DataFormatError(f"{path} holds IDX {_IDX_TYPES[header[2]]} data (magic 0x{magic:08x}); "
-                                      f"only unsigned bytes (0x{0x800 | ndim:08x}) are read; {hint}")
-            if header[3] != ndim:
-                raise DataFormatError(f"{path} is an IDX file with {header[3]} dimension(s) (magic 0x{magic:08x}); "
-                                      f"an IDX {kind} file has {ndim} (magic 0x{0x800 | ndim:08x}); {hint}")
-            dim_bytes = stream.read(4 * ndim)
-            if len(dim_bytes) < 4 * ndim:
-                raise DataFormatError(f"{path} is truncated inside its IDX header; {hint}")
-            dims = tuple(int.from_bytes(dim_bytes[4 * i:4 * i + 4], "big") for i in range(ndim))
-            if 0 in dims:
-                raise DataFormatError(f"{path} declares an empty array {dims}; {hint}")
-            count = 1
-            for d in dims:
-                count *= d
-            if packed:
-                if count > _MAX_DEFLATE_RATIO * file_size:
-                    raise DataFormatError(f"{path} declares {' x '.join(map(str, dims))} = {count} bytes, "
-                                          f"more than a {file_size}-byte gzip file can hold; {hint}")
-            elif file_size - 4 - 4 * ndim != count:
-                raise DataFormatError(f"{path} holds {file_size - 4 - 4 * ndim} data bytes but its header "
-                                      f"declares {' x '.join(map(str, dims))} = {count}; {hint}")
-            data = np.empty(count, dtype=np.uint8)
-            got = _read_into(stream, data)
-            if got < count:
-                raise DataFormatError(f"{path} is truncated: {got} of the {count} declared data bytes; {hint}")
-            if stream.read(1):   # for gzip this also reaches the end of stream and checks the CRC
-                raise DataFormatError(f"{path} has data after the {count} bytes its header declares; {hint}")
-    return data.reshape(dims)
-
-
-def _load_idx(images_path, labels_path, name, split):
-    images = _read_idx(images_path, 3)
-    labels = None
-    if labels_path is not None:
-        labels = _read_idx(labels_path, 1)
-        if labels.shape[0] != images.shape[0]:
-            raise DataFormatError(f"{images_path} holds {images.shape[0]} images but {labels_path} holds "
-                                  f"{labels.shape[0]} labels; both must come from the same split; {_FASHION_HINT}")
-    return _finish(images[:, None], labels, name, split)
-
-
-# ------------------------------------------------------------------ CIFAR-10
-_CIFAR_RECORD = 1 + 3 * 32 * 32
-_CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-
-
-def _read_cifar_bin(paths):
-    """CIFAR-10 binary batches -> (uint8 (N, 3, 32, 32), int64 (N,))."""
-    sizes = []
-    for path in paths:
-        size = os.path.getsize(path)
-        if size == 0 or size % _CIFAR_RECORD:
-            raise DataFormatError(f"{path} is not a CIFAR-10 binary batch ({size} bytes is not a whole number "
-                                  f"of {_CIFAR_RECORD}-byte records: 1 label byte + 3072 pixel bytes); "
-                                  f"{_CIFAR_BIN_HINT}")
-        sizes.append(size)
-    total = sum(sizes) // _CIFAR_RECORD
-    images = np.empty((total, 3, 32, 32), dtype=np.uint8)
-    labels = np.empty(total, dtype=np.int64)
-    start = 0
-    for path, size in zip(paths, sizes):
-        n = size // _CIFAR_RECORD
-        records = np.empty(size, dtype=np.uint8)
-        with open(path, "rb") as f:
-            if _read_into(f, records) != size:
-                raise DataFormatError(f"{path} changed size while being read; {_CIFAR_BIN_HINT}")
-        records = records.reshape(n, _CIFAR_RECORD)
-        bad = np.flatnonzero(records[:, 0] > 9)
-        if bad.size:
-            raise DataFormatError(f"{path} is not a CIFAR-10 binary batch: record {bad[0]} has label "
-                                  f"{records[bad[0], 0]}, CIFAR-10 labels are 0..9; {_CIFAR_BIN_HINT}")
-        labels[start:start + n] = records[:, 0]
-        images[start:start + n] = records[:, 1:].reshape(n, 3, 32, 32)   # 1024 R, 1024 G, 1024 B, rows
-        start += n
-    return images, labels
-
-
-def _read_cifar_py_batch(path):
-    """One CIFAR-10 python batch -> (uint8 (n, 3, 32, 32), int64 (n,))."""
-    with open(path, "rb") as f:
-        payload = f.read()
-    with _parsing(path, "CIFAR-10 python batch", _CIFAR_PY_HINT):
-        try:
-            batch = load_cifar_batch(payload)
-        except RefusedGlobal as exc:
-            raise DataFormatError(f"{path} refused: {exc}; CIFAR-10 batches hold only dicts, lists, strings, "
-                                  f"ints and numpy arrays and nothing else is ever loaded; {_CIFAR_PY_HINT}") from None
-
-    def bad(what):
-        return DataFormatError(f"{path} is not a CIFAR-10 python batch: {what}; {_CIFAR_PY_HINT}")
-
-    if not isinstance(batch, dict):
-        raise bad(f"it holds a {type(batch).__name__}, not a dict")
-    entries = {}
-    for key, value in batch.items():
-        if isinstance(key, bytes):
-            key = key.decode("latin-1")
-        if isinstance(key, str):
-            entries[key] = value
-    if "data" not in entries or "labels" not in entries:
-        raise bad(f"no 'data' and 'labels' entries (keys: {sorted(entries)})")
-    data, labels = entries["data"], entries["labels"]
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-            and data.shape[0] > 0 and data.shape[1] == 3072):
-        found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise bad(f"'data' should be a uint8 array (N, 3072), found {found}")
-    if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.ndim == 1:
-        ok = labels.size == 0 or (int(labels.min()) >= 0 and int(labels.max()) <= 9)
-    elif isinstance(labels, (list, tuple)):
-        ok = all(type(v) is int and 0 <= v <= 9 for v in labels)
-    else:
-        ok = False
-    if not ok:
-        raise bad("'labels' should be a list of ints in 0..9")
-    if len(labels) != data.shape[0]:
-        raise bad(f"{len(labels)} labels for {data.shape[0]} images")
-    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
-
-
-def _load_cifar(paths, binary, split):
-    if binary:
-        images, labels = _read_cifar_bin(paths)
-    else:
-        parts = [_read_cifar_py_batch(p) for p in paths]
-        images = np.concatenate([p[0] for p in parts])
-        labels = np.concatenate([p[1] for p in parts])
-    return _finish(images, labels, "cifar-10", split)
-
-
-def _cifar_files(folder, split, binary):
-    """The split's batch files if ``folder`` (or its cifar-10-batches-* subfolder) holds
-    CIFAR-10 of that version; None if it holds none; FileNotFoundError if some are missing."""
-    sub, ext, hint = ("cifar-10-batches-bin", ".bin", _CIFAR_BIN_HINT) if binary else \
-        ("cifar-10-batches-py", "", _CIFAR_PY_HINT)
-    for root in (folder, os.path.join(folder, sub)):
-        if not any(os.path.isfile(os.path.join(root, name + ext)) for s in SPLITS for name in _CIFAR_FILES[s]):
-            continue
-        wanted = [os.path.join(root, name + ext) for name in _CIFAR_FILES[split]]
-        missing = [os.path.basename(p) for p in wanted if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"{root} holds CIFAR-10 batches but not {', '.join(missing)} "
-                                    f"(the {split} split); {hint}")
-        return wanted
-    return None
-
-
-# ------------------------------------------------------------------ .npy / .npz
-_NPY_MAGIC = b"\x93NUMPY"
-
-
-def _npy_from_bytes(payload, where, kinds):
-    """Parse one .npy payload; the header goes through NumPy's parser (no pickle), and the
-    declared size is checked against the bytes present before anything is allocated."""
-    with _parsing(where, ".npy array", _NPY_HINT):
-        f = io.BytesIO(payload)
-        major, _minor = _npy_format.read_magic(f)
-        if major == 1:
-            shape, fortran, dtype = _npy_format.read_array_header_1_0(f)
-        elif major in (2, 3):   # 3.0 differs from 2.0 only in allowing utf-8 field names
-            shape, fortran, dtype = _npy_format.read_array_header_2_0(f)
-        else:
-            raise DataFormatError(f"{where} has unknown .npy format version {major}; {_NPY_HINT}")
-        offset = f.tell()
-    if dtype.hasobject:
-        raise DataFormatError(f"{where} holds pickled Python objects (dtype {dtype}), which are never loaded; "
-                              f"{_NPY_HINT}")
-    if dtype.kind not in kinds or dtype.fields is not None or dtype.subdtype is not None:
-        wanted = "integer labels" if kinds == "iu" else "integer or float pixels"
-        raise DataFormatError(f"{where} holds {dtype} data, expected {wanted}; {_NPY_HINT}")
-    if any(d < 0 for d in shape):
-        raise DataFormatError(f"{where} declares the negative shape {shape}; {_NPY_HINT}")
-    count = 1
-    for d in shape:
-        count *= d
-    if len(payload) - offset != count * dtype.itemsize:
-        raise DataFormatError(f"{where} declares {dtype} {shape} = {count * dtype.itemsize} bytes but holds "
-                              f"{len(payload) - offset}; {_NPY_HINT}")
-    array = np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
-    return array.reshape(shape, order="F" if fortran else "C")
-
-
-def _read_npy(path, kinds="uif"):
-    with open(path, "rb") as f:
-        payload = f.read()
-    return _npy_from_bytes(payload, path, kinds)
-
-
-def _npz_keys(keys, split):
-    for images, labels in ((f"x_{split}", f"y_{split}"), (split, f"{split}_labels"), ("images", "labels")):
-        if images in keys:
-            return images, (labels if labels in keys else None)
-    if len(keys) == 1:
-        return next(iter(keys)), None
-    return None, None
-
-
-def _load_npz(path, split):
-    with open(path, "rb") as f:
-        with _parsing(path, ".npz archive", _NPY_HINT):
-            archive = zipfile.ZipFile(f)
-            members = {}
-            for info in archive.infolist():
-                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-                members[key] = info
-        with archive:
-            images, labels, labels_key = _read_npz_members(path, archive, members, split)
-    labels = _as_labels(labels, images.shape[0], f"{path}[{labels_key}]", _NPY_HINT)
-    return _finish(images, labels, _stem(path), split)
-
-
-def _read_npz_members(path, archive, members, split):
-    """The images (uint8 NCHW) and raw labels (or None) of ``split`` in an open .npz."""
-    images_key, labels_key = _npz_keys(members, split)
-    if images_key is None:
-        raise DataFormatError(f"{path} holds the arrays {sorted(members)}; for split {split!r} expected "
-                              f"x_{split} (+ y_{split}), {split} (+ {split}_labels), images (+ labels) "
-                              f"or a single array; {_NPY_HINT}")
-    images = _npz_member(archive, members[images_key], f"{path}[{images_key}]", "uif")
-    images = _as_uint8_nchw(images, f"{path}[{images_key}]", _NPY_HINT)
-    labels = None
-    if labels_key is not None:
-        labels = _npz_member(archive, members[labels_key], f"{path}[{labels_key}]", "iu")
-    return images, labels, labels_key
-
-
-def _npz_member(archive, info, where, kinds):
-    """One array of an .npz (a .npy inside a zip), its sizes checked before it is inflated."""
-    if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024:
-        raise DataFormatError(f"{where} claims {info.file_size} bytes from {info.compress_size} "
-                              f"compressed ones, more than deflate can produce; {_NPY_HINT}")
-    with _parsing(where, ".npz member", _NPY_HINT):
-        payload = archive.read(info)
-    return _npy_from_bytes(payload, where, kinds)
-
-
-def _load_npy(path, labels_path, split):
-    images = _as_uint8_nchw(_read_npy(path), path, _NPY_HINT)
-    labels = None
-    if labels_path is not None:
-        labels = _as_labels(_read_npy(labels_path, "iu"), images.shape[0], labels_path, _NPY_HINT)
-    return _finish(images, labels, _stem(path), split)
-
 
 # ------------------------------------------------------------------ detection
 def _stem(path):
@@ -624,7 +236,8 @@ def _stem(path):
     return base or "dataset"
 
 
-def _finish(images, labels, name, split):
+def _finish(arrays, name, split):
+    images, labels = arrays
     return Dataset(_pad_to_32(images), labels, name=name, split=split)
 
 
@@ -639,22 +252,22 @@ def _looked_for(split):
 def _load_folder(folder, split):
     name = _stem(folder)
     prefix = _IDX_PREFIX[split]
-    if any(_first_file(folder, _idx_names(p, "images")) for p in _IDX_PREFIX.values()):
-        images = _first_file(folder, _idx_names(prefix, "images"))
+    if any(_first_file(folder, idx_names(p, "images")) for p in _IDX_PREFIX.values()):
+        images = _first_file(folder, idx_names(prefix, "images"))
         if images is None:
             raise FileNotFoundError(f"{folder} holds IDX files but not the {split} images "
                                     f"({prefix}-images-idx3-ubyte[.gz]); {_FASHION_HINT}")
-        return _load_idx(images, _first_file(folder, _idx_names(prefix, "labels")), name, split)
+        return _finish(read_idx_split(images, _first_file(folder, idx_names(prefix, "labels"))), name, split)
     for binary in (True, False):
-        paths = _cifar_files(folder, split, binary)
+        paths = cifar_files(folder, split, binary)
         if paths is not None:
-            return _load_cifar(paths, binary, split)
+            return _finish(read_cifar(paths, binary), "cifar-10", split)
     npy = _first_file(folder, [f"{split}.npy"])
     if npy is not None:
-        return _load_npy(npy, _first_file(folder, [f"{split}_labels.npy"]), split)
+        return _finish(read_npy(npy, _first_file(folder, [f"{split}_labels.npy"])), _stem(npy), split)
     npz = _first_file(folder, [f"{split}.npz"])
     if npz is not None:
-        return _load_npz(npz, split)
+        return _finish(read_npz(npz, split), _stem(npz), split)
     hint = _FASHION_HINT
     if any(n.startswith("cifar-10-") and n.endswith(".tar.gz") for n in os.listdir(folder)):
         hint = "found a CIFAR-10 archive: unpack it with `tar xzf` first, or pass --data DIR"
@@ -668,28 +281,28 @@ def _load_file(path, split):
         head = f.read(8)
     idx_stem = base[:-3] if base.endswith(".gz") else base
     if base.endswith(".npz"):
-        return _load_npz(path, split)
+        return _finish(read_npz(path, split), _stem(path), split)
     if base.endswith(".npy"):
-        return _load_npy(path, None, split)
+        return _finish(read_npy(path), _stem(path), split)
     if base.endswith(".bin"):
-        return _load_cifar([path], True, split)
+        return _finish(read_cifar([path], True), "cifar-10", split)
     if re.fullmatch(r"data_batch_\d+|test_batch", base):
-        return _load_cifar([path], False, split)
+        return _finish(read_cifar([path], False), "cifar-10", split)
     if re.search(r"labels[-.]idx1", idx_stem):
         raise DataFormatError(f"{path} is an IDX labels file; pass the images file (...-images-idx3-ubyte) "
                               f"or its folder; {_FASHION_HINT}")
     if re.search(r"images[-.]idx3", idx_stem):
         label_stem = re.sub(r"images([-.])idx3", r"labels\1idx1", idx_stem)
         labels = _first_file(os.path.dirname(path), [label_stem, label_stem + ".gz"])
-        return _load_idx(path, labels, _stem(path), split)
+        return _finish(read_idx_split(path, labels), _stem(path), split)
     if head.startswith(b"PK"):
-        return _load_npz(path, split)
+        return _finish(read_npz(path, split), _stem(path), split)
     if head.startswith(_NPY_MAGIC):
-        return _load_npy(path, None, split)
+        return _finish(read_npy(path), _stem(path), split)
     if head[:1] == b"\x80":
-        return _load_cifar([path], False, split)
+        return _finish(read_cifar([path], False), "cifar-10", split)
     if head[:2] in (b"\x1f\x8b", b"\0\0"):
-        return _load_idx(path, None, _stem(path), split)
+        return _finish(read_idx_split(path, None), _stem(path), split)
     raise DataFormatError(f"cannot tell the format of {path}: expected an IDX images file, a CIFAR-10 batch "
                           f"(binary .bin or python pickle), a .npy or a .npz file; {_FASHION_HINT}")
 

@@ -197,8 +197,8 @@ def train_vqvae(config=None, model=None, comm=None):
         extra = {"recon_error": float(mse.item()), "perplexity": float(vq.perplexity), "codes_used": vq.codes_used}
         if comm.size > 1:
             checked, extra = _combine_step_metrics(comm, checked, extra, vq.counts)
-        if model_config.restart_after:
-            extra["codes_restarted"] = vq.restarted
+        if model_config.dead_code_threshold > 0:
+            extra["codes_replaced"] = vq.replaced
         if config.log_grads:
             vq.z_e.retain_grad()
             last["vq"] = vq

@@ -486,9 +486,9 @@ def compare_logs(folders, keys, first_rtol, later_rtol):
                 assert_close_floats(rec_gpu[key], rec_cpu[key], rtol, f"step {rec_cpu['step']} {key}")
 
 
-@pytest.mark.parametrize("model,options", [(None, dict()), (dict(kmeans_init=True, restart_after=1), dict()),
+@pytest.mark.parametrize("model,options", [(None, dict()), (dict(kmeans_init=True, dead_code_threshold=0.5, max_replacements=4), dict()),
                                            (None, dict(log_grads=True))],
-                         ids=["plain", "kmeans-restarts", "log-grads"])
+                         ids=["plain", "kmeans-dead-codes", "log-grads"])
 def test_train_vqvae_first_losses_match_the_cpu(tiny_data, tmp_path, model, options):
     folders = train_both(tiny_data, str(tmp_path), model, **options)
     compare_logs(folders, ["loss", "nmse", "vq_loss", "recon_error"], 1e-4, 5e-3)
