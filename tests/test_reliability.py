@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import minivq as mv
-from minivq.train import read_checkpoint
+from minivq.checkpoint import read_checkpoint
 
 TINY = ["--num-hiddens", "8", "--residual-hiddens", "4", "--residual-layers", "1", "--embedding-dim", "4",
         "--num-embeddings", "16", "--kernel", "numpy"]
