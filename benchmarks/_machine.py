@@ -1,15 +1,18 @@
-"""Describe the machine a benchmark ran on, as a JSON-able dict: ``describe_machine()``.
+"""What the benchmark scripts share: the machine description and the timing helpers.
 
-Shared by the benchmark scripts; needs nothing beyond the standard library.
-NumPy, threadpoolctl, torch, numba, faiss and cupy are described when
-present. Versions come from the installed package metadata, so describing a
-machine never imports torch or cupy.
+``describe_machine()`` gives the machine a benchmark ran on as a JSON-able
+dict; it needs nothing beyond the standard library. NumPy, threadpoolctl,
+torch, numba, faiss and cupy are described when present. Versions come from
+the installed package metadata, so describing a machine never imports torch
+or cupy. ``timed(call)`` times one call; ``sgemm_rate(device)`` measures the
+float32 GEMM rate that the scripts hold their GFLOP/s against.
 """
 import datetime
 import os
 import platform
 import socket
 import sys
+import time
 
 
 def _cpuinfo():
@@ -95,6 +98,47 @@ def slug(machine=None):
     name = machine.get("hostname") or machine.get("cpu_model") or "cpu"
     name = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower() or "cpu"
     return f"{name}-{machine['date'][:10]}"
+
+
+def timed(call, sync=None, gap=0.0):
+    """``(seconds, result)`` of one ``call()``.
+
+    ``gap``: seconds of rest first, so the idle threads of the library that ran
+    before have stopped spinning (OpenBLAS and OpenMP pools busy-wait after a
+    call). ``sync``: called before and after, to wait for a GPU's queue.
+    """
+    if gap:
+        time.sleep(gap)
+    if sync is not None:
+        sync()
+    start = time.perf_counter()
+    result = call()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - start, result
+
+
+def sgemm_rate(device="cpu", repeats=5, size=None, pick=min, gap=0.0):
+    """GFLOP/s of a float32 square matrix product: NumPy on the CPU, CuPy on ``device="cuda"``.
+
+    One warm-up product, then ``repeats`` timed ones, each after ``gap`` seconds
+    of rest; ``pick`` chooses the time the rate is computed from (``min``: a
+    peak; ``statistics.median``: a typical rate). ``size`` defaults to 2048 on
+    the CPU, 8192 on the GPU. Returns ``{"size", "gflops", "times_s"}``.
+    """
+    if device == "cpu":
+        import numpy as np
+        size = size or 2048
+        a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+        sync = None
+    else:
+        import cupy as cp
+        size = size or 8192
+        a = cp.random.default_rng(0).standard_normal((size, size), dtype=cp.float32)
+        sync = cp.cuda.runtime.deviceSynchronize
+    timed(lambda: a @ a, sync)
+    times = [timed(lambda: a @ a, sync, gap)[0] for _ in range(repeats)]
+    return {"size": size, "gflops": 2 * size ** 3 / pick(times) / 1e9, "times_s": times}
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ sys.path.insert(0, HERE)
 import minivq as mv                                              # noqa: E402
 from minivq.functional import conv as conv_module                # noqa: E402
 from minivq.functional.conv import conv2d, conv_transpose2d      # noqa: E402
-from _machine import describe_machine, slug                      # noqa: E402
+from _machine import describe_machine, sgemm_rate, slug, timed  # noqa: E402
 
 # name, transposed, c_in, c_out, kernel, stride, padding, input size, input needs a gradient
 LAYERS = [
@@ -108,26 +108,13 @@ def torch_step(torch, layer, x, w, b, gy):
     return step
 
 
-def timed(step, gap):
-    if gap:
-        time.sleep(gap)
-    t0 = time.perf_counter()
-    step()
-    return (time.perf_counter() - t0) * 1e3
+def timed_ms(step, gap):
+    return 1e3 * timed(step, gap=gap)[0]
 
 
-def sgemm_rate(repeats=7, size=2048):
-    """NumPy's float32 GEMM in GFLOP/s (median over repeats)."""
-    gen = np.random.default_rng(0)
-    a = gen.standard_normal((size, size)).astype(np.float32)
-    b = gen.standard_normal((size, size)).astype(np.float32)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * size ** 3 / statistics.median(times) / 1e9
+def numpy_sgemm_rate():
+    """NumPy's float32 GEMM (2048^2) in GFLOP/s, the median over 7 products."""
+    return sgemm_rate("cpu", repeats=7, size=2048, pick=statistics.median)["gflops"]
 
 
 def run(batches, repeats, warmup, gap, use_torch):
@@ -140,7 +127,7 @@ def run(batches, repeats, warmup, gap, use_torch):
         except ImportError:
             torch = None
     gen = np.random.default_rng(0)
-    sgemm_before = sgemm_rate()
+    sgemm_before = numpy_sgemm_rate()
     results = []
     for n in batches:
         rows = []
@@ -156,7 +143,7 @@ def run(batches, repeats, warmup, gap, use_torch):
             for r in range(repeats):
                 order = [(mine, t_mine), (theirs, t_theirs)] if theirs else [(mine, t_mine)]
                 for step, sink in (order if r % 2 == 0 else order[::-1]):
-                    sink.append(timed(step, gap))
+                    sink.append(timed_ms(step, gap))
             flops = gemm_flops(layer, n)
             row = dict(layer=layer[0], batch=n, transposed=layer[1], c_in=layer[2], c_out=layer[3],
                        kernel=layer[4], stride=layer[5], padding=layer[6], size=layer[7], input_grad=layer[8],
@@ -177,7 +164,7 @@ def run(batches, repeats, warmup, gap, use_torch):
             total["ratio_of_min"] = total["minivq_min_ms"] / total["torch_min_ms"]
         results.append(dict(batch=n, layers=rows, total=total))
         print_total(total)
-    sgemm_after = sgemm_rate()
+    sgemm_after = numpy_sgemm_rate()
     return dict(threads=threads, torch_threads=torch.get_num_threads() if torch else None,
                 sgemm_gflops_before=sgemm_before, sgemm_gflops_after=sgemm_after, results=results)
 

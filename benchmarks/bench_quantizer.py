@@ -43,10 +43,8 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -56,23 +54,14 @@ sys.path.insert(0, HERE)
 
 from minivq import kernels                      # noqa: E402
 
-try:
-    from _machine import describe_machine       # shared helper, when present
-except ImportError:
-    describe_machine = None
+from _machine import describe_machine, sgemm_rate, timed     # noqa: E402
 
 FULL = {"n": [8192, 65536, 262144], "k": [512, 1024, 8192], "d": [64, 256]}
 QUICK = {"n": [8192, 65536], "k": [512, 1024], "d": [64]}
 
 
-def _describe_machine_fallback():
-    return {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_model": platform.processor(),
-            "cores": os.cpu_count(), "numpy": np.__version__,
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-
-
 def machine_description():
-    machine = describe_machine() if describe_machine is not None else _describe_machine_fallback()
+    machine = describe_machine()
     try:
         import threadpoolctl
         machine["blas_architecture"] = [i.get("architecture") for i in threadpoolctl.threadpool_info()
@@ -196,41 +185,7 @@ def to_host(indices):
     return np.asarray(indices)
 
 
-# ----------------------------------------------------------------- SGEMM peak
-def sgemm_peak(device, repeats=5):
-    """GFLOP/s of a float32 square matrix product on the device: the best of ``repeats`` (a peak)."""
-    if device == "cpu":
-        size = 2048
-        a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
-        run, sync = (lambda: a @ a), (lambda: None)
-    else:
-        import cupy as cp
-        size = 8192
-        a = cp.random.default_rng(0).standard_normal((size, size), dtype=cp.float32)
-        run, sync = (lambda: a @ a), cp.cuda.runtime.deviceSynchronize
-    run()
-    sync()
-    times = []
-    for _ in range(repeats):
-        time.sleep(0.2)
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
-    return {"size": size, "gflops": 2 * size ** 3 / min(times) / 1e9, "times_s": times}
-
-
 # ----------------------------------------------------------------- one case
-def timed(call, sync):
-    if sync:
-        sync()
-    start = time.perf_counter()
-    result = call()
-    if sync:
-        sync()
-    return time.perf_counter() - start, result
-
-
 def run_case(impls, n, k, d, args, peak):
     rng = np.random.default_rng(n + 7 * k + 13 * d)
     x = rng.standard_normal((n, d), dtype=np.float32)
@@ -254,8 +209,7 @@ def run_case(impls, n, k, d, args, peak):
     for r in range(repeats):
         order = calls[r % len(calls):] + calls[:r % len(calls)]
         for impl, call, _, _ in order:
-            time.sleep(args.pause)
-            elapsed, result = timed(call, impl.sync)
+            elapsed, result = timed(call, impl.sync, args.pause)
             times[impl.name].append(elapsed)
             del result
     for impl, _, warm, indices in calls:
@@ -337,7 +291,7 @@ def main(argv=None):
         machine["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         machine["gpu_sm_count"] = props["multiProcessorCount"]
     print(f"device {args.device}, threads {applied}, implementations {[i.name for i in impls]}")
-    peak_before = sgemm_peak(args.device)
+    peak_before = sgemm_rate(args.device, repeats=5, pick=min, gap=0.2)
     print(f"SGEMM peak: {peak_before['gflops']:.1f} GF/s ({peak_before['size']}^3 float32)")
 
     cases = []
@@ -347,7 +301,7 @@ def main(argv=None):
                 case = run_case(impls, n, k, d, args, peak_before["gflops"])
                 cases.append(case)
                 print_case(case)
-    peak_after = sgemm_peak(args.device)
+    peak_after = sgemm_rate(args.device, repeats=5, pick=min, gap=0.2)
     peak = max(peak_before["gflops"], peak_after["gflops"])
     for case in cases:                                   # shares against the higher of the two peaks
         for r in case["results"].values():

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import describe_machine  # noqa: E402
+from _machine import describe_machine, timed  # noqa: E402
 
 import minivq as mv  # noqa: E402
 from minivq import backend, functional as F  # noqa: E402
@@ -124,9 +124,7 @@ def main():
                 fn()
         for _ in range(args.repeats):
             for name, fn in impls.items():          # interleaved: both see the same machine state
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
+                times[name].append(timed(fn)[0])
         row = {"batch": batch, "data": source, "flops": flops_per_step(batch)}
         for name, ts in times.items():
             row[f"{name}_ms"] = 1e3 * float(np.median(ts))

@@ -25,7 +25,6 @@ from . import backend
 # ---------------------------------------------------------------- grad mode
 class _GradMode:
     enabled = True          # the one piece of global mutable state (besides the RNG)
-    record_norms = False    # minivq.graph.record_grad_norms(): backward notes each node's gradient norm
 
 
 @contextlib.contextmanager
@@ -51,6 +50,38 @@ def enable_grad():
 
 def is_grad_enabled():
     return _GradMode.enabled
+
+
+# ---------------------------------------------------------------- backward hook
+# An opt-in inspection hook: ``fn(function, grads_out)`` is called once per
+# Function during backward, after its ``backward`` ran, with the gradients of
+# its outputs. None by default, so backward pays one ``is None`` test per node.
+# ``minivq.graph.record_grad_norms`` is built on it; autograd knows nothing of graph.
+_backward_hook = None
+
+
+def get_backward_hook():
+    """The hook backward calls for each Function, or None."""
+    return _backward_hook
+
+
+def set_backward_hook(fn):
+    """Make ``fn(function, grads_out)`` (or None) the backward hook; returns the previous one."""
+    global _backward_hook
+    if fn is not None and not callable(fn):
+        raise TypeError(f"a backward hook must be callable or None, got {fn!r}")
+    previous, _backward_hook = _backward_hook, fn
+    return previous
+
+
+@contextlib.contextmanager
+def backward_hook(fn):
+    """Within this block, backward calls ``fn(function, grads_out)`` once per Function it runs."""
+    previous = set_backward_hook(fn)
+    try:
+        yield
+    finally:
+        set_backward_hook(previous)
 
 
 # ---------------------------------------------------------------- Tensor
@@ -150,16 +181,8 @@ class Tensor:
         """A new leaf sharing the same array, cut from the graph."""
         return Tensor(self.data, name=self.name)
 
-    def to(self, device):
-        """This tensor on ``device``; differentiable (the gradient moves back)."""
-        if backend.array_device(self.data) == backend.device_name(device):
-            return self
-        from .functional.basic import to_device
-        return to_device(self, device)
-
-    def astype(self, dtype):
-        from .functional.basic import cast
-        return cast(self, dtype)
+    # ``to(device)`` and ``astype(dtype)``, the operators and the other array-like
+    # methods are differentiable ops: minivq.functional installs them on Tensor.
 
     # -- gradients
     def register_hook(self, fn):
@@ -242,9 +265,8 @@ def run_backward(root, grad):
         grads_in = fn.backward(*grads_out)
         if not isinstance(grads_in, tuple):
             grads_in = (grads_in,)
-        if _GradMode.record_norms:
-            from .graph import grad_norm
-            fn.grad_norms = [grad_norm(g) for g in grads_out]
+        if _backward_hook is not None:
+            _backward_hook(fn, grads_out)
         for x, gx in zip(fn.inputs, grads_in):
             if gx is None or not x.requires_grad:
                 continue
@@ -277,7 +299,7 @@ class Function:
     can skip work for inputs that want no gradient (Chainer's idea).
     """
 
-    grad_norms = None      # set by backward under minivq.graph.record_grad_norms()
+    grad_norms = None      # set by minivq.graph.record_grad_norms() through the backward hook
 
     @property
     def name(self):

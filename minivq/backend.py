@@ -107,6 +107,17 @@ def use_device(device):
         require_cuda(idx).cuda.Device(idx).use()
 
 
+def device_count():
+    """How many GPUs CuPy sees; without CuPy or a GPU, ``require_cuda``'s one-line error."""
+    return require_cuda(0).cuda.runtime.getDeviceCount()
+
+
+def current_stream():
+    """CuPy's current stream on the current GPU (``.ptr`` for NCCL, ``.synchronize()`` to wait for it)."""
+    cp = _cupy if _cupy is not None else require_cuda(0)     # once per collective: skip the checks
+    return cp.cuda.get_current_stream()
+
+
 def array_device(a):
     """The device an array lives on, as ``"cpu"`` or ``"cuda:N"``."""
     if _is_cupy_array(a):
@@ -131,10 +142,6 @@ def to_device(a, device):
 def to_numpy(a):
     """A NumPy array with the same values (a copy from the GPU, or the array itself)."""
     return a.get() if _is_cupy_array(a) else np.asarray(a)
-
-
-def is_float_dtype(dtype):
-    return np.dtype(dtype).kind == "f"
 
 
 def min_max(a):
@@ -215,3 +222,48 @@ def add_at(target, key, values):
         cupyx.scatter_add(target, key, values)
     else:
         np.add.at(target, key, values)
+
+
+# ---------------------------------------------------------------- NCCL
+# The collectives of minivq.distributed on GPU buffers, through CuPy's NCCL
+# binding; the communicator it returns is CuPy's own (allReduce, bcast,
+# allGather, destroy), called with device pointers and a stream pointer.
+_NCCL_TYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64",
+               "int32": "NCCL_INT32", "int64": "NCCL_INT64", "uint8": "NCCL_UINT8"}
+
+
+def _nccl():
+    from cupy.cuda import nccl
+    return nccl
+
+
+def nccl_unavailable():
+    """None when CuPy's NCCL binding is usable here, else why not, in one line."""
+    try:
+        nccl = _nccl()
+    except Exception as exc:    # no CuPy, or a CuPy without the binding, or a broken CUDA install
+        return f"{type(exc).__name__}: {exc}"
+    return None if nccl.available else "this CuPy was built without NCCL"
+
+
+def nccl_unique_id():
+    """A new NCCL unique id (made on one rank, shared with the others before ``nccl_communicator``)."""
+    return _nccl().get_unique_id()
+
+
+def nccl_communicator(size, unique_id, rank):
+    """CuPy's ``NcclCommunicator`` for ``rank`` of ``size`` ranks on the current GPU; every rank calls it."""
+    return _nccl().NcclCommunicator(size, unique_id, rank)
+
+
+def nccl_dtype(dtype):
+    """NCCL's code for an array dtype; a ``TypeError`` naming the supported ones otherwise."""
+    name = _NCCL_TYPES.get(np.dtype(dtype).name)
+    if name is None:
+        raise TypeError(f"NCCL collectives take {', '.join(_NCCL_TYPES)} arrays, got {np.dtype(dtype)}")
+    return getattr(_nccl(), name)
+
+
+def nccl_sum():
+    """NCCL's code for the sum reduction."""
+    return _nccl().NCCL_SUM

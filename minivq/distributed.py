@@ -2,8 +2,8 @@
 
 The route ChainerMN took for NumPy/CuPy engines: processes started by
 ``mpiexec``, talking through mpi4py, and, for CuPy arrays, through NCCL
-(``cupy.cuda.nccl``) with its unique id shared over MPI. Nothing here is a
-transport of its own.
+(``cupy.cuda.nccl``, reached through ``minivq.backend``) with its unique id
+shared over MPI. Nothing here is a transport of its own.
 
 A ``Communicator`` offers the few collectives training needs, on NumPy or
 CuPy arrays; each returns its result (in the given array where it can):
@@ -113,7 +113,7 @@ def rank_device(device, comm):
     if kind != "cuda" or comm.size == 1:
         return device
     index += comm.local_rank
-    count = backend.require_cuda(0).cuda.runtime.getDeviceCount()
+    count = backend.device_count()
     if index >= count:
         raise ValueError(f"{comm.where()} would use cuda:{index} (--device {device} plus its rank "
                          f"{comm.local_rank} on this machine), but only {count} GPU(s) are visible; "
@@ -131,11 +131,7 @@ def for_device(comm, device, choice="auto"):
     on_gpu = backend.parse_device(device)[0] == "cuda"
     here = None
     if on_gpu:
-        try:
-            from cupy.cuda import nccl
-            here = None if nccl.available else "this CuPy was built without NCCL"
-        except Exception as exc:
-            here = f"{type(exc).__name__}: {exc}"
+        here = backend.nccl_unavailable()
     else:
         here = "NCCL needs --device cuda"
     reasons = comm.allgather_object(here)       # every rank must agree before NCCL's collective set-up
@@ -332,10 +328,6 @@ class MPICommunicator(Communicator):
             self._faults = None
 
 
-_NCCL_TYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64",
-               "int32": "NCCL_INT32", "int64": "NCCL_INT64", "uint8": "NCCL_UINT8"}
-
-
 class NCCLCommunicator(Communicator):
     """CuPy arrays through NCCL on the current stream (asynchronous to the host); anything else through MPI.
 
@@ -345,12 +337,11 @@ class NCCLCommunicator(Communicator):
     name = "nccl"
 
     def __init__(self, mpi, device):
-        from cupy.cuda import nccl
-        self.nccl, self.mpi = nccl, mpi
-        self.cp = backend.require_cuda(backend.parse_device(device)[1])
+        self.mpi = mpi
+        backend.require_cuda(backend.parse_device(device)[1])     # the one-line error where there is no such GPU
         self.rank, self.size, self.local_rank = mpi.rank, mpi.size, mpi.local_rank
-        uid = mpi.bcast_object(nccl.get_unique_id() if mpi.rank == 0 else None)
-        self.comm = nccl.NcclCommunicator(mpi.size, uid, mpi.rank)
+        uid = mpi.bcast_object(backend.nccl_unique_id() if mpi.rank == 0 else None)
+        self.comm = backend.nccl_communicator(mpi.size, uid, mpi.rank)
         self.timing = False
 
     @property
@@ -364,7 +355,7 @@ class NCCLCommunicator(Communicator):
     _nccl_seconds = 0.0
 
     def _call(self, fn, *args):
-        stream = self.cp.cuda.get_current_stream()
+        stream = backend.current_stream()
         if self.timing:
             stream.synchronize()
             start = time.perf_counter()
@@ -373,33 +364,28 @@ class NCCLCommunicator(Communicator):
             stream.synchronize()
             self._nccl_seconds += time.perf_counter() - start
 
-    def _type(self, array):
-        name = _NCCL_TYPES.get(array.dtype.name)
-        if name is None:
-            raise TypeError(f"NCCL collectives take {', '.join(_NCCL_TYPES)} arrays, got {array.dtype}")
-        return getattr(self.nccl, name)
-
     def allreduce_sum(self, array):
         if backend.array_device(array) == "cpu":
             return self.mpi.allreduce_sum(array)
-        array = self.cp.ascontiguousarray(array)
-        self._call(self.comm.allReduce, array.data.ptr, array.data.ptr, array.size, self._type(array),
-                   self.nccl.NCCL_SUM)
+        array = backend.get_array_module(array).ascontiguousarray(array)
+        self._call(self.comm.allReduce, array.data.ptr, array.data.ptr, array.size, backend.nccl_dtype(array.dtype),
+                   backend.nccl_sum())
         return array
 
     def bcast(self, array, root=0):
         if backend.array_device(array) == "cpu":
             return self.mpi.bcast(array, root)
-        array = self.cp.ascontiguousarray(array)
-        self._call(self.comm.bcast, array.data.ptr, array.size, self._type(array), root)
+        array = backend.get_array_module(array).ascontiguousarray(array)
+        self._call(self.comm.bcast, array.data.ptr, array.size, backend.nccl_dtype(array.dtype), root)
         return array
 
     def allgather(self, array):
         if backend.array_device(array) == "cpu":
             return self.mpi.allgather(array)
-        array = self.cp.ascontiguousarray(array)
-        gathered = self.cp.empty((self.size,) + array.shape, array.dtype)
-        self._call(self.comm.allGather, array.data.ptr, gathered.data.ptr, array.size, self._type(array))
+        xp = backend.get_array_module(array)
+        array = xp.ascontiguousarray(array)
+        gathered = xp.empty((self.size,) + array.shape, array.dtype)
+        self._call(self.comm.allGather, array.data.ptr, gathered.data.ptr, array.size, backend.nccl_dtype(array.dtype))
         return gathered.reshape((-1,) + array.shape[1:])
 
     def bcast_object(self, obj, root=0):
@@ -412,7 +398,7 @@ class NCCLCommunicator(Communicator):
         self.mpi.fail(line, code)
 
     def close(self):
-        self.cp.cuda.get_current_stream().synchronize()
+        backend.current_stream().synchronize()
         self.comm.destroy()
         self.mpi.close()
 

@@ -15,19 +15,24 @@ import contextlib
 
 import numpy as np
 
-from . import backend
-from .autograd import _GradMode
+from . import autograd, backend
 
 
 @contextlib.contextmanager
 def record_grad_norms():
-    """Within this block, every backward notes the norm of each node's output gradient."""
-    previous = _GradMode.record_norms
-    _GradMode.record_norms = True
-    try:
+    """Within this block, every backward notes the norm of each node's output gradient (``fn.grad_norms``).
+
+    It installs autograd's backward hook for the block; a hook already installed keeps being called.
+    """
+    outer = autograd.get_backward_hook()
+
+    def note_norms(fn, grads_out):
+        fn.grad_norms = [None if g is None else grad_norm(g) for g in grads_out]
+        if outer is not None:
+            outer(fn, grads_out)
+
+    with autograd.backward_hook(note_norms):
         yield
-    finally:
-        _GradMode.record_norms = previous
 
 
 def nodes(root):

@@ -373,7 +373,7 @@ def test_a_training_step_waits_for_the_gpu_only_in_the_kernel_checks(fake_cupy, 
             return real(*args, **kwargs)
         finally:
             in_kernel.append(cp.stats["d2h"] - before)
-    monkeypatch.setattr(kernels, "nearest_code", counted)
+    monkeypatch.setattr(mv.functional.quantize, "nearest_code", counted)     # the quantisers' one call site
     mv.manual_seed(0)
     model = mv.models.VQVAE(decay=decay, kernel="numpy", **TINY).to("cuda")
     opt = optim.Adam(model.parameters())

@@ -36,7 +36,7 @@ def test_text_graph_names_nodes_shapes_and_gradient_norms():
     assert st.grad_norms[0] == pytest.approx(expected, rel=1e-5)
     assert rows["StraightThrough"][2] == "(1, 2, 2, 2)"
     assert float(rows["StraightThrough"][3]) == pytest.approx(expected, rel=1e-3)
-    assert not mv.autograd._GradMode.record_norms
+    assert mv.autograd.get_backward_hook() is None      # the hook is gone after the block
 
 
 def test_nodes_come_in_backward_order_each_once():
@@ -95,3 +95,20 @@ def test_rotation_estimator_in_the_quantizer():
     assert out.quantized.creator.name == "RotationTrick"
     with pytest.raises(ValueError, match="estimator"):
         nn.VectorQuantizer(5, 3, estimator="gumbel")
+
+
+def test_backward_hook_sees_every_node_once_and_nests_under_record_grad_norms():
+    vq, z, out, loss = small_step()
+    seen, outer_seen = [], []
+    with mv.autograd.backward_hook(lambda fn, grads: outer_seen.append(fn)):
+        with mv.graph.record_grad_norms():
+            with mv.autograd.backward_hook(lambda fn, grads: seen.append((fn, [g.shape for g in grads]))):
+                pass                                 # an inner hook that ended restores record_grad_norms'
+            loss.backward()
+        assert mv.autograd.get_backward_hook() is not None and seen == []
+    assert mv.autograd.get_backward_hook() is None
+    ran = mv.graph.nodes(loss)
+    assert sorted(map(id, outer_seen)) == sorted(map(id, ran))          # each node once, the outer hook kept
+    assert all(fn.grad_norms is not None for fn in ran)
+    with pytest.raises(TypeError):
+        mv.autograd.set_backward_hook("not callable")

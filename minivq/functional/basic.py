@@ -431,6 +431,13 @@ def to_device(x, device):
     return ToDevice(device)(x)
 
 
+def _tensor_to(x, device):
+    """``Tensor.to``: ``x`` on ``device``; differentiable (the gradient moves back); ``x`` itself if already there."""
+    if backend.array_device(x.data) == backend.device_name(device):
+        return x
+    return to_device(x, device)
+
+
 # ---------------------------------------------------------------- embedding
 class Embedding(Function):
     """Rows of ``weight`` picked by integer ``indices``; backward scatter-adds into the picked rows.
@@ -497,6 +504,8 @@ def _install_tensor_methods():
     T.relu = relu
     T.sigmoid = sigmoid
     T.tanh = tanh
+    T.to = _tensor_to
+    T.astype = cast
 
 
 _install_tensor_methods()

@@ -7,6 +7,9 @@ gradient handed to z_e unchanged (and nothing to z_q).
 """
 from ..autograd import Function
 from ..backend import get_array_module
+from ..kernels import nearest_code
+from .basic import Embedding, transpose
+from .losses import mse_loss
 
 
 class StopGradient(Function):
@@ -97,10 +100,6 @@ def vector_quantize(z_e, codebook, commitment_cost=0.25, backend="auto", estimat
     ``codebook`` may be a Tensor that requires grad (the plain VQ) or a constant (the EMA VQ,
     whose codebook loss is then zero-gradient and may be ignored).
     """
-    from ..kernels import nearest_code
-    from .basic import Embedding, transpose
-    from .losses import mse_loss
-
     n, d, h, w = z_e.shape
     flat = flatten_latents(z_e.data)
     cb = codebook.data if hasattr(codebook, "requires_grad") else codebook

@@ -12,6 +12,7 @@ import numpy as np
 from .. import backend
 from ..autograd import Tensor
 from ..functional.quantize import ESTIMATORS, flatten_latents, vector_quantize
+from ..kernels import nearest_code
 from .module import Module, Parameter
 
 
@@ -83,7 +84,6 @@ def kmeans_plus_plus(vectors, k, iterations=10):
     Used to initialise a codebook from the first batch. With fewer distinct
     vectors than k, the remaining centres repeat sampled vectors.
     """
-    from ..kernels import nearest_code
     xp = backend.get_array_module(vectors)
     host = backend.to_numpy(vectors).astype(np.float64)
     gen = backend.rng()
