@@ -12,7 +12,6 @@ heap ordered by *generation* (an input's generation plus one), so every
 Function runs after all the Functions that consumed its outputs, and each
 gradient it receives is already complete.
 """
-import contextlib
 import heapq
 import itertools
 import weakref
@@ -27,25 +26,20 @@ class _GradMode:
     enabled = True          # the one piece of global mutable state (besides the RNG)
 
 
-@contextlib.contextmanager
+def set_grad_enabled(mode):
+    """Turn graph recording on or off; returns the previous mode."""
+    previous, _GradMode.enabled = _GradMode.enabled, bool(mode)
+    return previous
+
+
 def no_grad():
     """Within this block operations are not recorded: no graph, no saved arrays."""
-    previous = _GradMode.enabled
-    _GradMode.enabled = False
-    try:
-        yield
-    finally:
-        _GradMode.enabled = previous
+    return backend.setting(set_grad_enabled, False)
 
 
-@contextlib.contextmanager
 def enable_grad():
-    previous = _GradMode.enabled
-    _GradMode.enabled = True
-    try:
-        yield
-    finally:
-        _GradMode.enabled = previous
+    """Within this block operations are recorded again (inside a ``no_grad`` block, say)."""
+    return backend.setting(set_grad_enabled, True)
 
 
 def is_grad_enabled():
@@ -74,14 +68,9 @@ def set_backward_hook(fn):
     return previous
 
 
-@contextlib.contextmanager
 def backward_hook(fn):
     """Within this block, backward calls ``fn(function, grads_out)`` once per Function it runs."""
-    previous = set_backward_hook(fn)
-    try:
-        yield
-    finally:
-        set_backward_hook(previous)
+    return backend.setting(set_backward_hook, fn)
 
 
 # ---------------------------------------------------------------- Tensor

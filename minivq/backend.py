@@ -5,6 +5,8 @@ Everything above this module takes the array module from the data itself,
 CuPy is imported lazily and in one guarded place, so ``import minivq`` needs
 NumPy alone.
 """
+import contextlib
+
 import numpy as np
 
 _cupy = None          # the cupy module once imported successfully
@@ -267,3 +269,19 @@ def nccl_dtype(dtype):
 def nccl_sum():
     """NCCL's code for the sum reduction."""
     return _nccl().NCCL_SUM
+
+
+# ---------------------------------------------------------------- settings
+@contextlib.contextmanager
+def setting(set_value, value):
+    """Within this block a global setting holds ``value``; the previous value comes back after, even on error.
+
+    ``set_value(v)`` sets the setting and returns the value it had. The few global
+    settings minivq has (the grad mode, the backward hook, the conv workspace
+    limit) are each a setter plus this context manager.
+    """
+    previous = set_value(value)
+    try:
+        yield
+    finally:
+        set_value(previous)

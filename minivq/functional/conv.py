@@ -29,7 +29,6 @@ Memory: one im2col (or col2im) buffer holds at most ``workspace_limit`` bytes
 processed a few images at a time. When the batch fits in one buffer, conv2d
 keeps the windows of x from forward for the weight gradient.
 """
-import contextlib
 
 import numpy as np
 
@@ -45,20 +44,20 @@ class _Workspace:
     limit = DEFAULT_WORKSPACE_LIMIT
 
 
-@contextlib.contextmanager
+def set_workspace_limit(nbytes):
+    """Let an im2col buffer hold at most ``nbytes``; returns the previous limit."""
+    previous, _Workspace.limit = _Workspace.limit, _positive_int(nbytes, "workspace_limit nbytes")
+    return previous
+
+
 def workspace_limit(nbytes):
     """Within this block an im2col buffer holds at most ``nbytes`` (at least one image's worth).
 
     Batches whose buffer would be larger are processed in chunks of images;
     the results are the same, only the peak memory changes.
     """
-    nbytes = _positive_int(nbytes, "workspace_limit nbytes")
-    previous = _Workspace.limit
-    _Workspace.limit = nbytes
-    try:
-        yield
-    finally:
-        _Workspace.limit = previous
+    _positive_int(nbytes, "workspace_limit nbytes")      # checked on entry, before the block runs
+    return backend.setting(set_workspace_limit, nbytes)
 
 
 def get_workspace_limit():
