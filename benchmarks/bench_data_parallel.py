@@ -62,7 +62,7 @@ def worker(args):
             start = time.perf_counter()
             buf = comm.allreduce_sum(buf)
             if args.device != "cpu":
-                backend.require_cuda(0).cuda.get_current_stream().synchronize()
+                backend.current_stream().synchronize()
             bare.append(time.perf_counter() - start)
         bare = bare[2:]
     if comm.rank == 0:
