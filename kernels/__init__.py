@@ -1,8 +1,15 @@
 """minivq.kernels: the batched nearest-codebook search behind the vector quantisers.
 
-``nearest_code(x, codebook, backend="auto")`` returns, for every row of ``x``
-(N, D), the index of the nearest row of ``codebook`` (K, D) in squared L2
-distance, as int64 (N,). Ties go to the lowest index on every backend.
+``nearest_code(x, codebook, backend="auto", metric="l2")`` returns, for every
+row of ``x`` (N, D), the index of the nearest row of ``codebook`` (K, D) in
+squared L2 distance, as int64 (N,). With ``metric="ip"`` it is the code of
+largest inner product ``x.e`` instead (a maximum-inner-product search: the
+nearest code in cosine similarity when the codes are l2-normalised). Ties go
+to the lowest index on every backend, for either metric.
+
+Every backend scores a code as ``||e||^2 - 2 x.e`` and takes the argmin; the
+inner-product search is the same kernel with the norms set to zero (its score
+``-2 x.e`` is smallest where ``x.e`` is largest, and the factor -2 is exact).
 
 Backends:
 
@@ -25,6 +32,7 @@ import numpy as np
 from minivq import backend as _backend
 
 BACKENDS = ("auto", "numpy", "numba", "cupy")
+METRICS = ("l2", "ip")
 
 # Lazily imported backend modules, or the reason they could not be imported.
 _loaded = {}
@@ -132,25 +140,32 @@ def _resolve(name, device):
     return name
 
 
-def nearest_code(x, codebook, backend="auto"):
-    """Index of the nearest code in squared L2 for every row of ``x``; ties go to the lowest index.
+def nearest_code(x, codebook, backend="auto", metric="l2"):
+    """Index of the nearest code for every row of ``x``; ties go to the lowest index.
 
     ``x``: (N, D), ``codebook``: (K, D), NumPy or CuPy arrays (minivq Tensors are
     unwrapped), both float32 or both float64, finite. Returns int64 (N,) on the
     device of the inputs. ``backend``: ``"auto"``, ``"numpy"``, ``"numba"`` or
-    ``"cupy"`` (see the module docstring). Raises ValueError/TypeError naming the
-    offending shape, dtype, value or backend.
+    ``"cupy"`` (see the module docstring). ``metric``: ``"l2"``, the smallest
+    squared L2 distance, or ``"ip"``, the largest inner product ``x.e``.
+    Raises ValueError/TypeError naming the offending shape, dtype, value,
+    backend or metric.
     """
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}: use one of {list(METRICS)}")
     x, codebook, device = _validate(x, codebook)
     name = _resolve(backend, device)
     if x.shape[0] == 0:
         return _backend.get_array_module(x).empty(0, dtype=np.int64)
+    # the metric is passed only when it is not the default, so a stand-in written for the
+    # L2 search (the tests' fake GPU kernels) keeps working
+    options = {} if metric == "l2" else {"metric": metric}
     if name == "numpy":
         from .nearest_numpy import nearest_code_numpy
-        return nearest_code_numpy(x, codebook)
+        return nearest_code_numpy(x, codebook, **options)
     if name == "numba":
-        return _load("numba").nearest_code_numba(x, codebook)
-    return _load("cupy").nearest_code_cupy(x, codebook)
+        return _load("numba").nearest_code_numba(x, codebook, **options)
+    return _load("cupy").nearest_code_cupy(x, codebook, **options)
 
 
-__all__ = ["nearest_code", "available_backends", "BACKENDS"]
+__all__ = ["nearest_code", "available_backends", "BACKENDS", "METRICS"]

@@ -4,6 +4,8 @@
 // For every row x_i of x (N, D) it finds argmin_k ||e_k||^2 - 2 x_i.e_k over the codebook
 // (K, D), ties to the lowest k, without writing the N x K score matrix to device memory.
 // (||x_i||^2 is the same for every code of a row, so it is left out of the score.)
+// The maximum-inner-product search (metric "ip" in nearest_cuda.py) is this same kernel given
+// norms of zero: the score -2 x_i.e_k is smallest where x_i.e_k is largest (the -2 is exact).
 //
 // nearest_code_{f32,f64}: one block of 256 threads, seen as a 16 x 16 grid (tx = tid % 16,
 // ty = tid / 16), owns BM = 16*TM rows of x and sweeps the codebook BN = 16*TN codes at a time.

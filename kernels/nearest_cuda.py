@@ -2,7 +2,8 @@
 
 See nearest_code.cu for the kernel itself. This module computes the code
 norms with a small kernel of the same file (so identical codes get identical
-norms), chooses the launch geometry, and splits the codebook over a second
+norms), or passes zeros for the inner-product search (``metric="ip"``: the
+kernel's score ``||e||^2 - 2 x.e`` becomes ``-2 x.e``), chooses the launch geometry, and splits the codebook over a second
 grid dimension when there are too few rows to fill the GPU: each split keeps
 the best (score, index) of its share of the codes and ``reduce_splits``
 picks the winner per row, ties to the lower index.
@@ -51,8 +52,11 @@ def code_splits(n, k, dtype, sm_count):
     return -(-tiles // per_split), per_split
 
 
-def nearest_code_cupy(x, codebook):
-    """Index of the nearest code for every row of ``x`` (validated CuPy float arrays of one dtype)."""
+def nearest_code_cupy(x, codebook, metric="l2"):
+    """Index of the nearest code for every row of ``x`` (validated CuPy float arrays of one dtype).
+
+    ``metric``: ``"l2"`` (squared distance) or ``"ip"`` (largest inner product).
+    """
     import cupy as cp
     n, d = x.shape
     k = codebook.shape[0]
@@ -67,9 +71,12 @@ def nearest_code_cupy(x, codebook):
         out = cp.empty(n, dtype=cp.int64)
         if n == 0:
             return out
-        norms = cp.empty(k, dtype=dtype)
-        module.get_function("code_norms_" + suffix)(
-            (-(-k // THREADS),), (THREADS,), (codebook, np.int32(k), np.int32(d), norms))
+        if metric == "ip":
+            norms = cp.zeros(k, dtype=dtype)      # score -2 x.e: the argmin is the largest inner product
+        else:
+            norms = cp.empty(k, dtype=dtype)
+            module.get_function("code_norms_" + suffix)(
+                (-(-k // THREADS),), (THREADS,), (codebook, np.int32(k), np.int32(d), norms))
         sm_count = cp.cuda.Device().attributes["MultiProcessorCount"]
         splits, per_split = code_splits(n, k, dtype, sm_count)
         part_score = cp.empty((splits, n) if splits > 1 else 1, dtype=dtype)

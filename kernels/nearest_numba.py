@@ -11,7 +11,9 @@ Layout (``pack_codebook``, once per call)
     of float32). The last tile is padded with zero codes whose norm is +inf,
     so every tile is full width and no code ever takes a remainder path.
     Scaling by -2 is exact (a power of two), so nothing is lost by folding it
-    in here. ``norms[t, c] = ||e||^2`` (+inf for padding).
+    in here. ``norms[t, c] = ||e||^2`` (+inf for padding). For the
+    inner-product search (``metric="ip"``) the norms of real codes are zero,
+    so the score is ``-2 x.e`` and the same argmin finds the largest ``x.e``.
 
 Micro-kernel (the ``d`` loop)
     ``ROWS`` = 4 rows of x against one tile: 4 x 16 running scores in a stack
@@ -78,14 +80,17 @@ def _stack_buffer(typingctx, size, dtype):
     return types.CPointer(element)(size, dtype), codegen
 
 
-def pack_codebook(codebook):
-    """``(packed, norms)``: the codebook in tiles of CODES codes, transposed and scaled by -2 (see the module doc)."""
+def pack_codebook(codebook, metric="l2"):
+    """``(packed, norms)``: the codebook in tiles of CODES codes, transposed and scaled by -2 (see the module doc).
+
+    ``metric="ip"`` gives real codes a zero norm (the maximum-inner-product search); padding stays +inf.
+    """
     k, d = codebook.shape
     tiles = -(-k // CODES)
     padded = np.zeros((tiles * CODES, d), dtype=codebook.dtype)
     padded[:k] = codebook
     norms = np.full(tiles * CODES, np.inf, dtype=codebook.dtype)
-    norms[:k] = np.einsum("kd,kd->k", codebook, codebook)
+    norms[:k] = np.einsum("kd,kd->k", codebook, codebook) if metric == "l2" else 0
     packed = np.ascontiguousarray(padded.reshape(tiles, CODES, d).transpose(0, 2, 1))
     packed *= -2
     return packed, norms.reshape(tiles, CODES)
@@ -143,10 +148,13 @@ def tiles_per_block(dim, itemsize):
     return max(1, CODE_BLOCK_BYTES // (max(1, dim) * CODES * itemsize))
 
 
-def nearest_code_numba(x, codebook):
-    """Index of the nearest code for every row of ``x`` (validated NumPy float arrays of one dtype)."""
+def nearest_code_numba(x, codebook, metric="l2"):
+    """Index of the nearest code for every row of ``x`` (validated NumPy float arrays of one dtype).
+
+    ``metric``: ``"l2"`` (squared distance) or ``"ip"`` (largest inner product).
+    """
     x = np.ascontiguousarray(x)
-    packed, norms = pack_codebook(codebook)
+    packed, norms = pack_codebook(codebook, metric)
     out = np.empty(x.shape[0], dtype=np.int64)
     if x.shape[0]:
         _nearest_kernel(x, packed, norms, tiles_per_block(x.shape[1], x.dtype.itemsize), out)

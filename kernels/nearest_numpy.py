@@ -26,6 +26,10 @@ without knowing x, always go to the lowest index. Two *different* codes at
 the same true distance may still round differently, as in any GEMM
 formulation.
 
+The inner-product search (``metric="ip"``) takes the argmax of ``x.e`` over
+the same chunked product; ``argmax`` returns the first of equal maxima, and
+duplicated codes go to their first copy as above.
+
 The same code runs on CuPy arrays (``xp = get_array_module(x)``), which is
 how the GPU path of the benchmark gets its GEMM-based comparison point.
 """
@@ -62,27 +66,34 @@ def first_copies(codebook):
     return first[inverse.reshape(k)].astype(np.int64)
 
 
-def nearest_code_numpy(x, codebook, block_bytes=BLOCK_BYTES):
-    """Index of the nearest code (squared L2) for every row of ``x``; ties to the lowest index.
+def nearest_code_numpy(x, codebook, block_bytes=BLOCK_BYTES, metric="l2"):
+    """Index of the nearest code for every row of ``x``; ties to the lowest index.
 
-    ``x``: (N, D) and ``codebook``: (K, D), both float32 or both float64, on
-    the same array module (NumPy or CuPy). No validation here: the public
-    entry point is ``minivq.kernels.nearest_code``. Returns int64 (N,).
+    ``metric="l2"``: the smallest squared L2 distance; ``"ip"``: the largest
+    inner product ``x.e``. ``x``: (N, D) and ``codebook``: (K, D), both float32
+    or both float64, on the same array module (NumPy or CuPy). No validation
+    here: the public entry point is ``minivq.kernels.nearest_code``. Returns
+    int64 (N,).
     """
     xp = get_array_module(x, codebook)
     n = x.shape[0]
     indices = xp.empty(n, dtype=xp.int64)
     if n == 0:
         return indices
-    norms = code_norms(codebook)
     step = rows_per_chunk(codebook.shape[0], codebook.dtype.itemsize, block_bytes)
     codebook_t = codebook.T
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        scores = x[start:stop] @ codebook_t      # x.e for every (row, code) of the chunk
-        scores *= -2                             # exact: a power of two
-        scores += norms                          # ||e||^2 - 2 x.e
-        indices[start:stop] = scores.argmin(axis=1)
+    if metric == "ip":
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            indices[start:stop] = (x[start:stop] @ codebook_t).argmax(axis=1)     # max x.e
+    else:
+        norms = code_norms(codebook)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            scores = x[start:stop] @ codebook_t      # x.e for every (row, code) of the chunk
+            scores *= -2                             # exact: a power of two
+            scores += norms                          # ||e||^2 - 2 x.e
+            indices[start:stop] = scores.argmin(axis=1)
     first = first_copies(codebook)
     if np.any(first != np.arange(first.shape[0])):      # duplicated codes: send ties to the first copy
         indices = xp.asarray(first)[indices]
