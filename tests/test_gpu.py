@@ -287,8 +287,8 @@ def compare_state(gpu_module, cpu_module, terms, what):
 
 
 @pytest.mark.parametrize("kernel", ["numpy", "auto"])
-@pytest.mark.parametrize("options", [dict(), dict(restart_after=1), dict(kmeans_init=True),
-                                     dict(estimator="rotation")])
+@pytest.mark.parametrize("options", [dict(), dict(dead_code_threshold=2.0, max_replacements=4),
+                                     dict(kmeans_init=True), dict(estimator="rotation")])
 def test_vector_quantizer_matches_the_cpu(kernel, options):
     rng = np.random.default_rng(4)
     cpu, gpu = quantizer_pair(nn.VectorQuantizer, num_embeddings=12, embedding_dim=4, commitment_cost=0.3,
@@ -299,14 +299,14 @@ def test_vector_quantizer_matches_the_cpu(kernel, options):
         outs = []
         for q, device in ((cpu, "cpu"), (gpu, GPU)):
             q.zero_grad()
-            mv.manual_seed(10 + step)            # restarts draw rows from the generator
+            mv.manual_seed(10 + step)            # dead-code replacement draws rows from the generator
             z_e = mv.tensor(z, requires_grad=True, device=device)
             out = q(z_e)
             ((out.quantized * backend.to_device(up, device)).sum() + out.loss).backward()
             outs.append((out, z_e))
         (out_cpu, z_cpu), (out_gpu, z_gpu) = outs
         compare_vq_outputs(out_gpu, out_cpu, 120, f"step {step}")
-        assert out_gpu.restarted == out_cpu.restarted
+        assert out_gpu.replaced == out_cpu.replaced
         assert_matches(z_gpu.grad, z_cpu.grad, 120, f"step {step} dL/dz_e")
         # dL/de_k sums 2 (e_k - z_e) / numel over the positions that picked k: nearly nothing after k-means
         # (a centroid), so the bound is taken from the summed terms, not from the result
@@ -319,7 +319,8 @@ def test_vector_quantizer_matches_the_cpu(kernel, options):
             assert on_gpu(value), f"buffer {key} left the device"
 
 
-@pytest.mark.parametrize("options", [dict(), dict(restart_after=1), dict(kmeans_init=True)])
+@pytest.mark.parametrize("options", [dict(), dict(dead_code_threshold=2.0, max_replacements=4),
+                                     dict(kmeans_init=True)])
 def test_ema_quantizer_update_matches_the_cpu(options):
     rng = np.random.default_rng(5)
     cpu, gpu = quantizer_pair(nn.VectorQuantizerEMA, num_embeddings=10, embedding_dim=3, decay=0.8,

@@ -4,6 +4,11 @@
 ``straight_through`` is the paper's copy of gradients from the decoder input
 z_q back to the encoder output z_e: forward z_q, backward the incoming
 gradient handed to z_e unchanged (and nothing to z_q).
+
+Beside them, the nodes of the codebook-health options: ``l2_normalize`` (the
+cosine-similarity lookup of ViT-VQGAN) and ``round_straight_through`` (the
+rounding of finite scalar quantisation, FSQ), and ``vector_quantize``, the
+nearest-code step itself.
 """
 from ..autograd import Function
 from ..backend import get_array_module
@@ -82,14 +87,67 @@ def straight_through(z_e, z_q):
 ESTIMATORS = {"straight_through": straight_through, "rotation": rotation_trick}
 
 
+class RoundStraightThrough(Function):
+    """Forward: round to the nearest integer (halves to even); backward: the gradient unchanged.
+
+    The rounding of finite scalar quantisation (FSQ, Mentzer et al. 2023): round(z) has zero
+    gradient almost everywhere, so the gradient is copied across it, as the straight-through
+    estimator copies it across the codebook lookup: dL/dz := dL/dround(z).
+    """
+
+    def forward(self, z):
+        return get_array_module(z).round(z)
+
+    def backward(self, g):
+        return g
+
+
+def round_straight_through(z):
+    """``round(z)`` forward, identity backward (see ``RoundStraightThrough``)."""
+    return RoundStraightThrough()(z)
+
+
+class L2Normalize(Function):
+    """y = x / max(||x||, eps) along ``axis``: unit vectors for a cosine-similarity lookup.
+
+    backward, where ||x|| > eps: dL/dx = (g - y (y.g)) / ||x|| (the part of g along y is removed);
+    below eps, where y = x / eps, dL/dx = g / eps.
+    """
+
+    def __init__(self, axis=1, eps=1e-12):
+        self.axis, self.eps = axis, eps
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        norm = xp.sqrt((x * x).sum(axis=self.axis, keepdims=True))
+        self.scale = xp.maximum(norm, self.eps)
+        self.small = norm <= self.eps
+        self.y = x / self.scale
+        return self.y
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        along = (self.y * g).sum(axis=self.axis, keepdims=True)
+        return xp.where(self.small, g, g - self.y * along) / self.scale
+
+
+def l2_normalize(x, axis=1, eps=1e-12):
+    """``x`` divided by its l2 norm along ``axis`` (at least ``eps``); one named node."""
+    return L2Normalize(axis, eps)(x)
+
+
 def flatten_latents(z):
     """(N, D, H, W) raw array -> (N*H*W, D) rows, one per latent position, in raster order."""
     n, d, h, w = z.shape
     return z.transpose(0, 2, 3, 1).reshape(n * h * w, d)
 
 
-def vector_quantize(z_e, codebook, commitment_cost=0.25, backend="auto", estimator="straight_through"):
+def vector_quantize(z_e, codebook, commitment_cost=0.25, backend="auto", estimator="straight_through",
+                    metric="l2"):
     """Quantise ``z_e`` (N, D, H, W) to its nearest rows of ``codebook`` (K, D), as in the paper.
+
+    ``metric="l2"`` picks the code nearest in squared distance, ``"ip"`` the code of largest
+    inner product (the cosine lookup, when ``z_e`` and the codes are l2-normalised).
 
     Returns ``(quantized, codebook_loss, commitment_loss, indices)``:
     - ``quantized = straight_through(z_e, z_q)``: forward z_q, gradient copied to z_e (or, with
@@ -103,7 +161,7 @@ def vector_quantize(z_e, codebook, commitment_cost=0.25, backend="auto", estimat
     n, d, h, w = z_e.shape
     flat = flatten_latents(z_e.data)
     cb = codebook.data if hasattr(codebook, "requires_grad") else codebook
-    indices = nearest_code(flat, cb, backend=backend).reshape(n, h, w)
+    indices = nearest_code(flat, cb, backend=backend, metric=metric).reshape(n, h, w)
     # e_k picked per position, NCHW; nearest_code's indices are in range, so no range check (a GPU wait)
     z_q = transpose(Embedding(check_range=False)(indices, codebook), (0, 3, 1, 2))
     codebook_loss = mse_loss(stop_gradient(z_e), z_q)

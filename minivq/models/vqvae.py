@@ -3,13 +3,15 @@
     x (N, C, 32, 32)
       -> Encoder: 4x4/2 conv to h/2, ReLU, 4x4/2 conv to h, ReLU, 3x3 conv, residual stack,
                   1x1 conv to D                                    -> z_e (N, D, 8, 8)
-      -> VectorQuantizer (or its EMA variant when decay > 0)       -> z_q, indices (N, 8, 8)
+      -> VectorQuantizer (its EMA variant when decay > 0, FSQ with levels)  -> z_q, indices (N, 8, 8)
       -> Decoder: 3x3 conv D to h, residual stack, 4x4/2 transposed conv to h/2, ReLU,
                   4x4/2 transposed conv to C                        -> x_recon (N, C, 32, 32)
 """
+import numpy as np
+
 from .. import functional as F
 from ..autograd import Tensor, no_grad
-from ..nn import Conv2d, ConvTranspose2d, Module, ReLU, Sequential, VectorQuantizer, VectorQuantizerEMA
+from ..nn import FSQ, Conv2d, ConvTranspose2d, Module, ReLU, Sequential, VectorQuantizer, VectorQuantizerEMA
 
 
 class Residual(Module):
@@ -66,17 +68,28 @@ class Decoder(Module):
 
 
 class VQVAE(Module):
-    """Encoder -> vector quantiser -> decoder. ``decay > 0`` selects the EMA codebook.
+    """Encoder -> quantiser -> decoder. ``model(x)`` returns ``(x_recon, VQOutput)``.
 
-    ``model(x)`` returns ``(x_recon, VQOutput)``. Extra options are passed to the
-    quantiser: ``restart_after`` (dead-code restarts), ``kmeans_init``, ``kernel`` (nearest-code
-    backend), ``estimator`` ("straight_through" or "rotation").
+    The quantiser: ``decay > 0`` selects the EMA codebook (``nn.VectorQuantizerEMA``),
+    ``levels`` (e.g. (8, 8, 8)) finite scalar quantisation (``nn.FSQ``; then
+    ``num_embeddings`` must equal prod(levels)), otherwise the paper's learned codebook
+    (``nn.VectorQuantizer``). The other options go to the vector quantisers (see
+    ``nn.VectorQuantizer``): ``kmeans_init``, ``kernel`` (nearest-code backend),
+    ``estimator`` ("straight_through" or "rotation"), dead-code replacement
+    (``dead_code_threshold`` > 0, at most ``max_replacements`` codes a step),
+    ``lookup`` ("l2" or "cosine"), ``lookup_dim`` (search in d < D dimensions through
+    learned projections) and ``simvq`` (codes = frozen random codes x a learned map;
+    the plain quantiser only). The defaults are the paper's plain quantiser.
     """
 
     def __init__(self, in_channels=1, num_hiddens=128, num_residual_hiddens=32, num_residual_layers=2,
                  embedding_dim=64, num_embeddings=512, commitment_cost=0.25, decay=0.0,
-                 restart_after=0, kmeans_init=False, kernel="auto", estimator="straight_through"):
+                 kmeans_init=False, kernel="auto", estimator="straight_through", dead_code_threshold=0.0,
+                 max_replacements=64, lookup="l2", lookup_dim=None, simvq=False, levels=None, restart_after=0):
         super().__init__()
+        if restart_after:   # transitional: accepted as 0 only until the training config drops the option
+            raise ValueError(f"restart_after={restart_after}: the mass re-seed of dead codes was replaced by "
+                             "gentle dead-code replacement: use dead_code_threshold (e.g. 1.0) and max_replacements")
         for name, value in [("in_channels", in_channels), ("num_hiddens", num_hiddens),
                             ("num_residual_hiddens", num_residual_hiddens), ("embedding_dim", embedding_dim),
                             ("num_embeddings", num_embeddings)]:
@@ -87,20 +100,38 @@ class VQVAE(Module):
         if num_residual_layers < 0 or decay < 0 or decay >= 1:
             raise ValueError(f"need num_residual_layers >= 0 and 0 <= decay < 1, "
                              f"got {num_residual_layers} and {decay}")
+        if levels is not None:
+            levels = tuple(levels)
+            given = [name for name, value, default in [
+                ("decay", decay, 0.0), ("kmeans_init", kmeans_init, False), ("simvq", simvq, False),
+                ("dead_code_threshold", dead_code_threshold, 0.0), ("lookup", lookup, "l2"),
+                ("lookup_dim", lookup_dim, None)] if value != default]
+            if given:
+                raise ValueError(f"levels={levels} selects FSQ, which has no codebook: drop {', '.join(given)}")
+            if int(np.prod(levels)) != num_embeddings:
+                raise ValueError(f"levels={levels} give {int(np.prod(levels))} codes but num_embeddings="
+                                 f"{num_embeddings}: pass num_embeddings={int(np.prod(levels))}")
+        if simvq and decay > 0:
+            raise ValueError("simvq learns its codebook by gradient: it needs decay=0 (not the EMA codebook), "
+                             f"got decay={decay}")
         self.config = dict(in_channels=in_channels, num_hiddens=num_hiddens,
                            num_residual_hiddens=num_residual_hiddens, num_residual_layers=num_residual_layers,
                            embedding_dim=embedding_dim, num_embeddings=num_embeddings,
-                           commitment_cost=commitment_cost, decay=decay)
+                           commitment_cost=commitment_cost, decay=decay, kmeans_init=kmeans_init,
+                           estimator=estimator, dead_code_threshold=dead_code_threshold,
+                           max_replacements=max_replacements, lookup=lookup, lookup_dim=lookup_dim, simvq=simvq,
+                           levels=levels)
         self.in_channels = in_channels
         self.encoder = Encoder(in_channels, num_hiddens, num_residual_layers, num_residual_hiddens, embedding_dim)
-        if decay > 0:
-            self.vq = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost, decay=decay,
-                                         restart_after=restart_after, kmeans_init=kmeans_init, kernel=kernel,
-                                         estimator=estimator)
+        options = dict(kmeans_init=kmeans_init, kernel=kernel, estimator=estimator,
+                       dead_code_threshold=dead_code_threshold, max_replacements=max_replacements, lookup=lookup,
+                       lookup_dim=lookup_dim)
+        if levels is not None:
+            self.vq = FSQ(levels, embedding_dim)
+        elif decay > 0:
+            self.vq = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost, decay=decay, **options)
         else:
-            self.vq = VectorQuantizer(num_embeddings, embedding_dim, commitment_cost,
-                                      restart_after=restart_after, kmeans_init=kmeans_init, kernel=kernel,
-                                      estimator=estimator)
+            self.vq = VectorQuantizer(num_embeddings, embedding_dim, commitment_cost, simvq=simvq, **options)
         self.decoder = Decoder(in_channels, num_hiddens, num_residual_layers, num_residual_hiddens, embedding_dim)
 
     def check_input(self, x):
@@ -126,7 +157,5 @@ class VQVAE(Module):
             return self.vq(self.encoder(x)).indices
 
     def decode_indices(self, indices):
-        """Images decoded from index grids (N, h, w)."""
-        codebook = self.vq.codebook
-        z_q = F.transpose(F.embedding(indices, codebook), (0, 3, 1, 2))
-        return self.decoder(z_q)
+        """Images decoded from index grids (N, h, w), whichever the quantiser."""
+        return self.decoder(self.vq.dequantize(indices))
