@@ -82,16 +82,23 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
 
 
 def test_checkpoint_reader_meets_damaged_bytes_with_value_error_only(tmp_path):
-    """300 damaged copies of a good checkpoint: random bytes and truncations are all refused with a
+    """300 damaged copies of a real checkpoint: random bytes and truncations are all refused with a
     ValueError; a bit flip is refused, or (where it hit bytes nothing reads, such as a zip timestamp)
     loads exactly the original. Any other exception fails the test."""
-    path = tmp_path / "good.npz"
-    weights = np.arange(50, dtype=np.float32)
-    mv.save({"model.w": weights, "meta": np.array('{"format": "minivq-vqvae"}')}, path)
+    data, run = _data(tmp_path), tmp_path / "run"
+    subprocess.run(_argv(data, run, 1), check=True, env=_env(), capture_output=True, timeout=300)
+    path = run / "checkpoint.npz"
     good = path.read_bytes()
     meta, sections = read_checkpoint(str(path), "minivq-vqvae")           # the undamaged file loads
-    assert meta == {"format": "minivq-vqvae"}
-    np.testing.assert_array_equal(sections["model"]["w"], weights)
+    assert meta["step"] == 1 and sections["model"] and sections["optim"]
+
+    def same_as_the_original(got_meta, got_sections):
+        assert got_meta == meta
+        assert {k: sorted(v) for k, v in got_sections.items()} == {k: sorted(v) for k, v in sections.items()}
+        for prefix, arrays in sections.items():
+            for name, value in arrays.items():
+                np.testing.assert_array_equal(got_sections[prefix][name], value, err_msg=f"{prefix}.{name}")
+
     rng = np.random.default_rng(0)
     bad = tmp_path / "bad.npz"
     rejected = {"random bytes": 0, "truncated": 0, "bit-flipped": 0}
@@ -109,17 +116,15 @@ def test_checkpoint_reader_meets_damaged_bytes_with_value_error_only(tmp_path):
         assert blob != good
         bad.write_bytes(blob)
         try:
-            meta, sections = read_checkpoint(str(bad), "minivq-vqvae")
+            loaded = read_checkpoint(str(bad), "minivq-vqvae")
         except ValueError:
             rejected[kind] += 1
             continue
         # loaded: only a harmless flip may get here, and it must give back the original content
         assert kind == "bit-flipped", f"case {case}: a {kind} file was accepted"
-        assert meta == {"format": "minivq-vqvae"}, f"case {case}: damaged meta accepted: {meta}"
-        assert sorted(sections["model"]) == ["w"] and not sections["optim"], f"case {case}: {sections}"
-        np.testing.assert_array_equal(sections["model"]["w"], weights, err_msg=f"case {case}: damaged weights")
+        same_as_the_original(*loaded)
     assert rejected["random bytes"] == 100 and rejected["truncated"] == 100, rejected
-    assert rejected["bit-flipped"] >= 90, rejected       # 99 of the 100 with this seed
+    assert rejected["bit-flipped"] >= 90, rejected
 
 
 def test_foreign_meta_is_refused(tmp_path):
