@@ -32,6 +32,7 @@ from minivq import backend, kernels, nn, optim
 from minivq import functional as F
 from minivq import train as training
 from minivq.cli import main
+from minivq.config import ModelConfig, TrainConfig
 from minivq.data import Dataset
 from minivq.kernels.nearest_numpy import nearest_code_numpy
 
@@ -197,11 +198,11 @@ def test_cli_train_eval_reconstruct_on_cuda(fake_cupy, tiny_npz, tmp_path, capsy
 
 def test_module_state_and_gradcheck_on_the_device(fake_cupy):
     mv.manual_seed(0)
-    model = mv.models.VQVAE(decay=0.9, kmeans_init=True, restart_after=1, kernel="numpy", **TINY).to("cuda")
+    model = mv.models.VQVAE(decay=0.9, kmeans_init=True, dead_code_threshold=1.0, kernel="numpy", **TINY).to("cuda")
     for name, value in model.state_dict().items():
         assert backend.array_device(value) == "cuda:0", name
     mv.manual_seed(1)
-    cpu_model = mv.models.VQVAE(decay=0.9, kmeans_init=True, restart_after=1, kernel="numpy", **TINY)
+    cpu_model = mv.models.VQVAE(decay=0.9, kmeans_init=True, dead_code_threshold=1.0, kernel="numpy", **TINY)
     model.load_state_dict(cpu_model.state_dict())               # host arrays into a device model
     for name, value in model.state_dict().items():
         assert backend.array_device(value) == "cuda:0", name
@@ -256,9 +257,10 @@ def test_backward_moves_a_host_gradient_to_the_device(fake_cupy):
 
 @pytest.mark.parametrize("cls", [nn.VectorQuantizer, nn.VectorQuantizerEMA])
 def test_quantizer_buffers_stay_on_the_device(fake_cupy, cls):
-    """Was: k-means initialisation and dead-code restarts put `initialized` and `unused_steps` on the host."""
+    """Was: k-means initialisation and dead-code restarts put `initialized` and `unused_steps` on the host;
+    the same with dead-code replacement (`usage`, `usage_steps`), which replaced the restarts."""
     mv.manual_seed(0)
-    q = cls(8, 3, kmeans_init=True, restart_after=1, kernel="numpy").to("cuda")
+    q = cls(8, 3, kmeans_init=True, dead_code_threshold=1.0, kernel="numpy").to("cuda")
     rng = np.random.default_rng(0)
     for _ in range(3):
         q(mv.tensor(rng.standard_normal((2, 3, 2, 2)).astype(np.float32), requires_grad=True, device="cuda"))
@@ -333,8 +335,8 @@ def test_train_on_cuda_1_in_one_process(fake_cupy, monkeypatch, tiny_npz, tmp_pa
         return real_backward(self, *args, **kwargs)
     monkeypatch.setattr(mv.Tensor, "backward", recording_backward)
     monkeypatch.setenv("FAKECUPY_DEVICES", "2")
-    training.train_vqvae(str(tmp_path), data=tiny_npz, steps=1, batch_size=8, device="cuda:1", kernel="numpy",
-                         progress=False, model_config=dict(TINY))
+    training.train_vqvae(TrainConfig(out=str(tmp_path), data=tiny_npz, steps=1, batch_size=8, device="cuda:1",
+                                     kernel="numpy", progress=False), ModelConfig(**TINY))
     monkeypatch.setattr(mv.Tensor, "backward", real_backward)
     assert backwards and set(backwards) == {("cuda:1", 1)}, backwards
 
