@@ -80,8 +80,12 @@ def _as_array(a, what):
     raise TypeError(f"{what} must be a NumPy or CuPy array, got {type(a).__name__}")
 
 
+class NonFiniteError(ValueError):
+    """An input of the nearest-code search holds NaN or inf (so a training loop can tell a divergence)."""
+
+
 def _check_finite(named):
-    """ValueError naming the first NaN or inf in any of the ``(array, name)`` pairs."""
+    """NonFiniteError (a ValueError) naming the first NaN or inf in any of the ``(array, name)`` pairs."""
     xp = _backend.get_array_module(named[0][0])
     # A finite sum proves there is no NaN and no inf, in one pass and without a temporary, and one
     # sum over all the arrays costs one wait for a GPU; only when it is not finite (a NaN, an inf,
@@ -93,8 +97,8 @@ def _check_finite(named):
         bad = ~xp.isfinite(a)
         if bool(bad.any()):
             row, col = (int(i) for i in xp.argwhere(bad)[0])
-            raise ValueError(f"{what} {tuple(a.shape)} contains NaN or inf: first at row {row}, "
-                             f"column {col} ({float(a[row, col])})")
+            raise NonFiniteError(f"{what} {tuple(a.shape)} contains NaN or inf: first at row {row}, "
+                                 f"column {col} ({float(a[row, col])})")
 
 
 def _validate(x, codebook):
@@ -168,4 +172,4 @@ def nearest_code(x, codebook, backend="auto", metric="l2"):
     return _load("cupy").nearest_code_cupy(x, codebook, **options)
 
 
-__all__ = ["nearest_code", "available_backends", "BACKENDS", "METRICS"]
+__all__ = ["nearest_code", "available_backends", "BACKENDS", "METRICS", "NonFiniteError"]
