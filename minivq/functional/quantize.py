@@ -168,4 +168,8 @@ def vector_quantize(z_e, codebook, commitment_cost=0.25, backend="auto", estimat
     commitment_loss = mse_loss(z_e, stop_gradient(z_q)) * commitment_cost
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown gradient estimator {estimator!r}: use one of {', '.join(ESTIMATORS)}")
-    return ESTIMATORS[estimator](z_e, z_q), codebook_loss, commitment_loss, indices
+    quantized = ESTIMATORS[estimator](z_e, z_q)
+    # names, as the paper writes them, for printed and drawn graphs (minivq.graph)
+    z_q.name, quantized.name = "z_q", "quantized"
+    codebook_loss.name, commitment_loss.name = "codebook_loss", "commitment_loss"
+    return quantized, codebook_loss, commitment_loss, indices

@@ -145,8 +145,11 @@ class VQVAE(Module):
             x = Tensor(x)
         self.check_input(x)
         z_e = self.encoder(x)
+        z_e.name = "z_e"            # names shown by minivq.graph's printed and drawn graphs
         vq = self.vq(z_e)
-        return self.decoder(vq.quantized), vq
+        x_recon = self.decoder(vq.quantized)
+        x_recon.name = "x_recon"
+        return x_recon, vq
 
     def encode(self, x):
         """Index grids (N, H/4, W/4) of images ``x`` (no graph, no codebook updates)."""

@@ -88,6 +88,7 @@ class FSQ(Module):
         perplexity, counts = _usage(indices, self.num_embeddings)
         out = VQOutput(self.project_out(codes), zero, indices, perplexity)
         out.z_e, out.counts, out.replaced = z_e, counts, 0
+        out.z_q = codes     # the grid points in [-1, 1], before project_out
         out.codebook_loss = out.commitment_loss = zero
         return out
 

@@ -29,8 +29,9 @@ class VQOutput(namedtuple("VQOutput", "quantized loss indices perplexity")):
 
     Attributes beside the four fields: ``codes_used`` (how many distinct codes
     the batch picked), ``counts`` (per code), ``codebook_loss`` and
-    ``commitment_loss`` (Tensors), ``z_e`` (the input), ``replaced`` (dead codes
-    re-seeded this step).
+    ``commitment_loss`` (Tensors), ``z_e`` (the input), ``z_q`` (the chosen codes, the
+    estimator's second input: in the search space, before ``project_out``), ``replaced``
+    (dead codes re-seeded this step).
     """
 
     @property
@@ -222,10 +223,15 @@ class _QuantizerBase(Module):
         quantized, codebook_loss, commitment_loss, indices = vector_quantize(
             z, self._codes(z.dtype), self.commitment_cost, backend=self.kernel, estimator=self.estimator,
             metric=LOOKUPS[self.lookup])
+        # z_q is the estimator's second input; under no_grad there is no node, and quantized holds its values
+        z_q = quantized.creator.inputs[1] if quantized.creator is not None else quantized
         if self.lookup_dim is not None:
             quantized = self.project_out(quantized)
         out = self._output(z_e, quantized, self._loss(codebook_loss, commitment_loss), codebook_loss,
                            commitment_loss, indices)
+        out.z_q = z_q
+        if out.loss.name is None:
+            out.loss.name = "vq_loss"
         if self.training:
             self._update(flat, indices.reshape(-1))
         out.replaced = self._replace_dead_codes(flat, out.counts)
