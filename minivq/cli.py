@@ -3,7 +3,9 @@
 Every error a user can cause (bad flags, a missing or malformed dataset or
 checkpoint, a GPU asked for where none exists, an unwritable folder) ends as
 one line on stderr and exit code 2; a numerical failure during training exits
-with 3. Set MINIVQ_DEBUG=1 to see the full traceback instead.
+with 3. Set MINIVQ_DEBUG=1 (or true, yes) to see the full traceback instead.
+A usage error prints a short usage line and the error (exit 2); Ctrl-C prints
+``minivq <command>: interrupted`` (exit 130).
 
 Started by ``mpiexec -n P`` (``minivq train`` only), the processes train one
 model data-parallel (``minivq.distributed``). An error that every rank meets
@@ -18,6 +20,9 @@ import json
 import os
 import sys
 import traceback
+import warnings
+
+import numpy as np
 
 from . import distributed
 from .checkpoint import load_vqvae
@@ -25,7 +30,8 @@ from .config import (ModelConfig, PriorConfig, TrainConfig, cli_fields, non_nega
                      positive_int)
 from .data import load_dataset
 from .evaluation import evaluate, save_reconstructions
-from .images import save_grid
+from .images import MAX_GRID_IMAGES, save_grid
+from .io import check_output_path
 from .loop import NonFiniteError
 from .prior import sample_images, train_prior
 from .runlog import CHECKPOINT, METRICS, RECONSTRUCTIONS
@@ -81,8 +87,16 @@ def _add_common(p):
     _add_options(p, TrainConfig, {}, only=("common",))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is two lines: a short usage line and the error (not the whole usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"usage: {self.prog} ... (see {self.prog} --help)\n{self.prog}: error: "
+                     f"{' '.join(message.split())}\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="minivq", description="VQ-VAE training, evaluation and sampling "
+    parser = _Parser(prog="minivq", description="VQ-VAE training, evaluation and sampling "
                                                                 "on a from-scratch NumPy/CuPy engine.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -107,7 +121,8 @@ def build_parser():
     c.add_argument("checkpoint")
     _add_common(c)
     c.add_argument("--out", required=True, help="PNG file to write")
-    c.add_argument("--n", type=_number(int, positive_int), default=32, help="number of images (default: 32)")
+    c.add_argument("--n", type=_number(int, positive_int), default=32,
+                   help=f"number of images, at most {MAX_GRID_IMAGES} (default: 32)")
 
     pr = sub.add_parser("train-prior", help="fit a gated PixelCNN prior to a trained VQ-VAE's codes",
                         description="Encode the dataset with a trained VQ-VAE (cached beside the checkpoint) "
@@ -121,7 +136,8 @@ def build_parser():
     s = sub.add_parser("sample", help="images from a trained prior, decoded by its VQ-VAE")
     s.add_argument("checkpoint", help="the prior checkpoint (from minivq train-prior)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    s.add_argument("--n", type=_number(int, positive_int), default=64, help="number of images (default: 64)")
+    s.add_argument("--n", type=_number(int, positive_int), default=64,
+                   help=f"number of images, at most {MAX_GRID_IMAGES} (default: 64)")
     s.add_argument("--class", dest="label", type=_number(int, non_negative_int), default=None,
                    help="class to sample (class-conditional priors)")
     s.add_argument("--temperature", type=_number(float, positive_float), default=1.0, help="softmax temperature (default: 1.0)")
@@ -154,7 +170,8 @@ def _model_choices(args):
 
 
 def cmd_train(args):
-    final = train_vqvae(_train_config(args), _model_choices(args), comm=args.comm_world)
+    final = train_vqvae(_train_config(args), _model_choices(args), comm=args.comm_world,
+                        explicit=set(_given(args, TrainConfig)))
     if args.comm_world.rank == 0:
         out = args.out if args.out is not None else TrainConfig.out
         print(json.dumps(final))
@@ -189,7 +206,7 @@ def cmd_train_prior(args):
     given = _given(args, PriorConfig)
     if args.no_progress:
         given["progress"] = False
-    print(json.dumps(train_prior(args.checkpoint, PriorConfig.from_dict(given))))
+    print(json.dumps(train_prior(args.checkpoint, PriorConfig.from_dict(given), explicit=set(given))))
 
 
 def cmd_sample(args):
@@ -210,11 +227,13 @@ def cmd_plot(args):
 
 
 def _check_png_target(path):
+    """Before any work: the PNG's folder exists and is writable, and ``path`` is not a link, FIFO, device ..."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"cannot write {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise ValueError(f"cannot write {path}: folder {folder} is not writable")
+    check_output_path(path)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "reconstruct": cmd_reconstruct,
@@ -240,12 +259,20 @@ def _report(comm, head, message, code, collective):
     return code
 
 
+def _debug():
+    """MINIVQ_DEBUG=1 (or true, yes) shows tracebacks; unset, 0, false, no or anything else does not."""
+    return os.environ.get("MINIVQ_DEBUG", "").strip().lower() in ("1", "true", "yes")
+
+
 def main(argv=None):
     parser = build_parser()
     quiet = (distributed.env_rank() or 0) != 0      # under mpiexec, usage errors are printed by rank 0 alone
-    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
-        args = parser.parse_args(argv)
-    debug = bool(os.environ.get("MINIVQ_DEBUG"))
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        return _report(None, "minivq", "interrupted", 130, collective=True)
+    debug = _debug()
     comm = None
     try:
         comm = distributed.from_environment()
@@ -253,19 +280,26 @@ def main(argv=None):
             raise distributed.CollectiveError(f"only `minivq train` runs on several processes; start "
                                               f"`minivq {args.command}` without mpiexec")
         args.comm_world = comm
-        COMMANDS[args.command](args)
+        # NumPy's floating-point warnings never reach the terminal: a NaN or inf that matters is
+        # reported by the checks (exit 3 in training, a ValueError elsewhere)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            COMMANDS[args.command](args)
     except NonFiniteError as exc:
         if debug and (comm is None or comm.size == 1):
             raise
-        return _report(comm, f"minivq {args.command}: error", exc, 3, collective=True)
+        return _report(comm, f"minivq {args.command}: error", exc, 3, collective=exc.collective)
     except KeyboardInterrupt as exc:
-        return _report(comm, f"minivq {args.command}", str(exc) or "interrupted", 130, collective=False)
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        message = str(exc) if str(exc).startswith("interrupted") else "interrupted"
+        return _report(comm, f"minivq {args.command}", message, 130, collective=False)
+    except (ValueError, TypeError, OSError, RuntimeError, MemoryError) as exc:
         if debug:
             if comm is None or comm.size == 1:
                 raise
             traceback.print_exc()
         message = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, MemoryError):
+            message = f"out of memory ({message}); choose smaller sizes, a smaller --batch or --n"
         return _report(comm, f"minivq {args.command}: error", message, 2,
                        collective=isinstance(exc, distributed.CollectiveError))
     except Exception:

@@ -27,6 +27,9 @@ from .kernels import BACKENDS as KERNELS
 from .models import GatedPixelCNN, VQVAE
 
 DTYPES = ("float32", "float64")
+MAX_INT = 2 ** 63 - 1            # every integer setting fits an int64
+MAX_PARAMETERS = 250_000_000     # 1 GB of float32 weights: a model larger than this is refused before it is built
+MAX_CLASSES = 1000               # classes of a class-conditional prior
 
 
 def _defaults_of(cls):
@@ -47,14 +50,14 @@ def option(default, flag=None, help=None, check=None, choices=None, group=None):
 # ---------------------------------------------------------------- validators
 # Each takes (value, name) and returns the value, or raises ValueError naming the option.
 def positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_INT:
+        raise ValueError(f"{name} must be a positive integer (at most 2**63 - 1), got {value!r}")
     return int(value)
 
 
 def non_negative_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_INT:
+        raise ValueError(f"{name} must be a non-negative integer (at most 2**63 - 1), got {value!r}")
     return int(value)
 
 
@@ -113,6 +116,33 @@ def dtype_name(value, name):
     if canonical not in DTYPES:
         raise ValueError(f"unknown training dtype {value!r} for {name}: use one of {', '.join(DTYPES)}")
     return canonical
+
+
+def vqvae_parameter_count(config, in_channels=3):
+    """The number of weights of the VQ-VAE ``config`` (a ModelConfig) describes, from its sizes alone
+    (codebook buffers included, a little over for the quantiser's options): a bound checked before building."""
+    h, r, layers = config.num_hiddens, config.num_residual_hiddens, config.num_residual_layers
+    d, k = config.embedding_dim, config.num_embeddings
+    convs = (in_channels * (h // 2) * 16 + (h // 2) * h * 16 + h * h * 9 + h * d      # encoder
+             + d * h * 9 + h * (h // 2) * 16 + (h // 2) * in_channels * 16)            # decoder
+    residual = 2 * layers * (h * r * 9 + r * h)
+    quantiser = 2 * k * d + k + 2 * d * (config.lookup_dim or d) + d * d
+    return convs + residual + quantiser + 4 * h + 2 * d + in_channels
+
+
+def prior_parameter_count(num_embeddings, channels, num_layers, kernel_size, head_channels, num_classes=None):
+    """The number of weights of ``GatedPixelCNN(**those)``, from its sizes alone (masks included)."""
+    c, k = channels, kernel_size
+    per_layer = (2 * c * c * (k // 2 + 1) * (k + 1) + 4 * c * c + c * c + 8 * c
+                 + (k // 2 + 1) * (k + 1) + 2 * c * (num_classes or 0))
+    return num_embeddings * c + num_layers * per_layer + c * head_channels + head_channels * num_embeddings \
+        + head_channels + num_embeddings
+
+
+def check_parameter_count(count, what):
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"{what} would have about {count:,} weights, more than the {MAX_PARAMETERS:,} minivq "
+                         f"builds; choose smaller sizes")
 
 
 def _flag_name(f):
@@ -194,6 +224,11 @@ class ModelConfig(_Config):
                                                                   "per dimension, e.g. 8,8,8 (K = their product)",
                             levels_tuple, group="model")
 
+    def validate(self):
+        super().validate()
+        check_parameter_count(vqvae_parameter_count(self), "this VQ-VAE")
+        return self
+
     def build(self, in_channels, kernel="auto"):
         """The VQ-VAE these settings describe (float32, on the CPU)."""
         return VQVAE(in_channels=in_channels, kernel=kernel, **self.to_dict())
@@ -221,6 +256,8 @@ class _RunConfig(_Config):
     lr: float = option(1e-3, "--lr", "Adam learning rate", positive_float)
     seed: int = option(0, "--seed", "random seed", non_negative_int)
     resume: bool = option(False, "--resume", "continue from --out/checkpoint.npz", boolean)
+    overwrite: bool = option(False, "--overwrite", "replace the run already in --out (its checkpoint, log and "
+                                                   "images) instead of refusing to", boolean)
     eval_every: int = option(500, "--eval-every", "test-split evaluation period in steps", positive_int,
                              group="logging")
     eval_size: int = option(None, "--eval-size", "test images per evaluation (default: all)",

@@ -4,7 +4,7 @@ import numpy as np
 from . import backend
 from . import functional as F
 from .autograd import Tensor, no_grad
-from .images import save_grid
+from .images import MAX_GRID_IMAGES, save_grid
 from .nn.quantizers import perplexity
 
 
@@ -39,14 +39,19 @@ def evaluate(model, dataset, variance, device="cpu", batch_size=256, limit=None,
             "perplexity": float(perplexity(counts)), "codes_used": int((counts > 0).sum()), "images": n}
 
 
-def save_reconstructions(model, dataset, path, device="cpu", count=32):
-    """A PNG of ``count`` test images, each row of originals followed by a row of reconstructions."""
-    x, _ = dataset.batch(np.arange(min(count, len(dataset))), device=device, dtype=model_dtype(model))
-    with model.evaluating(), no_grad():
-        x_recon, _ = model(Tensor(x))
+def save_reconstructions(model, dataset, path, device="cpu", count=32, batch_size=256):
+    """A PNG of ``count`` test images (at most ``MAX_GRID_IMAGES``), each row of originals followed by a row
+    of reconstructions; the model sees ``batch_size`` images at a time."""
+    if not 1 <= count <= MAX_GRID_IMAGES:
+        raise ValueError(f"--n must lie in 1..{MAX_GRID_IMAGES} (one PNG grid), got {count}")
     columns = 8
     pairs = []
-    for lo in range(0, x.shape[0], columns):
-        pairs.append(backend.to_numpy(x[lo:lo + columns]))
-        pairs.append(np.clip(backend.to_numpy(x_recon.data[lo:lo + columns]), -0.5, 0.5))
+    n = min(count, len(dataset))
+    with model.evaluating(), no_grad():
+        for lo in range(0, n, batch_size):
+            x, _ = dataset.batch(np.arange(lo, min(lo + batch_size, n)), device=device, dtype=model_dtype(model))
+            x_recon, _ = model(Tensor(x))
+            x, x_recon = backend.to_numpy(x), np.clip(backend.to_numpy(x_recon.data), -0.5, 0.5)
+            for row in range(0, x.shape[0], columns):
+                pairs += [x[row:row + columns], x_recon[row:row + columns]]
     save_grid(np.concatenate(pairs), path, columns=columns)

@@ -10,14 +10,12 @@ saying what was expected and how to get it.
 """
 import contextlib
 import gzip
-import io
 import os
-import zipfile
 
 import numpy as np
-from numpy.lib import format as _npy_format
 
 from .cifar_unpickle import RefusedGlobal, load_cifar_batch
+from .io import FileFormatError, npy_array, open_archive, read_npz_member
 
 SPLITS = ("train", "test")
 
@@ -31,12 +29,12 @@ _NPY_HINT = ("expected images saved with numpy.save/savez: uint8 (N,H,W), (N,C,H
              "with C 1 or 3, or floats in [0, 1]")
 
 _CHUNK = 1 << 22               # bytes handled at a time when streaming or scanning
-_MAX_DEFLATE_RATIO = 1100      # deflate cannot expand data more than 1032:1
+_MAX_DEFLATE_RATIO = 1100      # deflate cannot expand data more than 1032:1 (gzip'd IDX files)
 
 
 
-class DataFormatError(ValueError):
-    """A dataset file is malformed, truncated or not what was expected."""
+class DataFormatError(FileFormatError):
+    """A dataset file is malformed, truncated or not what was expected (a ValueError)."""
 
 
 # ------------------------------------------------------------------ helpers
@@ -60,6 +58,8 @@ def _parsing(path, what, hint):
         yield
     except DataFormatError:
         raise
+    except FileFormatError as exc:     # minivq.io's checks name the file already
+        raise DataFormatError(f"{exc}; {hint}") from None
     except Exception as exc:
         raise DataFormatError(f"{path} is not a valid {what} ({_short(exc)}); {hint}") from exc
 
@@ -320,34 +320,20 @@ _NPY_MAGIC = b"\x93NUMPY"
 
 
 def _npy_from_bytes(payload, where, kinds):
-    """Parse one .npy payload; the header goes through NumPy's parser (no pickle), and the
-    declared size is checked against the bytes present before anything is allocated."""
+    """Parse one .npy payload (``minivq.io.npy_array``: no pickle, sizes checked before anything is made)
+    and check its dtype is one of ``kinds``."""
     with _parsing(where, ".npy array", _NPY_HINT):
-        f = io.BytesIO(payload)
-        major, _minor = _npy_format.read_magic(f)
-        if major == 1:
-            shape, fortran, dtype = _npy_format.read_array_header_1_0(f)
-        elif major in (2, 3):   # 3.0 differs from 2.0 only in allowing utf-8 field names
-            shape, fortran, dtype = _npy_format.read_array_header_2_0(f)
-        else:
-            raise DataFormatError(f"{where} has unknown .npy format version {major}; {_NPY_HINT}")
-        offset = f.tell()
-    if dtype.hasobject:
-        raise DataFormatError(f"{where} holds pickled Python objects (dtype {dtype}), which are never loaded; "
-                              f"{_NPY_HINT}")
+        array = npy_array(payload, where)
+    return _of_kinds(array, where, kinds)
+
+
+def _of_kinds(array, where, kinds):
+    """``array`` if its dtype is a plain one of ``kinds`` ("uif" pixels, "iu" labels); DataFormatError otherwise."""
+    dtype = array.dtype
     if dtype.kind not in kinds or dtype.fields is not None or dtype.subdtype is not None:
         wanted = "integer labels" if kinds == "iu" else "integer or float pixels"
         raise DataFormatError(f"{where} holds {dtype} data, expected {wanted}; {_NPY_HINT}")
-    if any(d < 0 for d in shape):
-        raise DataFormatError(f"{where} declares the negative shape {shape}; {_NPY_HINT}")
-    count = 1
-    for d in shape:
-        count *= d
-    if len(payload) - offset != count * dtype.itemsize:
-        raise DataFormatError(f"{where} declares {dtype} {shape} = {count * dtype.itemsize} bytes but holds "
-                              f"{len(payload) - offset}; {_NPY_HINT}")
-    array = np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
-    return array.reshape(shape, order="F" if fortran else "C")
+    return array
 
 
 def _read_npy(path, kinds="uif"):
@@ -366,41 +352,39 @@ def _npz_keys(keys, split):
 
 
 def read_npz(path, split):
+    """The images and labels of ``split`` in an .npz; every member's declared size and compression ratio
+    is checked before any is inflated, and inflation never produces more than declared (``minivq.io``)."""
     with open(path, "rb") as f:
         with _parsing(path, ".npz archive", _NPY_HINT):
-            archive = zipfile.ZipFile(f)
             members = {}
-            for info in archive.infolist():
+            for info in open_archive(f, path):
                 key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
                 members[key] = info
-        with archive:
-            images, labels, labels_key = _read_npz_members(path, archive, members, split)
+        images, labels, labels_key = _read_npz_members(path, f, members, split)
     return images, _as_labels(labels, images.shape[0], f"{path}[{labels_key}]", _NPY_HINT)
 
 
-def _read_npz_members(path, archive, members, split):
+def _read_npz_members(path, f, members, split):
     """The images (uint8 NCHW) and raw labels (or None) of ``split`` in an open .npz."""
     images_key, labels_key = _npz_keys(members, split)
     if images_key is None:
         raise DataFormatError(f"{path} holds the arrays {sorted(members)}; for split {split!r} expected "
                               f"x_{split} (+ y_{split}), {split} (+ {split}_labels), images (+ labels) "
                               f"or a single array; {_NPY_HINT}")
-    images = _npz_member(archive, members[images_key], f"{path}[{images_key}]", "uif")
+    images = _npz_member(f, members[images_key], path, "uif")
     images = _as_uint8_nchw(images, f"{path}[{images_key}]", _NPY_HINT)
     labels = None
     if labels_key is not None:
-        labels = _npz_member(archive, members[labels_key], f"{path}[{labels_key}]", "iu")
+        labels = _npz_member(f, members[labels_key], path, "iu")
     return images, labels, labels_key
 
 
-def _npz_member(archive, info, where, kinds):
-    """One array of an .npz (a .npy inside a zip), its sizes checked before it is inflated."""
-    if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024:
-        raise DataFormatError(f"{where} claims {info.file_size} bytes from {info.compress_size} "
-                              f"compressed ones, more than deflate can produce; {_NPY_HINT}")
+def _npz_member(f, info, path, kinds):
+    """One array of an .npz (a .npy inside a zip), inflated within its declared size."""
+    where = f"{path}[{info.filename[:-4] if info.filename.endswith('.npy') else info.filename}]"
     with _parsing(where, ".npz member", _NPY_HINT):
-        payload = archive.read(info)
-    return _npy_from_bytes(payload, where, kinds)
+        _key, array = read_npz_member(f, info, path)
+    return _of_kinds(array, where, kinds)
 
 
 def read_npy(path, labels_path=None):

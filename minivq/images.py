@@ -7,6 +7,8 @@ import numpy as np
 from . import backend
 from .io import atomic_write
 
+MAX_GRID_IMAGES = 4096      # images in one PNG grid (`sample --n`, `reconstruct --n`)
+
 
 def to_uint8(images):
     """Images scaled to [-0.5, 0.5] (N, C, H, W) -> uint8 in [0, 255], clipped."""
@@ -19,6 +21,8 @@ def grid(images, columns=8, gap=2, background=255):
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"grid expects images of shape (N, 1 or 3, H, W), got {images.shape}")
+    if images.shape[0] > 2 * MAX_GRID_IMAGES:     # reconstructions come in pairs
+        raise ValueError(f"a grid holds at most {2 * MAX_GRID_IMAGES} images, got {images.shape[0]}")
     n, c, h, w = images.shape
     columns = max(1, min(columns, n))
     rows = -(-n // columns)

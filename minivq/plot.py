@@ -2,6 +2,8 @@
 import json
 import math
 
+from .io import atomic_write
+
 
 def read_metrics(path):
     records = []
@@ -63,5 +65,5 @@ def plot_metrics(path, out):
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    atomic_write(out, lambda f: fig.savefig(f, dpi=110, format="png"))   # never through a link, never half
     plt.close(fig)

@@ -14,14 +14,16 @@ import numpy as np
 
 from . import backend
 from .autograd import no_grad
-from .checkpoint import PRIOR_KIND, load_prior, load_vqvae, read_checkpoint, restore, save_checkpoint
-from .config import PriorConfig
+from .checkpoint import (MAX_LATENT_POSITIONS, PRIOR_KIND, load_prior, load_vqvae, open_run, restore,
+                         resume_settings, save_checkpoint)
+from .config import MAX_CLASSES, PriorConfig, check_parameter_count, prior_parameter_count
 from .data import BatchSampler, load_dataset
+from .images import MAX_GRID_IMAGES
 from .io import load, save
 from .loop import run_steps
 from .models import GatedPixelCNN
 from .optim import Adam
-from .runlog import CHECKPOINT, METRICS, MetricsLog, check_output_folder
+from .runlog import CHECKPOINT
 from .train import check_device
 
 
@@ -47,17 +49,18 @@ def cached_codes(vqvae_path, model, data, device, progress=True):
     """Train/test index grids and labels of the dataset, encoded once and cached beside the checkpoint.
 
     The cache file is named after the checkpoint's SHA-256, so a retrained
-    checkpoint never reuses stale codes.
+    checkpoint never reuses stale codes. An unreadable cache is rebuilt; a readable
+    one that does not fit the checkpoint (``check_codes``) is refused, naming it.
     """
     digest = _file_digest(vqvae_path)
     cache = os.path.join(os.path.dirname(os.path.abspath(vqvae_path)), f"codes-{digest[:16]}.npz")
-    if os.path.exists(cache):
+    if os.path.lexists(cache):
         try:
             codes = load(cache)
-            if {"train_codes", "test_codes"} <= set(codes):
-                return codes, cache
         except ValueError:
-            pass            # a damaged cache is rebuilt
+            codes = None            # a damaged cache is rebuilt
+        if codes is not None:
+            return check_codes(codes, model.vq.num_embeddings, cache), cache
     codes = {}
     for split in ("train", "test"):
         dataset = load_dataset(data, split=split)
@@ -69,8 +72,39 @@ def cached_codes(vqvae_path, model, data, device, progress=True):
         codes[f"{split}_codes"] = encode_dataset(model, dataset, device)
         if dataset.labels is not None:
             codes[f"{split}_labels"] = dataset.labels
-    save(codes, cache)
+    save(check_codes(codes, model.vq.num_embeddings, f"the codes of {data}"), cache)
     return codes, cache
+
+
+def check_codes(codes, k, where):
+    """``codes`` if they are index grids a prior can be fitted to; ValueError naming ``where`` otherwise.
+
+    Both splits: integer grids (N >= 1, h, w) of the same h x w (at most
+    ``MAX_LATENT_POSITIONS`` positions) with values in [0, k); labels, where
+    present, integers, one per grid.
+    """
+    fix = f"; delete {where} to have it rebuilt" if where.endswith(".npz") else ""
+    shapes = set()
+    for split in ("train", "test"):
+        grids, labels = codes.get(f"{split}_codes"), codes.get(f"{split}_labels")
+        if grids is None or grids.dtype.kind not in "iu" or grids.ndim != 3 or 0 in grids.shape:
+            found = "none" if grids is None else f"{grids.dtype} {grids.shape}"
+            raise ValueError(f"{where}: the {split} codes should be integer grids (N >= 1, h, w), found {found}{fix}")
+        lo, hi = int(grids.min()), int(grids.max())
+        if lo < 0 or hi >= k:
+            raise ValueError(f"{where}: the {split} codes lie in [{lo}, {hi}], the VQ-VAE has codes [0, {k}){fix}")
+        shapes.add(grids.shape[1:])
+        if labels is not None:
+            if labels.dtype.kind not in "iu" or labels.shape != grids.shape[:1]:
+                raise ValueError(f"{where}: the {split} labels should be {grids.shape[0]} integers, found "
+                                 f"{labels.dtype} {labels.shape}{fix}")
+    if len(shapes) != 1:
+        raise ValueError(f"{where}: the train and test grids differ in size ({sorted(shapes)}){fix}")
+    h, w = shapes.pop()
+    if h * w > MAX_LATENT_POSITIONS:
+        raise ValueError(f"{where}: code grids of {h} x {w} are more than the {MAX_LATENT_POSITIONS} positions "
+                         f"minivq's prior handles (sampling visits each); train the VQ-VAE on smaller images")
+    return codes
 
 
 def prior_nll_bits(prior, codes, labels, device="cpu", batch_size=256, limit=None):
@@ -85,38 +119,51 @@ def prior_nll_bits(prior, codes, labels, device="cpu", batch_size=256, limit=Non
     return total / n / math.log(2)
 
 
-def _setup(vqvae_path, config):
-    """(config, device, vqvae, its meta, the prior's meta and sections on resume)."""
+def _setup(vqvae_path, config, explicit):
+    """(config, device, run folder (locked), vqvae, its meta, the prior's meta and sections on resume)."""
     config.validate()
     device = check_device(config.device)
     out = config.out or os.path.join(os.path.dirname(os.path.abspath(vqvae_path)), "prior")
     config = config.replace(out=out)
-    check_output_folder(out)
     vqvae, vq_meta = load_vqvae(vqvae_path, device)
-    meta = sections = None
-    if config.resume:
-        path = os.path.join(out, CHECKPOINT)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}; start without --resume")
-        meta, sections = read_checkpoint(path, PRIOR_KIND)
-        config = config.replace(**{k: meta["train"][k] for k in PriorConfig.FROM_CHECKPOINT})
-    data = config.data if config.data is not None else vq_meta["train"].get("data")
-    return config.replace(data=data), device, vqvae, vq_meta, meta, sections
+    folder, meta, sections = open_run(config, PRIOR_KIND)
+    try:
+        if meta:
+            config = resume_settings(config, meta, explicit, os.path.join(out, CHECKPOINT))
+        data = config.data if config.data is not None else vq_meta["train"].get("data")
+        config = config.replace(data=None if data is None else os.path.abspath(data))
+    except BaseException:
+        folder.close()
+        raise
+    return config, device, folder, vqvae, vq_meta, meta, sections
 
 
-def train_prior(vqvae_path, config=None):
+def train_prior(vqvae_path, config=None, explicit=None):
     """Fit a gated PixelCNN to the codes of a trained VQ-VAE; returns the final test metrics.
 
     ``config``: a ``PriorConfig`` (default: PriorConfig()); on resume the
-    checkpoint's seed, batch, learning rate and conditioning are used.
+    checkpoint's seed, batch, learning rate and conditioning are used, and those
+    of them named in ``explicit`` (the settings the user chose; default: those
+    that differ from their defaults) must equal the checkpoint's. The run folder
+    is locked for the whole run.
     """
-    config, device, vqvae, vq_meta, meta, sections = _setup(vqvae_path, config or PriorConfig())
+    config, device, folder, vqvae, vq_meta, meta, sections = _setup(vqvae_path, config or PriorConfig(), explicit)
+    with folder:
+        return _train_prior(vqvae_path, config, device, folder, vqvae, vq_meta, meta, sections)
+
+
+def _train_prior(vqvae_path, config, device, folder, vqvae, vq_meta, meta, sections):
     codes, cache = cached_codes(vqvae_path, vqvae, config.data, device, config.progress)
     train_codes, test_codes = codes["train_codes"], codes["test_codes"]
     train_labels = codes.get("train_labels") if config.conditional else None
     test_labels = codes.get("test_labels") if config.conditional else None
     if config.conditional and (train_labels is None or test_labels is None):
         raise ValueError("--conditional needs a dataset with labels")
+    if config.conditional:
+        lo, hi = min(train_labels.min(), test_labels.min()), max(train_labels.max(), test_labels.max())
+        if lo < 0 or hi >= MAX_CLASSES:
+            raise ValueError(f"--conditional: the labels of {config.data} lie in [{lo}, {hi}]; class labels must "
+                             f"lie in 0..{MAX_CLASSES - 1}")
     if config.batch_size > len(train_codes):
         raise ValueError(f"batch size {config.batch_size} is larger than the training set "
                          f"({len(train_codes)} grids)")
@@ -127,6 +174,7 @@ def train_prior(vqvae_path, config=None):
     else:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1 if config.conditional else None
         prior_config = dict(config.model(), num_embeddings=k, num_classes=num_classes)
+        check_parameter_count(prior_parameter_count(**prior_config), "this prior")
     backend.manual_seed(config.seed)
     prior = GatedPixelCNN(**prior_config)
     optimizer = Adam(prior.parameters(), lr=config.lr)
@@ -155,14 +203,25 @@ def train_prior(vqvae_path, config=None):
         return {"nll_bits": prior_nll_bits(prior, test_codes, test_labels, device, limit=config.eval_size),
                 "uniform_bits": math.log2(k)}
 
-    run_steps(compute, optimizer, start, config, config.out, checkpoint, evaluate_now)
-    final = dict(evaluate_now(), step=config.steps, split="test")
-    MetricsLog(os.path.join(config.out, METRICS), append=True).write(final)
-    return final
+    if config.overwrite:
+        folder.clear()
+    return run_steps(compute, optimizer, start, config, config.out, checkpoint, evaluate_now,
+                     model_state=prior.state_dict)
+
+
+SAMPLE_CHUNK = 256      # grids drawn at a time, so memory does not grow with n
 
 
 def sample_images(prior_path, n=64, label=None, temperature=1.0, seed=0, device="cpu"):
-    """Images (n, C, H, W) decoded from code grids drawn from a trained prior."""
+    """Images (n, C, H, W) decoded from code grids drawn from a trained prior.
+
+    At most ``MAX_GRID_IMAGES``, drawn ``SAMPLE_CHUNK`` grids at a time. A temperature so
+    small that the scaled logits overflow is refused (ValueError), not sampled from.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_GRID_IMAGES:
+        raise ValueError(f"--n must lie in 1..{MAX_GRID_IMAGES} (one PNG grid), got {n}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"--temperature must be a positive finite number, got {temperature}")
     device = check_device(device)
     prior, vqvae, meta = load_prior(prior_path, device)
     if label is not None and not prior.num_classes:
@@ -172,7 +231,18 @@ def sample_images(prior_path, n=64, label=None, temperature=1.0, seed=0, device=
     if label is not None and not 0 <= label < prior.num_classes:
         raise ValueError(f"--class must lie in [0, {prior.num_classes}), got {label}")
     backend.manual_seed(seed)
-    grids = prior.sample(n, meta["latent_shape"], labels=label, temperature=temperature, device=device)
-    with no_grad():
-        images = vqvae.decode_indices(grids)
-    return backend.to_numpy(images.data)
+    images = []
+    try:
+        with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
+            for lo in range(0, n, SAMPLE_CHUNK):
+                grids = prior.sample(min(SAMPLE_CHUNK, n - lo), meta["latent_shape"], labels=label,
+                                     temperature=temperature, device=device)
+                with no_grad():
+                    images.append(backend.to_numpy(vqvae.decode_indices(grids).data))
+    except FloatingPointError as exc:
+        if temperature < 1:
+            raise ValueError(f"sampling at --temperature {temperature} overflows the prior's scaled logits "
+                             f"({exc}); use a larger --temperature") from None
+        raise ValueError(f"{prior_path}: the prior gives non-finite values while sampling ({exc}); "
+                         f"the checkpoint is damaged") from None
+    return np.concatenate(images)

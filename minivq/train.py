@@ -30,7 +30,7 @@ from . import backend
 from . import distributed
 from . import functional as F
 from .autograd import Tensor
-from .checkpoint import VQVAE_KIND, read_checkpoint, restore, save_checkpoint
+from .checkpoint import VQVAE_KIND, open_run, read_checkpoint, restore, resume_settings, save_checkpoint  # noqa: F401 (read_checkpoint: re-exported)
 from .config import ModelConfig, TrainConfig
 from .data import BatchSampler, load_dataset
 from .evaluation import evaluate, save_reconstructions
@@ -38,7 +38,7 @@ from .graph import grad_norm
 from .loop import run_steps
 from .nn.quantizers import perplexity
 from .optim import Adam
-from .runlog import CHECKPOINT, METRICS, RECONSTRUCTIONS, MetricsLog, check_output_folder
+from .runlog import CHECKPOINT, RECONSTRUCTIONS
 
 
 def check_device(device):
@@ -113,29 +113,34 @@ def _combine_step_metrics(comm, checked, extra, counts):
     return checked, extra
 
 
-def _setup(config, comm):
-    """Checks every rank makes alike, then rank 0's look at the run folder: (config, device, meta, sections)."""
-    meta = sections = None
+def _setup(config, comm, explicit):
+    """Checks every rank makes alike, then rank 0's look at the run folder: (config, device, folder, meta, sections).
+
+    ``folder``: the locked run folder (``runlog.RunFolder``, rank 0 only; the caller closes it).
+    """
+    meta = sections = folder = None
     with distributed.agreement(comm):
         config.validate()
         device = check_device(distributed.rank_device(config.device, comm))
         if comm.rank == 0:      # only rank 0 touches the run folder
-            check_output_folder(config.out)
-            if config.resume:
-                path = os.path.join(config.out, CHECKPOINT)
-                if not os.path.exists(path):
-                    raise FileNotFoundError(f"--resume: no checkpoint at {path}; start without --resume")
-                meta, sections = read_checkpoint(path, VQVAE_KIND)
-    if config.resume:
-        meta, sections = comm.bcast_object((meta, sections))
-    if meta:    # the run's settings come from the checkpoint, so the continuation is the same run
-        saved = meta["train"]
-        config = config.replace(**{k: saved[k] for k in TrainConfig.FROM_CHECKPOINT if k in saved},
-                                data=config.data if config.data is not None else saved.get("data"))
-    return config, device, meta, sections
+            folder, meta, sections = open_run(config, VQVAE_KIND)
+    try:
+        if config.resume:
+            meta, sections = comm.bcast_object((meta, sections))
+        with distributed.agreement(comm):
+            if meta:    # the run's settings come from the checkpoint, so the continuation is the same run
+                config = resume_settings(config, meta, explicit, os.path.join(config.out, CHECKPOINT))
+                config = config.replace(data=config.data if config.data is not None else meta["train"].get("data"))
+            if config.data is not None:     # recorded resolved: the checkpoint works from any folder
+                config = config.replace(data=os.path.abspath(config.data))
+    except BaseException:
+        if folder is not None:
+            folder.close()
+        raise
+    return config, device, folder, meta, sections
 
 
-def train_vqvae(config=None, model=None, comm=None):
+def train_vqvae(config=None, model=None, comm=None, explicit=None):
     """Train a VQ-VAE; returns the final test metrics (a dict). See ``minivq train --help``.
 
     ``config``: a ``TrainConfig`` (default: TrainConfig()); ``model``: a ``ModelConfig``,
@@ -143,11 +148,23 @@ def train_vqvae(config=None, model=None, comm=None):
     checkpoint on resume), or None. ``comm``: a ``minivq.distributed``
     communicator for data-parallel training (default: this process alone);
     ``config.batch_size`` is then the global batch, split evenly over the ranks.
+    ``explicit``: the names of the settings the user chose (the CLI's flags given);
+    on resume those of ``TrainConfig.FROM_CHECKPOINT`` must equal the checkpoint's
+    (default: the ones that differ from their defaults).
+
+    The run folder is locked for the whole run: a second run on it is refused.
     """
     config = config if config is not None else TrainConfig()
     comm = comm if comm is not None else distributed.SingleProcess()
-    config, device, meta, sections = _setup(config, comm)
+    config, device, folder, meta, sections = _setup(config, comm, explicit)
+    try:
+        return _train(config, model, comm, device, folder, meta, sections)
+    finally:
+        if folder is not None:
+            folder.close()
 
+
+def _train(config, model, comm, device, folder, meta, sections):
     with distributed.agreement(comm) as agreed:
         model_config = resolve_model(model, meta)
         train_set = load_dataset(config.data, split="train")
@@ -159,6 +176,9 @@ def train_vqvae(config=None, model=None, comm=None):
             raise ValueError(f"--batch {config.batch_size} (the global batch) does not split evenly over "
                              f"{comm.size} processes; choose a multiple of {comm.size}")
         variance = meta["data_variance"] if meta else float(train_set.pixel_variance())
+        if not variance > 0:
+            raise ValueError(f"the training images of {train_set.name} all have one and the same pixel value "
+                             f"(pixel variance 0): there is nothing to learn; check the dataset")
 
         backend.manual_seed(config.seed)
         vqvae = model_config.build(train_set.num_channels, kernel=config.kernel)
@@ -214,10 +234,11 @@ def train_vqvae(config=None, model=None, comm=None):
     def evaluate_now():
         return evaluate(vqvae, test_set, variance, device, limit=config.eval_size, comm=comm)
 
-    run_steps(compute, optimizer, start, config, config.out, checkpoint, evaluate_now,
-              grad_report=grad_report if config.log_grads else None, comm=comm)
-    final = dict(evaluate_now(), step=config.steps, split="test")
+    if folder is not None and config.overwrite:
+        folder.clear()
+    final = run_steps(compute, optimizer, start, config, config.out, checkpoint, evaluate_now,
+                      grad_report=grad_report if config.log_grads else None, comm=comm,
+                      model_state=vqvae.state_dict)
     if comm.rank == 0:
-        MetricsLog(os.path.join(config.out, METRICS), append=True).write(final)
         save_reconstructions(vqvae, test_set, os.path.join(config.out, RECONSTRUCTIONS), device)
     return final
