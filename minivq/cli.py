@@ -144,8 +144,19 @@ def build_parser():
     s.add_argument("--seed", type=_number(int, non_negative_int), default=0, help="random seed (0): same seed, same images")
     s.add_argument("--out", required=True, help="PNG file to write")
 
-    pl = sub.add_parser("plot", help="PNG curves from a metrics.jsonl (needs matplotlib: .[viz])")
-    pl.add_argument("metrics", help="a metrics.jsonl written by train or train-prior")
+    g = sub.add_parser("graph", help="draw one training step's backward graph (needs matplotlib: .[viz])",
+                       description="Draw the backward graph of one training step of a checkpoint's VQ-VAE on a "
+                                   "batch of its dataset: each op with the gradient norm it received, each "
+                                   "edge with the norm it passes, the cut ones dashed red.")
+    g.add_argument("checkpoint", help="a VQ-VAE checkpoint (from minivq train)")
+    _add_common(g)
+    g.add_argument("--out", required=True, help="PNG or SVG file to write (by its extension)")
+    g.add_argument("--batch", type=_number(int, positive_int), default=8, help="batch size (default: 8)")
+    g.add_argument("--expand", action="store_true", help="draw every op (default: a residual block is one box)")
+
+    pl = sub.add_parser("plot", help="PNG curves from metrics.jsonl logs, overlaid (needs matplotlib: .[viz])")
+    pl.add_argument("metrics", nargs="+", help="one or more metrics.jsonl written by train or train-prior "
+                                               "(several are overlaid, one colour per run folder)")
     pl.add_argument("--out", required=True, help="PNG file to write")
     return parser
 
@@ -220,9 +231,19 @@ def cmd_sample(args):
 def cmd_plot(args):
     from .plot import plot_metrics     # matplotlib, an optional extra: imported only for this command
     _check_png_target(args.out)
-    if not os.path.isfile(args.metrics):
-        raise FileNotFoundError(f"no such metrics log: {args.metrics}")
+    for path in args.metrics:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such metrics log: {path}")
     plot_metrics(args.metrics, args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def cmd_graph(args):
+    from .graph_draw import draw_checkpoint     # matplotlib, an optional extra: imported only for this command
+    _check_png_target(args.out)
+    device = check_device(args.device if args.device is not None else TrainConfig.device)
+    draw_checkpoint(args.checkpoint, args.out, data=args.data, device=device, batch_size=args.batch,
+                    collapse=() if args.expand else ("Residual",))
     print(f"wrote {args.out}", file=sys.stderr)
 
 
@@ -237,7 +258,7 @@ def _check_png_target(path):
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "reconstruct": cmd_reconstruct,
-            "train-prior": cmd_train_prior, "sample": cmd_sample, "plot": cmd_plot}
+            "train-prior": cmd_train_prior, "sample": cmd_sample, "plot": cmd_plot, "graph": cmd_graph}
 
 
 def _report(comm, head, message, code, collective):

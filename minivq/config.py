@@ -280,8 +280,13 @@ class TrainConfig(_RunConfig):
                                                  "(auto: where usable) or through MPI via host memory",
                                choices=COMM_BACKENDS)
     kernel: str = option("auto", "--kernel", "nearest-code backend", choices=KERNELS, group="model")
-    log_grads: bool = option(False, "--log-grads", "log per-layer gradient norms and the recon/commitment split "
-                                                   "of the encoder's gradient", boolean, group="logging")
+    log_grads: bool = option(False, "--log-grads", "log per-layer gradient norms, the reconstruction and "
+                                                   "commitment gradient norms at z_e, the codebook's gradient "
+                                                   "norm and per-code usage", boolean, group="logging")
+    compare_estimators: bool = option(False, "--compare-estimators", "on each logged batch, log the cosine and "
+                                                                     "norm ratio (rotation / straight-through) of "
+                                                                     "the two estimators' gradients at z_e",
+                                      boolean, group="logging")
 
     # what a resumed run takes from its checkpoint, so the continuation is the same run
     FROM_CHECKPOINT = ("seed", "batch_size", "lr", "dtype")

@@ -34,7 +34,7 @@ from .checkpoint import VQVAE_KIND, open_run, read_checkpoint, restore, resume_s
 from .config import ModelConfig, TrainConfig
 from .data import BatchSampler, load_dataset
 from .evaluation import evaluate, save_reconstructions
-from .graph import grad_norm
+from .graph import estimator_agreement, grad_norm
 from .loop import run_steps
 from .nn.quantizers import perplexity
 from .optim import Adam
@@ -70,25 +70,66 @@ def resolve_model(given, checkpoint_meta=None):
     return saved
 
 
-def gradient_report(model, vq):
+def gradient_report(model, vq, counts=None, estimator_out=None):
     """Per-layer gradient norms, and how the encoder's gradient at z_e splits between the loss terms.
 
     The commitment term's share is known in closed form, 2 beta (z_e - z_q) / numel (checked in
     tests/test_quantizer.py); the rest of z_e's gradient came through the estimator
-    (straight-through or rotation) from the reconstruction.
+    (straight-through or rotation) from the reconstruction. The split is exact for the
+    l2 lookup in D dimensions; with a cosine or low-dimensional lookup (the commitment
+    then lives in the search space) or FSQ only the total, ``z_e_grad``, is logged.
+    Also: ``codebook_grad`` (the norm of the codebook's gradient, or SimVQ's map's;
+    absent for the EMA codebook and FSQ) and, given the step's per-code ``counts``,
+    ``code_counts`` = {"index": [...], "count": [...]} of the codes used.
+    ``estimator_out``: the estimator's output Tensor, its gradient retained; then
+    ``estimator_cosine`` and ``estimator_norm_ratio`` compare the gradients the
+    straight-through and rotation-trick estimators would hand to z_e for it
+    (``minivq.graph.estimator_agreement``).
     """
-    layers = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            layer = name.rsplit(".", 1)[0]
-            layers[layer] = layers.get(layer, 0.0) + grad_norm(p.grad) ** 2
-    z_e, z_q = vq.z_e, vq.quantized.data
-    beta = model.vq.commitment_cost
-    commit = (2 * beta / z_e.data.size) * (z_e.data - z_q)
-    recon = z_e.grad - commit
-    r, c = grad_norm(recon), grad_norm(commit)
-    return {"grad_norms": {k: math.sqrt(v) for k, v in layers.items()},
-            "z_e_grad_recon": r, "z_e_grad_commit": c, "z_e_recon_share": r / (r + c) if r + c > 0 else 0.0}
+    report = {}
+    if vq.z_e.grad is not None:
+        layers = {}
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                layer = name.rsplit(".", 1)[0]
+                layers[layer] = layers.get(layer, 0.0) + grad_norm(p.grad) ** 2
+        report["grad_norms"] = {k: math.sqrt(v) for k, v in layers.items()}
+        z_e, quantizer = vq.z_e, model.vq
+        if getattr(quantizer, "lookup", None) == "l2" and getattr(quantizer, "lookup_dim", 0) is None:
+            beta = quantizer.commitment_cost
+            commit = (2 * beta / z_e.data.size) * (z_e.data - vq.quantized.data)
+            recon = z_e.grad - commit
+            r, c = grad_norm(recon), grad_norm(commit)
+            report.update(z_e_grad_recon=r, z_e_grad_commit=c, z_e_recon_share=r / (r + c) if r + c > 0 else 0.0)
+        else:
+            report["z_e_grad"] = grad_norm(z_e.grad)
+        own = dict(quantizer.named_parameters())
+        codes = own.get("codebook", own.get("code_map"))
+        if codes is not None and codes.grad is not None:
+            report["codebook_grad"] = grad_norm(codes.grad)
+    if counts is not None:
+        counts = np.rint(backend.to_numpy(counts)).astype(np.int64)
+        used = np.flatnonzero(counts)
+        report["code_counts"] = {"index": used.tolist(), "count": counts[used].tolist()}
+    if estimator_out is not None and estimator_out.grad is not None:
+        e, q = estimator_out.creator.inputs
+        report["estimator_cosine"], report["estimator_norm_ratio"] = estimator_agreement(
+            estimator_out.grad, e.data, q.data)
+    return report
+
+
+def estimator_output(vq):
+    """The Tensor the straight-through or rotation-trick node made (before a low-dimensional lookup's
+    ``project_out``), or None (FSQ, or no graph)."""
+    t = vq.quantized
+    for _ in range(2):
+        fn = t.creator
+        if fn is None:
+            return None
+        if fn.name in ("StraightThrough", "RotationTrick"):
+            return t
+        t = fn.inputs[0]
+    return None
 
 
 def _dataset_digest(*datasets):
@@ -222,10 +263,19 @@ def _train(config, model, comm, device, folder, meta, sections):
         if config.log_grads:
             vq.z_e.retain_grad()
             last["vq"] = vq
+        if config.compare_estimators:
+            last["vq"], last["estimator_out"] = vq, estimator_output(vq)
+            if last["estimator_out"] is not None:
+                last["estimator_out"].retain_grad()
         return loss, checked, extra, f"loss {checked['loss']:.4f} ppl {extra['perplexity']:.1f}"
 
     def grad_report():
-        return gradient_report(vqvae, last.pop("vq"))
+        vq = last.pop("vq")
+        counts = None
+        if config.log_grads:    # the global batch's per-code counts (a collective: every rank reports)
+            counts = vq.counts if comm.size == 1 else \
+                comm.allreduce_sum(backend.to_numpy(vq.counts).astype(np.float64))
+        return gradient_report(vqvae, vq, counts=counts, estimator_out=last.pop("estimator_out", None))
 
     def checkpoint(step):
         if comm.rank == 0:
@@ -237,7 +287,7 @@ def _train(config, model, comm, device, folder, meta, sections):
     if folder is not None and config.overwrite:
         folder.clear()
     final = run_steps(compute, optimizer, start, config, config.out, checkpoint, evaluate_now,
-                      grad_report=grad_report if config.log_grads else None, comm=comm,
+                      grad_report=grad_report if config.log_grads or config.compare_estimators else None, comm=comm,
                       model_state=vqvae.state_dict)
     if comm.rank == 0:
         save_reconstructions(vqvae, test_set, os.path.join(config.out, RECONSTRUCTIONS), device)
