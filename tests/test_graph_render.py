@@ -139,3 +139,26 @@ def test_minivq_graph_errors_are_one_line(checkpoint, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("minivq graph: error:") and message in err[0], err
         assert not os.path.exists(argv[1])
+
+
+def test_the_docs_figure_draws_the_readmes_step(tmp_path):
+    """docs/make_graph.py draws the step the README prints: the same norms, the same cut edges."""
+    import importlib.util
+    import re
+    from test_readme import engine_section
+    docs = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs")
+    spec = importlib.util.spec_from_file_location("make_graph", os.path.join(docs, "make_graph.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, loss = module.step()
+    boxes, edges = graph_view(loss, dict(model.named_parameters()))
+    _, shown = engine_section()
+    for title, name in (("StraightThrough", "quantized"), ("Conv2d", "z_e"), ("ConvTranspose2d", "x_recon")):
+        row = [re.split(r"\s{2,}", line) for line in shown.splitlines() if f"{title} -> {name}" in line][0]
+        box = [b for b in boxes.values() if b.title == title and b.name == name][0]
+        assert box.grad == pytest.approx(float(row[3]), rel=2e-4)
+    assert sum(e.state == "cut" for e in edges) == 3
+    assert os.path.exists(os.path.join(docs, "graph-step.png"))
+    if HAVE_MPL:
+        module.main(str(tmp_path / "step.png"))
+        assert (tmp_path / "step.png").read_bytes().startswith(b"\x89PNG")
