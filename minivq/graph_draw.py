@@ -469,6 +469,10 @@ def draw_checkpoint(checkpoint, out, data=None, device="cpu", batch_size=8, coll
     ext = os.path.splitext(str(out))[1].lower()
     if ext not in (".png", ".svg"):
         raise ValueError(f"minivq graph writes PNG or SVG: {out} ends in neither .png nor .svg")
+    try:                # before any work
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RuntimeError("drawing a graph needs matplotlib: pip install -e .[viz]") from None
     model, meta = load_vqvae(checkpoint, device)
     train = meta.get("train") or {}
     dataset = load_dataset(data if data is not None else train.get("data"), split="train")

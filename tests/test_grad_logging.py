@@ -164,3 +164,32 @@ def test_plot_panels(runs, tmp_path):
     heat = [ax for title, ax in axes.items() if title.startswith("per-code usage, st")][0]
     assert heat.images and heat.images[0].get_array().shape[1] == 2             # two logged steps
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- on the device (the strict fake CuPy)
+from test_fake_cupy import fake_cupy, tiny_npz  # noqa: E402,F401  (fixtures)
+
+
+def test_log_grads_compare_estimators_and_graph_on_cuda(fake_cupy, tiny_npz, tmp_path, capsys):   # noqa: F811
+    """The new logging and the drawn graph take device arrays without an implicit host copy."""
+    out = tmp_path / "run"
+    argv = ["train", "--data", tiny_npz, "--out", str(out), "--steps", "2", "--batch", "8", "--log-every", "1",
+            "--no-progress", "--device", "cuda", "--kernel", "numpy", "--log-grads", "--compare-estimators",
+            *TINY]
+    assert main(argv) == 0, capsys.readouterr().err
+    record = train_records(out)[0]
+    assert sum(record["code_counts"]["count"]) == 8 * 4 * 4 and "estimator_cosine" in record
+    from minivq.graph_draw import graph_view, training_step
+    mv.manual_seed(0)
+    model = mv.models.VQVAE(num_hiddens=8, num_residual_hiddens=4, num_residual_layers=1, embedding_dim=4,
+                            num_embeddings=16, kernel="numpy").to("cuda")
+    x = mv.tensor(np.random.default_rng(0).uniform(-0.5, 0.5, (2, 1, 8, 8)).astype(np.float32), device="cuda")
+    loss = training_step(model, x, 1 / 12)
+    boxes, edges = graph_view(loss, dict(model.named_parameters()))
+    assert sum(e.state == "cut" for e in edges) == 3 and all(isinstance(e.norm, (float, type(None))) for e in edges)
+    text = mv.graph.format_graph(loss, names=dict(model.named_parameters()))
+    assert "StraightThrough -> quantized" in text and "z_q: cut" in text
+    if HAVE_MPL:
+        assert main(["graph", str(out / "checkpoint.npz"), "--device", "cuda", "--out", str(tmp_path / "g.png")]) \
+            == 0, capsys.readouterr().err
+        assert (tmp_path / "g.png").read_bytes().startswith(b"\x89PNG")
