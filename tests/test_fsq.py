@@ -9,6 +9,10 @@ from minivq import functional as F
 from minivq.functional.quantize import RoundStraightThrough, round_straight_through
 
 
+def fsq_options(levels, **others):
+    return mv.models.QuantizerOptions(levels=levels, **others)
+
+
 def identity_fsq(levels):
     """An FSQ whose input projection is the identity (D = L), so tests can place z directly."""
     fsq = nn.FSQ(levels, len(levels)).double()
@@ -134,7 +138,7 @@ def test_bad_levels_and_indices_are_named():
 def test_vqvae_on_fsq_trains_and_decodes():
     mv.manual_seed(4)
     model = mv.models.VQVAE(num_hiddens=8, num_residual_hiddens=4, num_residual_layers=1, embedding_dim=4,
-                            num_embeddings=64, levels=(4, 4, 4))
+                            num_embeddings=64, decay=0.0, quantizer=fsq_options((4, 4, 4)))
     assert isinstance(model.vq, nn.FSQ) and model.config["levels"] == (4, 4, 4)
     x = mv.tensor(np.random.default_rng(4).uniform(-0.5, 0.5, (4, 1, 8, 8)).astype(np.float32))
     optimizer = mv.optim.Adam(model.parameters(), lr=1e-2)
@@ -155,8 +159,8 @@ def test_vqvae_on_fsq_trains_and_decodes():
 
 def test_vqvae_refuses_codebook_options_and_a_wrong_size_with_fsq():
     with pytest.raises(ValueError, match="num_embeddings=1000"):
-        mv.models.VQVAE(levels=(8, 5, 5, 5))
+        mv.models.VQVAE(decay=0.0, quantizer=fsq_options((8, 5, 5, 5)))
     with pytest.raises(ValueError, match="decay"):
-        mv.models.VQVAE(levels=(8, 8, 8), decay=0.99)
+        mv.models.VQVAE(decay=0.99, quantizer=fsq_options((8, 8, 8)))
     with pytest.raises(ValueError, match="dead_code_threshold"):
-        mv.models.VQVAE(levels=(8, 8, 8), dead_code_threshold=1.0)
+        mv.models.VQVAE(decay=0.0, quantizer=fsq_options((8, 8, 8), dead_code_threshold=1.0))
