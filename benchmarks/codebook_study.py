@@ -37,22 +37,25 @@ RUNS = os.path.join(ROOT, "runs", "codebook-study")
 MILESTONES = (300, 500, 1000, 2000)
 USAGE_IMAGES = 2000
 
-# name -> the ModelConfig options that make the variant (everything else: minivq train's defaults)
-PAPER = dict(decay=0.0, dead_code_threshold=0.0, lookup="l2", lookup_dim=None, simvq=False, kmeans_init=False,
+# name -> the ModelConfig options that make the variant (everything else: minivq train's defaults). Every
+# variant names all of the quantiser's options, so a change of the defaults does not change the variants.
+PAPER = dict(decay=0.0, kmeans_init=False, dead_code_threshold=0.0, lookup="l2", lookup_dim=None, simvq=False,
              levels=None)
 VARIANTS = {
-    "plain": dict(PAPER),
-    "ema": dict(PAPER, decay=0.99),
+    "plain": dict(PAPER),                                           # the paper's quantiser
     "kmeans": dict(PAPER, kmeans_init=True),
+    "dead": dict(PAPER, dead_code_threshold=1.0),
+    "ema": dict(PAPER, decay=0.99),                                 # Sonnet's EMA codebook
     "ema-kmeans": dict(PAPER, decay=0.99, kmeans_init=True),
     "ema-dead": dict(PAPER, decay=0.99, dead_code_threshold=1.0),
-    "dead": dict(PAPER, dead_code_threshold=1.0),
-    "cosine-dead": dict(PAPER, lookup="cosine", dead_code_threshold=1.0),
-    "lowdim8-cosine-dead": dict(PAPER, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0),
-    "simvq": dict(PAPER, simvq=True),
+    "ema-cosine-dead": dict(PAPER, decay=0.99, lookup="cosine", dead_code_threshold=1.0),
+    "ema-cosine8-dead": dict(PAPER, decay=0.99, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0),
+    "ema-cosine8-dead-kmeans": dict(PAPER, decay=0.99, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0,
+                                    kmeans_init=True),
     "simvq-dead": dict(PAPER, simvq=True, dead_code_threshold=1.0),
     "fsq-888": dict(PAPER, levels=(8, 8, 8)),
 }
+DEFAULT = "ema-cosine8-dead"      # minivq train's default quantiser (models.vqvae.DEFAULT_QUANTIZER, decay 0.99)
 
 
 def segments(steps):
@@ -229,7 +232,7 @@ def main():
     one.add_argument("seed", type=int)
     one.add_argument("steps", type=int)
     rep = sub.add_parser("report", help="table, JSON and figure of the runs so far")
-    rep.add_argument("--default", default="ema-dead", help="the variant whose usage heatmap is drawn")
+    rep.add_argument("--default", default=DEFAULT, help="the variant whose usage heatmap is drawn")
     rep.add_argument("--out", default=None)
     rep.add_argument("--figure", default=None)
     args = ap.parse_args()

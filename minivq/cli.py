@@ -26,7 +26,8 @@ import numpy as np
 
 from . import distributed
 from .checkpoint import load_vqvae
-from .config import (ModelConfig, PriorConfig, TrainConfig, cli_fields, non_negative_int, positive_float,
+from .config import (QUANTIZER_OPTIONS, ModelConfig, PriorConfig, TrainConfig, cli_fields, non_negative_int,
+                     positive_float,
                      positive_int)
 from .data import load_dataset
 from .evaluation import evaluate, save_reconstructions
@@ -106,8 +107,12 @@ def build_parser():
               "logging": t.add_argument_group("logging and checkpoints")}
     _add_options(t, TrainConfig, groups)
     _add_options(t, ModelConfig, groups)
-    groups["model"].add_argument("--ema", action="store_true", help="EMA codebook updates (--decay 0.99) "
-                                                                   "instead of a codebook loss")
+    groups["model"].add_argument("--paper-quantizer", action="store_true",
+                                 help="the paper's quantiser: a codebook loss instead of EMA updates (--decay 0), "
+                                      "squared-distance lookup in D, no dead-code replacement, no k-means "
+                                      "(flags given beside it still apply)")
+    groups["model"].add_argument("--ema", action="store_true", help="EMA codebook updates (--decay 0.99; the "
+                                                                   "default, kept for older command lines)")
     groups["model"].add_argument("--restart-after", default=None, help=argparse.SUPPRESS)  # replaced: see _model_choices
     groups["logging"].add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -169,15 +174,20 @@ def _train_config(args):
 
 
 def _model_choices(args):
-    """The model settings given on the command line (--ema stands for --decay 0.99)."""
+    """The model settings given on the command line: explicit flags over --paper-quantizer's (or --ema's) values."""
     if args.restart_after is not None:
         raise ValueError("--restart-after (re-seed every code unused for N steps at once) was replaced by "
                          "--dead-code-threshold X (re-seed codes whose usage EMA falls below X, at most "
                          "--max-replacements a step); see docs/codebook.md")
     given = _given(args, ModelConfig)
-    if args.ema and "decay" not in given:
-        given["decay"] = 0.99
-    return given
+    base = {}
+    if args.paper_quantizer or "levels" in given or "simvq" in given:
+        # the paper's quantiser, and FSQ and SimVQ (which take no EMA codebook), start from every option off
+        paper = ModelConfig.paper().to_dict()
+        base = {k: paper[k] for k in ("decay", *QUANTIZER_OPTIONS)}
+    if args.ema:
+        base["decay"] = 0.99
+    return dict(base, **given)
 
 
 def cmd_train(args):

@@ -24,7 +24,7 @@ import numpy as np
 from .distributed import BACKENDS as COMM_BACKENDS
 from .functional.quantize import ESTIMATORS
 from .kernels import BACKENDS as KERNELS
-from .models import GatedPixelCNN, VQVAE
+from .models import DEFAULT_QUANTIZER, PAPER_QUANTIZER, GatedPixelCNN, QuantizerOptions, VQVAE
 
 DTYPES = ("float32", "float64")
 MAX_INT = 2 ** 63 - 1            # every integer setting fits an int64
@@ -38,7 +38,8 @@ def _defaults_of(cls):
             if p.default is not inspect.Parameter.empty}
 
 
-_VQVAE_DEFAULTS = _defaults_of(VQVAE)
+_VQVAE_DEFAULTS = dict(_defaults_of(VQVAE), **dataclasses.asdict(DEFAULT_QUANTIZER))
+QUANTIZER_OPTIONS = tuple(f.name for f in dataclasses.fields(QuantizerOptions))
 _PRIOR_DEFAULTS = _defaults_of(GatedPixelCNN)
 
 
@@ -63,6 +64,11 @@ def non_negative_int(value, name):
 
 def optional_positive_int(value, name):
     return None if value is None else positive_int(value, name)
+
+
+def optional_dimension(value, name):
+    """None or 0 (no such projection) -> None; else a positive integer."""
+    return None if value is None or (not isinstance(value, bool) and value == 0) else positive_int(value, name)
 
 
 def positive_float(value, name):
@@ -186,7 +192,7 @@ _BEFORE_OPTION = {"kmeans_init": False, "estimator": "straight_through", "dead_c
 
 @dataclass
 class ModelConfig(_Config):
-    """The VQ-VAE's hyperparameters (``VQVAE(in_channels, **config.to_dict())``); defaults are VQVAE's."""
+    """The VQ-VAE's hyperparameters, flat; defaults are VQVAE's and its DEFAULT_QUANTIZER's (``build()``)."""
     num_hiddens: int = option(_VQVAE_DEFAULTS["num_hiddens"], "--num-hiddens",
                               "h, encoder/decoder width", positive_int, group="model")
     num_residual_hiddens: int = option(_VQVAE_DEFAULTS["num_residual_hiddens"], "--residual-hiddens",
@@ -216,8 +222,8 @@ class ModelConfig(_Config):
                                                                 "cosine similarity of l2-normalised vectors",
                          choices=("l2", "cosine"), group="model")
     lookup_dim: int = option(_VQVAE_DEFAULTS["lookup_dim"], "--lookup-dim",
-                                "search the codebook in this many dimensions through learned projections "
-                                "(default: D itself)", optional_positive_int, group="model")
+                             "search the codebook in this many dimensions through learned projections "
+                             "(0: in D itself)", optional_dimension, group="model")
     simvq: bool = option(_VQVAE_DEFAULTS["simvq"], "--simvq", "codes = a frozen random codebook times a learned "
                                                              "linear map (SimVQ)", boolean, group="model")
     levels: object = option(_VQVAE_DEFAULTS["levels"], "--levels", "finite scalar quantisation with these levels "
@@ -231,7 +237,14 @@ class ModelConfig(_Config):
 
     def build(self, in_channels, kernel="auto"):
         """The VQ-VAE these settings describe (float32, on the CPU)."""
-        return VQVAE(in_channels=in_channels, kernel=kernel, **self.to_dict())
+        values = self.to_dict()
+        quantizer = QuantizerOptions(**{k: values.pop(k) for k in QUANTIZER_OPTIONS})
+        return VQVAE(in_channels=in_channels, kernel=kernel, quantizer=quantizer, **values)
+
+    @classmethod
+    def paper(cls, **changes):
+        """The paper's model: the plain quantiser with a codebook loss, no option of minivq's on."""
+        return cls(decay=0.0, **dict(dataclasses.asdict(PAPER_QUANTIZER), **changes))
 
     @classmethod
     def from_checkpoint(cls, meta):

@@ -7,6 +7,9 @@
       -> Decoder: 3x3 conv D to h, residual stack, 4x4/2 transposed conv to h/2, ReLU,
                   4x4/2 transposed conv to C                        -> x_recon (N, C, 32, 32)
 """
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Tuple
+
 import numpy as np
 
 from .. import functional as F
@@ -67,29 +70,55 @@ class Decoder(Module):
         return self.conv_trans_2(x)
 
 
+@dataclass(frozen=True)
+class QuantizerOptions:
+    """How a VQVAE's quantiser picks, keeps and revives its codes (see ``nn.VectorQuantizer``).
+
+    The field defaults are the paper's quantiser: every option off. ``levels``
+    (e.g. (8, 8, 8)) selects finite scalar quantisation instead (``nn.FSQ``), which
+    has no codebook and takes none of the other options.
+    """
+    kmeans_init: bool = False               # k-means++ on the first training batch
+    estimator: str = "straight_through"     # or "rotation" (Fifty et al., 2024)
+    dead_code_threshold: float = 0.0        # > 0: re-seed codes whose usage EMA falls below this
+    max_replacements: int = 64              # dead codes re-seeded per step, at most
+    lookup: str = "l2"                      # or "cosine": l2-normalised codes and latents (ViT-VQGAN)
+    lookup_dim: Optional[int] = None        # search in this many dimensions through learned 1x1 projections
+    simvq: bool = False                     # codes = frozen random codes x a learned map (SimVQ)
+    levels: Optional[Tuple[int, ...]] = None
+
+    def changed(self):
+        """{option: value} of the options that differ from the paper's (all off)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
+
+# minivq's default quantiser, chosen by benchmarks/codebook_study.py (docs/codebook.md): with the EMA codebook
+# (decay 0.99), codes searched by cosine similarity in 8 dimensions and dead codes re-seeded from the batch,
+# the whole codebook is in use from the first hundred steps and reconstructions are better at every step.
+DEFAULT_QUANTIZER = QuantizerOptions(lookup="cosine", lookup_dim=8, dead_code_threshold=1.0)
+# The paper's: ``VQVAE(decay=0.0, quantizer=PAPER_QUANTIZER)`` (``minivq train --paper-quantizer``).
+PAPER_QUANTIZER = QuantizerOptions()
+
+
 class VQVAE(Module):
     """Encoder -> quantiser -> decoder. ``model(x)`` returns ``(x_recon, VQOutput)``.
 
     The quantiser: ``decay > 0`` selects the EMA codebook (``nn.VectorQuantizerEMA``),
-    ``levels`` (e.g. (8, 8, 8)) finite scalar quantisation (``nn.FSQ``; then
-    ``num_embeddings`` must equal prod(levels)), otherwise the paper's learned codebook
-    (``nn.VectorQuantizer``). The other options go to the vector quantisers (see
-    ``nn.VectorQuantizer``): ``kmeans_init``, ``kernel`` (nearest-code backend),
-    ``estimator`` ("straight_through" or "rotation"), dead-code replacement
-    (``dead_code_threshold`` > 0, at most ``max_replacements`` codes a step),
-    ``lookup`` ("l2" or "cosine"), ``lookup_dim`` (search in d < D dimensions through
-    learned projections) and ``simvq`` (codes = frozen random codes x a learned map;
-    the plain quantiser only). The defaults are the paper's plain quantiser.
+    ``quantizer.levels`` finite scalar quantisation (``nn.FSQ``; then ``num_embeddings``
+    must equal prod(levels)), otherwise the paper's learned codebook
+    (``nn.VectorQuantizer``). ``quantizer`` (a ``QuantizerOptions``) holds the
+    quantiser's other options; the default is ``DEFAULT_QUANTIZER`` with ``decay=0.99``
+    (a codebook that stays in use: docs/codebook.md). The paper's quantiser is
+    ``VQVAE(decay=0.0, quantizer=PAPER_QUANTIZER)``. ``kernel`` picks the
+    nearest-code backend (``minivq.kernels``).
     """
 
     def __init__(self, in_channels=1, num_hiddens=128, num_residual_hiddens=32, num_residual_layers=2,
-                 embedding_dim=64, num_embeddings=512, commitment_cost=0.25, decay=0.0,
-                 kmeans_init=False, kernel="auto", estimator="straight_through", dead_code_threshold=0.0,
-                 max_replacements=64, lookup="l2", lookup_dim=None, simvq=False, levels=None, restart_after=0):
+                 embedding_dim=64, num_embeddings=512, commitment_cost=0.25, decay=0.99, quantizer=DEFAULT_QUANTIZER,
+                 kernel="auto"):
         super().__init__()
-        if restart_after:   # transitional: accepted as 0 only until the training config drops the option
-            raise ValueError(f"restart_after={restart_after}: the mass re-seed of dead codes was replaced by "
-                             "gentle dead-code replacement: use dead_code_threshold (e.g. 1.0) and max_replacements")
+        if not isinstance(quantizer, QuantizerOptions):
+            raise TypeError(f"quantizer must be a QuantizerOptions, got {type(quantizer).__name__}")
         for name, value in [("in_channels", in_channels), ("num_hiddens", num_hiddens),
                             ("num_residual_hiddens", num_residual_hiddens), ("embedding_dim", embedding_dim),
                             ("num_embeddings", num_embeddings)]:
@@ -100,38 +129,34 @@ class VQVAE(Module):
         if num_residual_layers < 0 or decay < 0 or decay >= 1:
             raise ValueError(f"need num_residual_layers >= 0 and 0 <= decay < 1, "
                              f"got {num_residual_layers} and {decay}")
-        if levels is not None:
-            levels = tuple(levels)
-            given = [name for name, value, default in [
-                ("decay", decay, 0.0), ("kmeans_init", kmeans_init, False), ("simvq", simvq, False),
-                ("dead_code_threshold", dead_code_threshold, 0.0), ("lookup", lookup, "l2"),
-                ("lookup_dim", lookup_dim, None)] if value != default]
+        q = quantizer
+        if q.levels is not None:
+            given = [name for name in q.changed() if name not in ("levels", "max_replacements")]
+            given += ["decay"] if decay > 0 else []
             if given:
-                raise ValueError(f"levels={levels} selects FSQ, which has no codebook: drop {', '.join(given)}")
-            if int(np.prod(levels)) != num_embeddings:
-                raise ValueError(f"levels={levels} give {int(np.prod(levels))} codes but num_embeddings="
-                                 f"{num_embeddings}: pass num_embeddings={int(np.prod(levels))}")
-        if simvq and decay > 0:
+                raise ValueError(f"levels={q.levels} selects FSQ, which has no codebook: drop {', '.join(given)} "
+                                 f"(and pass decay=0)")
+            if int(np.prod(q.levels)) != num_embeddings:
+                raise ValueError(f"levels={q.levels} give {int(np.prod(q.levels))} codes but num_embeddings="
+                                 f"{num_embeddings}: pass num_embeddings={int(np.prod(q.levels))}")
+        if q.simvq and decay > 0:
             raise ValueError("simvq learns its codebook by gradient: it needs decay=0 (not the EMA codebook), "
                              f"got decay={decay}")
         self.config = dict(in_channels=in_channels, num_hiddens=num_hiddens,
                            num_residual_hiddens=num_residual_hiddens, num_residual_layers=num_residual_layers,
                            embedding_dim=embedding_dim, num_embeddings=num_embeddings,
-                           commitment_cost=commitment_cost, decay=decay, kmeans_init=kmeans_init,
-                           estimator=estimator, dead_code_threshold=dead_code_threshold,
-                           max_replacements=max_replacements, lookup=lookup, lookup_dim=lookup_dim, simvq=simvq,
-                           levels=levels)
+                           commitment_cost=commitment_cost, decay=decay, **asdict(q))
         self.in_channels = in_channels
         self.encoder = Encoder(in_channels, num_hiddens, num_residual_layers, num_residual_hiddens, embedding_dim)
-        options = dict(kmeans_init=kmeans_init, kernel=kernel, estimator=estimator,
-                       dead_code_threshold=dead_code_threshold, max_replacements=max_replacements, lookup=lookup,
-                       lookup_dim=lookup_dim)
-        if levels is not None:
-            self.vq = FSQ(levels, embedding_dim)
+        options = dict(kmeans_init=q.kmeans_init, kernel=kernel, estimator=q.estimator,
+                       dead_code_threshold=q.dead_code_threshold, max_replacements=q.max_replacements,
+                       lookup=q.lookup, lookup_dim=q.lookup_dim)
+        if q.levels is not None:
+            self.vq = FSQ(q.levels, embedding_dim)
         elif decay > 0:
             self.vq = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost, decay=decay, **options)
         else:
-            self.vq = VectorQuantizer(num_embeddings, embedding_dim, commitment_cost, simvq=simvq, **options)
+            self.vq = VectorQuantizer(num_embeddings, embedding_dim, commitment_cost, simvq=q.simvq, **options)
         self.decoder = Decoder(in_channels, num_hiddens, num_residual_layers, num_residual_hiddens, embedding_dim)
 
     def check_input(self, x):
