@@ -244,7 +244,7 @@ class ModelConfig(_Config):
     @classmethod
     def paper(cls, **changes):
         """The paper's model: the plain quantiser with a codebook loss, no option of minivq's on."""
-        return cls(decay=0.0, **dict(dataclasses.asdict(PAPER_QUANTIZER), **changes))
+        return cls(**{**dataclasses.asdict(PAPER_QUANTIZER), "decay": 0.0, **changes})
 
     @classmethod
     def from_checkpoint(cls, meta):

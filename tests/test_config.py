@@ -9,7 +9,7 @@ import pytest
 from minivq import config
 from minivq.cli import build_parser
 from minivq.config import ModelConfig, PriorConfig, TrainConfig
-from minivq.models import GatedPixelCNN, VQVAE
+from minivq.models import DEFAULT_QUANTIZER, PAPER_QUANTIZER, GatedPixelCNN, QuantizerOptions, VQVAE
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -21,13 +21,35 @@ def _subparser(name):
 
 
 def test_model_config_is_vqvae_signature():
-    """Every ModelConfig field is a VQVAE argument with the same default, and the reverse (but for what the
-    trainer decides: the image channels and the kernel)."""
+    """Every ModelConfig field is a VQVAE argument or a QuantizerOptions field with VQVAE's default (for the
+    quantiser's options: DEFAULT_QUANTIZER's), and the reverse (but for what the trainer decides: the image
+    channels and the kernel; and the grouped ``quantizer``, whose fields ModelConfig holds flat)."""
     params = {k: p.default for k, p in inspect.signature(VQVAE.__init__).parameters.items() if k != "self"}
+    options = {f.name for f in dataclasses.fields(QuantizerOptions)}
     fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    assert set(params) - set(fields) == {"in_channels", "kernel"}
+    assert set(params) - set(fields) == {"in_channels", "kernel", "quantizer"}
+    assert params["quantizer"] is DEFAULT_QUANTIZER
+    assert set(fields) == (set(params) | options) - {"in_channels", "kernel", "quantizer"}
+    assert not options & set(params)
     for name, default in fields.items():
-        assert params[name] == default, name
+        expected = getattr(DEFAULT_QUANTIZER, name) if name in options else params[name]
+        assert expected == default, name
+
+
+def test_model_config_builds_what_it_says():
+    """build() hands the flat options to VQVAE grouped; paper() is the paper's model, changes on top."""
+    small = dict(num_hiddens=8, num_residual_hiddens=4, num_residual_layers=1, embedding_dim=4, num_embeddings=8)
+    model = ModelConfig(**small).build(in_channels=1)
+    assert model.config == dict(VQVAE(in_channels=1, **small).config)
+    assert model.config["decay"] == 0.99 and model.config["lookup"] == "cosine"
+    assert model.config["lookup_dim"] == 8 and model.config["dead_code_threshold"] == 1.0
+    paper = ModelConfig.paper(**small)
+    assert paper.decay == 0.0
+    assert {k: getattr(paper, k) for k in config.QUANTIZER_OPTIONS} == dataclasses.asdict(PAPER_QUANTIZER)
+    assert paper.build(in_channels=1).config == VQVAE(in_channels=1, decay=0.0, quantizer=PAPER_QUANTIZER,
+                                                      **small).config
+    assert ModelConfig.paper(decay=0.99).decay == 0.99          # a change of the decay, too, applies on top
+    assert ModelConfig.paper(dead_code_threshold=2.0).dead_code_threshold == 2.0
 
 
 def test_prior_config_reads_the_pixelcnn_defaults():
