@@ -4,12 +4,14 @@ import pytest
 
 import minivq as mv
 from minivq import functional as F
-from minivq.models import VQVAE, GatedPixelCNN, GatedLayer, MaskedConv2d
+from minivq.models import (DEFAULT_QUANTIZER, PAPER_QUANTIZER, VQVAE, GatedLayer, GatedPixelCNN, MaskedConv2d,
+                           QuantizerOptions)
 
 
 def test_vqvae_layout_and_shapes():
+    """The paper's model (its learned codebook a parameter): names, shapes, initialisation."""
     mv.manual_seed(0)
-    model = VQVAE()
+    model = VQVAE(decay=0.0, quantizer=PAPER_QUANTIZER)
     names = [n for n, _ in model.named_parameters()]
     assert names[:4] == ["encoder.conv_1.weight", "encoder.conv_1.bias", "encoder.conv_2.weight", "encoder.conv_2.bias"]
     assert "vq.codebook" in names and names[-1] == "decoder.conv_trans_2.bias"
@@ -26,7 +28,32 @@ def test_vqvae_layout_and_shapes():
     x = mv.tensor(np.zeros((2, 1, 32, 32), np.float32))
     x_recon, vq = model(x)
     assert x_recon.shape == (2, 1, 32, 32) and vq.indices.shape == (2, 8, 8)
-    assert isinstance(VQVAE(decay=0.99).vq, mv.nn.VectorQuantizerEMA)
+    assert isinstance(VQVAE(decay=0.99, quantizer=PAPER_QUANTIZER).vq, mv.nn.VectorQuantizerEMA)
+
+
+def test_vqvae_default_quantizer():
+    """VQVAE()'s quantiser is minivq's default, not the paper's: the EMA codebook (decay 0.99, a buffer, not a
+    parameter), searched by cosine similarity in 8 dimensions through learned projections, dead codes re-seeded."""
+    assert DEFAULT_QUANTIZER == QuantizerOptions(lookup="cosine", lookup_dim=8, dead_code_threshold=1.0)
+    assert PAPER_QUANTIZER == QuantizerOptions() and not PAPER_QUANTIZER.changed()
+    mv.manual_seed(0)
+    model = VQVAE()
+    vq = model.vq
+    assert type(vq) is mv.nn.VectorQuantizerEMA and vq.decay == 0.99
+    assert vq.lookup == "cosine" and vq.lookup_dim == 8 and vq.dead_code_threshold == 1.0
+    assert not vq.kmeans_init and vq.estimator == "straight_through"
+    assert vq.codebook.shape == (512, 8)
+    shapes = dict((n, p.shape) for n, p in model.named_parameters())
+    assert "vq.codebook" not in shapes
+    assert shapes["vq.project_in.weight"] == (8, 64, 1, 1) and shapes["vq.project_out.weight"] == (64, 8, 1, 1)
+    assert {"codebook", "usage", "usage_steps"} <= set(vq.state_dict())
+    assert model.config["decay"] == 0.99 and model.config["lookup"] == "cosine"
+    assert model.config["lookup_dim"] == 8 and model.config["dead_code_threshold"] == 1.0
+    x = mv.tensor(np.zeros((2, 1, 32, 32), np.float32))
+    x_recon, out = model(x)
+    assert x_recon.shape == (2, 1, 32, 32) and out.indices.shape == (2, 8, 8)
+    with pytest.raises(TypeError, match="QuantizerOptions"):
+        VQVAE(quantizer=dict(lookup="cosine"))
 
 
 def test_vqvae_parameter_count_matches_torch_reference():
@@ -34,7 +61,7 @@ def test_vqvae_parameter_count_matches_torch_reference():
     import sys, os
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
     from torch_vqvae import VQVAE as TorchVQVAE
-    ours = VQVAE(in_channels=3).num_parameters()
+    ours = VQVAE(in_channels=3, decay=0.0, quantizer=PAPER_QUANTIZER).num_parameters()     # the paper's, as torch's
     theirs = sum(p.numel() for p in TorchVQVAE(in_channels=3).parameters())
     assert ours == theirs
 
