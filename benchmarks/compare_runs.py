@@ -23,7 +23,7 @@ from _machine import describe_machine  # noqa: E402
 
 def read_run(folder):
     from minivq.plot import read_metrics
-    from minivq.train import read_checkpoint
+    from minivq.checkpoint import read_checkpoint
     try:
         meta, _ = read_checkpoint(os.path.join(folder, "checkpoint.npz"), "minivq-vqvae")
         tests = [r for r in read_metrics(os.path.join(folder, "metrics.jsonl")) if r["split"] == "test"]

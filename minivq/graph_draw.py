@@ -16,6 +16,7 @@ Without a trace the columns come from the tensors' names (``z_e``, ``z_q``,
 ``quantized``, ``x_recon`` and the loss terms, which the VQ-VAE sets). The layout
 (``graph_view``, ``layout``) is plain Python; only ``render`` needs matplotlib.
 """
+import importlib.util
 import math
 import os
 
@@ -469,10 +470,8 @@ def draw_checkpoint(checkpoint, out, data=None, device="cpu", batch_size=8, coll
     ext = os.path.splitext(str(out))[1].lower()
     if ext not in (".png", ".svg"):
         raise ValueError(f"minivq graph writes PNG or SVG: {out} ends in neither .png nor .svg")
-    try:                # before any work
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise RuntimeError("drawing a graph needs matplotlib: pip install -e .[viz]") from None
+    if importlib.util.find_spec("matplotlib") is None:      # before any work (render imports it)
+        raise RuntimeError("drawing a graph needs matplotlib: pip install -e .[viz]")
     model, meta = load_vqvae(checkpoint, device)
     train = meta.get("train") or {}
     dataset = load_dataset(data if data is not None else train.get("data"), split="train")

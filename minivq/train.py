@@ -30,7 +30,7 @@ from . import backend
 from . import distributed
 from . import functional as F
 from .autograd import Tensor
-from .checkpoint import VQVAE_KIND, open_run, read_checkpoint, restore, resume_settings, save_checkpoint  # noqa: F401 (read_checkpoint: re-exported)
+from .checkpoint import VQVAE_KIND, open_run, restore, resume_settings, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import BatchSampler, load_dataset
 from .evaluation import evaluate, save_reconstructions

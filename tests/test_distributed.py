@@ -18,7 +18,7 @@ import pytest
 
 from minivq import distributed
 from minivq.cli import main
-from minivq.train import read_checkpoint
+from minivq.checkpoint import read_checkpoint
 
 from conftest import write_blobs
 

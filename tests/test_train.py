@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import minivq as mv
+from minivq.checkpoint import read_checkpoint
 from minivq.cli import main
 
 from conftest import read_log, write_blobs
@@ -37,7 +38,7 @@ def test_train_writes_log_checkpoint_and_png(tiny_data, tmp_path, capsys):
     assert any(r["split"] == "test" and r["step"] == 4 for r in log)
     png = (tmp_path / "reconstructions.png").read_bytes()
     assert png.startswith(b"\x89PNG")
-    meta, sections = mv.train.read_checkpoint(str(tmp_path / "checkpoint.npz"), "minivq-vqvae")
+    meta, sections = read_checkpoint(str(tmp_path / "checkpoint.npz"), "minivq-vqvae")
     assert meta["step"] == 5 and "encoder.conv_1.weight" in sections["model"]
 
 
@@ -113,7 +114,7 @@ def test_nonfinite_loss_stops_or_is_skipped(tiny_data, tmp_path, capsys, monkeyp
     assert train(tiny_data, tmp_path / "a", 6) == 3
     err = capsys.readouterr().err
     assert "step 4" in err and "non-finite" in err and len(err.strip().splitlines()) == 1
-    meta, _ = mv.train.read_checkpoint(str(tmp_path / "a" / "checkpoint.npz"), "minivq-vqvae")
+    meta, _ = read_checkpoint(str(tmp_path / "a" / "checkpoint.npz"), "minivq-vqvae")
     assert meta["step"] == 3          # the last good checkpoint is kept
     calls["n"] = 0
     assert train(tiny_data, tmp_path / "b", 6, "--skip-nonfinite") == 0
