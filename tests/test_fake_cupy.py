@@ -197,12 +197,13 @@ def test_cli_train_eval_reconstruct_on_cuda(fake_cupy, tiny_npz, tmp_path, capsy
 
 
 def test_module_state_and_gradcheck_on_the_device(fake_cupy):
+    options = mv.models.QuantizerOptions(kmeans_init=True, dead_code_threshold=1.0, lookup="cosine", lookup_dim=2)
     mv.manual_seed(0)
-    model = mv.models.VQVAE(decay=0.9, kmeans_init=True, dead_code_threshold=1.0, kernel="numpy", **TINY).to("cuda")
+    model = mv.models.VQVAE(decay=0.9, quantizer=options, kernel="numpy", **TINY).to("cuda")
     for name, value in model.state_dict().items():
         assert backend.array_device(value) == "cuda:0", name
     mv.manual_seed(1)
-    cpu_model = mv.models.VQVAE(decay=0.9, kmeans_init=True, dead_code_threshold=1.0, kernel="numpy", **TINY)
+    cpu_model = mv.models.VQVAE(decay=0.9, quantizer=options, kernel="numpy", **TINY)
     model.load_state_dict(cpu_model.state_dict())               # host arrays into a device model
     for name, value in model.state_dict().items():
         assert backend.array_device(value) == "cuda:0", name
@@ -362,9 +363,13 @@ def test_train_on_cuda_1_in_one_process(fake_cupy, monkeypatch, tiny_npz, tmp_pa
     assert evaluated["mse"] == pytest.approx(gpu_log[-1]["mse"], rel=1e-5)
 
 
-@pytest.mark.parametrize("decay", [0.0, 0.9])
-def test_a_training_step_waits_for_the_gpu_only_in_the_kernel_checks(fake_cupy, monkeypatch, decay):
-    """Forward, backward and the Adam step read nothing back from the GPU, but in the nearest-code call."""
+@pytest.mark.parametrize("decay,quantizer", [
+    (0.0, mv.models.PAPER_QUANTIZER), (0.9, mv.models.PAPER_QUANTIZER),
+    (0.99, mv.models.QuantizerOptions(lookup="cosine", lookup_dim=8)),      # the default's lookup, no dead codes
+], ids=["paper", "ema", "ema-cosine8"])
+def test_a_training_step_waits_for_the_gpu_only_in_the_kernel_checks(fake_cupy, monkeypatch, decay, quantizer):
+    """Forward, backward and the Adam step read nothing back from the GPU, but in the nearest-code call (dead-code
+    replacement, which decides on the host, is left out: it reads the step's code counts back by design)."""
     cp = fake_cupy
     in_kernel = []
     real = kernels.nearest_code
@@ -377,7 +382,7 @@ def test_a_training_step_waits_for_the_gpu_only_in_the_kernel_checks(fake_cupy, 
             in_kernel.append(cp.stats["d2h"] - before)
     monkeypatch.setattr(mv.functional.quantize, "nearest_code", counted)     # the quantisers' one call site
     mv.manual_seed(0)
-    model = mv.models.VQVAE(decay=decay, kernel="numpy", **TINY).to("cuda")
+    model = mv.models.VQVAE(decay=decay, quantizer=quantizer, kernel="numpy", **TINY).to("cuda")
     opt = optim.Adam(model.parameters())
     x = backend.to_device(np.random.default_rng(0).uniform(-0.5, 0.5, (4, 1, 16, 16)).astype(np.float32), "cuda")
     for step in range(2):
