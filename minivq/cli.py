@@ -49,9 +49,12 @@ def _number(kind, check=None):
                                              f"got {text!r}") from None
         if check is not None:
             try:
-                value = check(value, "value")
+                checked = check(value, "value")
             except ValueError as exc:
                 raise argparse.ArgumentTypeError(str(exc)) from None
+            # a value the check maps to None (--lookup-dim 0: none) stays as typed, since None means
+            # "not given" here; _given maps it
+            value = value if checked is None else checked
         return value
     return parse
 
@@ -80,8 +83,15 @@ def _add_options(parser, cls, groups, only=None):
 
 
 def _given(args, cls):
-    """{field: value} of the options of ``cls`` given on the command line."""
-    return {f.name: getattr(args, f.name) for f in cli_fields(cls) if getattr(args, f.name, None) is not None}
+    """{field: value} of the options of ``cls`` given on the command line, as the config holds them (a value
+    given may stand for None: ``--lookup-dim 0`` is ``lookup_dim=None``)."""
+    given = {}
+    for f in cli_fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            check = f.metadata.get("check") if f.type in (int, float) else None
+            given[f.name] = check(value, f.metadata["flag"]) if check is not None else value
+    return given
 
 
 def _add_common(p):

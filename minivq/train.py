@@ -59,7 +59,9 @@ def resolve_model(given, checkpoint_meta=None):
     if isinstance(given, ModelConfig):
         chosen = given.to_dict() if checkpoint_meta is None else {}
     else:
-        chosen = {k: v for k, v in (given or {}).items() if v is not None}
+        chosen = dict(given or {})      # a None chosen is a setting too (lookup_dim=None: search in D)
+        normal = ModelConfig.from_dict(chosen)      # checked, and as the config holds them (levels "8,8" -> (8, 8))
+        chosen = {k: getattr(normal, k) for k in chosen if hasattr(normal, k)}
     if checkpoint_meta is None:
         return ModelConfig.from_dict(chosen) if not isinstance(given, ModelConfig) else given
     saved = ModelConfig.from_checkpoint(checkpoint_meta)
