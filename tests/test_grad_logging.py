@@ -26,14 +26,18 @@ TINY = ["--num-hiddens", "8", "--residual-hiddens", "4", "--residual-layers", "1
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Three 4-step runs: straight-through with both options, rotation with both, EMA with --log-grads."""
+    """4-step runs of the paper's quantiser: straight-through with both options, rotation with both, its EMA
+    codebook with --log-grads, --compare-estimators alone; and minivq's default quantiser with both options."""
     folder = tmp_path_factory.mktemp("gradlog")
     data = write_blobs(folder / "blobs.npz", 64, 16)
     base = ["train", "--data", data, "--steps", "4", "--batch", "8", "--log-every", "2", "--eval-every", "4",
             "--no-progress", *TINY]
-    for name, extra in [("st", ["--log-grads", "--compare-estimators"]),
-                        ("rot", ["--log-grads", "--compare-estimators", "--estimator", "rotation"]),
-                        ("ema", ["--log-grads", "--ema"]), ("cmp", ["--compare-estimators"])]:
+    for name, extra in [("st", ["--paper-quantizer", "--log-grads", "--compare-estimators"]),
+                        ("rot", ["--paper-quantizer", "--log-grads", "--compare-estimators", "--estimator",
+                                 "rotation"]),
+                        ("ema", ["--paper-quantizer", "--log-grads", "--ema"]),
+                        ("cmp", ["--paper-quantizer", "--compare-estimators"]),
+                        ("default", ["--log-grads", "--compare-estimators"])]:
         assert main([*base, "--out", str(folder / name), *extra]) == 0
     return folder
 
@@ -55,13 +59,19 @@ def test_log_grads_logs_the_norms_at_z_e_the_codebook_and_the_code_usage(runs):
     assert "codebook_grad" not in ema and "z_e_grad_commit" in ema        # the EMA codebook has no gradient
     only = train_records(runs / "cmp")[0]
     assert "estimator_cosine" in only and "grad_norms" not in only and "code_counts" not in only
+    for record in train_records(runs / "default"):      # EMA codebook, cosine lookup in 8 dims: no exact split
+        assert {"z_e_grad", "code_counts", "grad_norms", "estimator_cosine"} <= set(record)
+        assert not {"z_e_grad_recon", "z_e_grad_commit", "codebook_grad"} & set(record)
+        assert record["z_e_grad"] > 0 and sum(record["code_counts"]["count"]) == 8 * 4 * 4
+        assert "vq.project_in" in record["grad_norms"] and "vq.project_out" in record["grad_norms"]
 
 
 def test_gradient_report_against_the_formulas():
-    """The split at z_e, the codebook's norm, the counts and the estimators' comparison, by hand."""
+    """The split at z_e, the codebook's norm, the counts and the estimators' comparison, by hand (the paper's
+    quantiser: the split is exact for the l2 lookup in D dimensions)."""
     mv.manual_seed(0)
     model = mv.models.VQVAE(num_hiddens=8, num_residual_hiddens=4, num_residual_layers=1, embedding_dim=3,
-                            num_embeddings=10).double()
+                            num_embeddings=10, decay=0.0, quantizer=mv.models.PAPER_QUANTIZER).double()
     x = mv.tensor(np.random.default_rng(2).uniform(-0.5, 0.5, (2, 1, 8, 8)))
     x_recon, vq = model(x)
     vq.z_e.retain_grad()
@@ -92,7 +102,8 @@ def test_a_rotation_runs_reconstruction_gradient_is_the_rotated_one(runs):
         assert record["z_e_grad_recon"] > 0 and record["estimator_norm_ratio"] > 0
     mv.manual_seed(0)
     model = mv.models.VQVAE(num_hiddens=8, num_residual_hiddens=4, num_residual_layers=1, embedding_dim=3,
-                            num_embeddings=10, estimator="rotation").double()
+                            num_embeddings=10, decay=0.0,
+                            quantizer=mv.models.QuantizerOptions(estimator="rotation")).double()
     x = mv.tensor(np.random.default_rng(2).uniform(-0.5, 0.5, (2, 1, 8, 8)))
     x_recon, vq = model(x)
     vq.z_e.retain_grad()
@@ -182,7 +193,8 @@ def test_log_grads_compare_estimators_and_graph_on_cuda(fake_cupy, tiny_npz, tmp
     from minivq.graph_draw import graph_view, training_step
     mv.manual_seed(0)
     model = mv.models.VQVAE(num_hiddens=8, num_residual_hiddens=4, num_residual_layers=1, embedding_dim=4,
-                            num_embeddings=16, kernel="numpy").to("cuda")
+                            num_embeddings=16, decay=0.0, quantizer=mv.models.PAPER_QUANTIZER,
+                            kernel="numpy").to("cuda")      # the paper's: its codebook loss cuts a third edge
     x = mv.tensor(np.random.default_rng(0).uniform(-0.5, 0.5, (2, 1, 8, 8)).astype(np.float32), device="cuda")
     loss = training_step(model, x, 1 / 12)
     boxes, edges = graph_view(loss, dict(model.named_parameters()))
