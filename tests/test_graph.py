@@ -118,10 +118,12 @@ def test_backward_hook_sees_every_node_once_and_nests_under_record_grad_norms():
 
 
 # ---------------------------------------------------------------- names, per-input gradients, scopes
-def tiny_model(**options):
+def tiny_model(decay=0.0, quantizer=None, **options):
+    """The paper's model, small (with quantiser ``options`` on top; or a whole ``quantizer``), in float64."""
     mv.manual_seed(0)
+    quantizer = quantizer if quantizer is not None else mv.models.QuantizerOptions(**options)
     return mv.models.VQVAE(num_hiddens=8, num_residual_hiddens=4, num_residual_layers=2, embedding_dim=3,
-                           num_embeddings=10, **options).double()
+                           num_embeddings=10, decay=decay, quantizer=quantizer).double()
 
 
 def recorded_step(model, trace=True):
@@ -146,6 +148,24 @@ def test_the_model_names_its_tensors_and_vqoutput_exposes_z_q():
     with mv.no_grad():          # no graph: z_q is still there, with the codes' values
         _, plain = model(mv.tensor(np.zeros((1, 1, 8, 8))))
     np.testing.assert_array_equal(plain.z_q.data, plain.quantized.data)
+
+
+def test_the_default_quantizer_names_its_tensors_too():
+    """minivq's default quantiser (EMA codebook, cosine lookup in 8 dimensions): the estimator's output is
+    ``quantized`` before project_out takes it back to D; the EMA codebook has no codebook loss in the graph."""
+    from minivq.train import estimator_output
+    model = tiny_model(decay=0.99, quantizer=mv.models.DEFAULT_QUANTIZER)
+    loss, x_recon, vq = recorded_step(model)
+    out = estimator_output(vq)
+    assert (vq.z_e.name, vq.z_q.name, out.name, x_recon.name) == ("z_e", "z_q", "quantized", "x_recon")
+    assert out.creator.name == "StraightThrough" and out.creator.inputs[1] is vq.z_q
+    assert vq.quantized.creator.name == "Conv2d" and vq.quantized.creator.inputs[0] is out     # project_out
+    assert vq.commitment_loss.name == "commitment_loss"
+    # z_q: the chosen codes in the 8-dimensional search space, unit vectors (the step then updated the codebook)
+    assert vq.z_q.shape == (2, 8, 2, 2)
+    np.testing.assert_allclose(np.linalg.norm(vq.z_q.data, axis=1), 1.0, rtol=1e-12)
+    names = {fn.name for fn in mv.graph.nodes(loss)}
+    assert "StraightThrough" in names and "L2Normalize" in names
 
 
 def test_format_graph_shows_names_and_what_each_input_received():
@@ -187,8 +207,10 @@ def test_input_gradient_norms_are_the_gradients_each_input_received():
     np.testing.assert_allclose(b.grad, a.data)
 
 
-def test_recording_changes_no_gradient_of_a_model():
-    plain, recorded = tiny_model(), tiny_model()
+@pytest.mark.parametrize("decay,quantizer", [(0.0, mv.models.PAPER_QUANTIZER),
+                                             (0.99, mv.models.DEFAULT_QUANTIZER)], ids=["paper", "default"])
+def test_recording_changes_no_gradient_of_a_model(decay, quantizer):
+    plain, recorded = tiny_model(decay, quantizer), tiny_model(decay, quantizer)
     x = mv.tensor(np.random.default_rng(2).uniform(-0.5, 0.5, (2, 1, 8, 8)))
     for model, record in ((plain, False), (recorded, True)):
         x_recon, vq = model(x)
