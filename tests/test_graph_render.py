@@ -21,9 +21,11 @@ needs_mpl = pytest.mark.skipif(not HAVE_MPL, reason="drawing needs matplotlib (p
 TINY = dict(num_hiddens=8, num_residual_hiddens=4, num_residual_layers=2, embedding_dim=3, num_embeddings=10)
 
 
-def step(estimator="straight_through", trace=True, **options):
+def step(estimator="straight_through", trace=True, decay=0.0, quantizer=None):
+    """One recorded training step of the paper's model, small (or of ``decay`` and ``quantizer`` given)."""
     mv.manual_seed(0)
-    model = mv.models.VQVAE(estimator=estimator, **TINY, **options).double()
+    quantizer = quantizer if quantizer is not None else mv.models.QuantizerOptions(estimator=estimator)
+    model = mv.models.VQVAE(decay=decay, quantizer=quantizer, **TINY).double()
     x = mv.tensor(np.random.default_rng(2).uniform(-0.5, 0.5, (2, 1, 8, 8)))
     if trace:
         loss = training_step(model, x, 1 / 12)
@@ -52,6 +54,20 @@ def test_the_cut_edges_are_exactly_the_stop_gradients_inputs_and_straight_throug
     assert [b.title for b in codebook] == ["vq.codebook"]
     into = [e for e in edges if e.dst == codebook[0].key]
     assert len(into) == 1 and into[0].norm == pytest.approx(np.linalg.norm(model.vq.codebook.grad), rel=1e-10)
+
+
+def test_the_default_quantizers_step_has_no_codebook_to_cut():
+    """minivq's default quantiser (EMA codebook, cosine lookup in 8 dims): the codebook is a constant of the step,
+    not a leaf the gradient is cut from; its projections and the normalisation sit in the quantiser's column."""
+    model, loss = step(decay=0.99, quantizer=mv.models.DEFAULT_QUANTIZER)
+    boxes, edges = graph_view(loss, dict(model.named_parameters()))
+    assert not [e for e in edges if e.state == "cut"] and not [b for b in boxes.values() if b.kind == "leaf"]
+    quantiser = sorted((b.title, b.name) for b in boxes.values() if b.group == "quantiser")
+    assert quantiser.count(("Conv2d", None)) == 2          # project_in, project_out
+    assert ("L2Normalize", None) in quantiser and ("StraightThrough", "quantized") in quantiser
+    st = by_title(boxes, "StraightThrough")[0]
+    to_search = [e for e in edges if e.src == st.key]
+    assert len(to_search) == 1 and to_search[0].norm == pytest.approx(st.grad)    # passed on whole
 
 
 def test_residual_blocks_collapse_and_the_columns_follow_the_modules():
