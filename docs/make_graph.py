@@ -22,7 +22,7 @@ def step():
     """(model, loss) of the README's step, traced, its gradient norms recorded."""
     mv.manual_seed(0)
     x = mv.tensor(np.random.default_rng(0).uniform(-0.5, 0.5, (4, 1, 32, 32)))
-    model = mv.models.VQVAE().double()
+    model = mv.models.VQVAE(decay=0.0, quantizer=mv.models.PAPER_QUANTIZER).double()     # the paper's, as the README
     with mv.graph.trace(model):
         x_recon, vq = model(x)
     loss = F.mse_loss(x_recon, x) * 12 + vq.loss
