@@ -23,7 +23,7 @@ from _machine import describe_machine, timed  # noqa: E402
 
 import minivq as mv  # noqa: E402
 from minivq import backend, functional as F  # noqa: E402
-from minivq.models import VQVAE  # noqa: E402
+from minivq.models import PAPER_QUANTIZER, VQVAE  # noqa: E402
 
 
 def load_images(n):
@@ -39,7 +39,7 @@ def load_images(n):
 
 def minivq_step(device, x_host, variance):
     mv.manual_seed(0)
-    model = VQVAE().to(device)
+    model = VQVAE(decay=0.0, quantizer=PAPER_QUANTIZER).to(device)     # the paper's, as the PyTorch twin
     opt = mv.optim.Adam(model.parameters(), lr=1e-3)
     x = mv.tensor(backend.to_device(x_host, device))
     sync = _sync(device)

@@ -28,7 +28,7 @@ def copy_minivq_init(model, seed, in_channels):
     import torch
     import minivq as mv
     mv.manual_seed(seed)
-    ours = mv.models.VQVAE(in_channels=in_channels)
+    ours = mv.models.VQVAE(in_channels=in_channels, decay=0.0, quantizer=mv.models.PAPER_QUANTIZER)   # the twin's
     theirs = list(model.parameters())
     mine = [p.data for p in ours.parameters()]
     # minivq registers the codebook between encoder and decoder, as the twin does
@@ -88,7 +88,7 @@ def minivq_result(run):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--minivq-run", required=True, help="a finished `minivq train` run folder")
+    ap.add_argument("--minivq-run", required=True, help="a finished `minivq train --paper-quantizer` run folder (the twin is the paper's model)")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=128)
