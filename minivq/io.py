@@ -273,7 +273,13 @@ def read_member(raw, info, where):
     header = raw.read(30)
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
         raise FileFormatError(f"{name}: bad local header; the archive is corrupt")
+    flags, = struct.unpack("<H", header[6:8])
     name_len, extra_len = struct.unpack("<HH", header[26:30])
+    # the central directory's name must be the local header's (as zipfile checks): the CRC covers the data
+    # only, so a damaged name would otherwise load as another key
+    local = raw.read(name_len).decode("utf-8" if flags & 0x800 else "cp437")
+    if local != info.orig_filename:
+        raise FileFormatError(f"{name}: the local header names it {local!r}; the archive is corrupt")
     raw.seek(info.header_offset + 30 + name_len + extra_len)
     size, left = info.file_size, info.compress_size
     out = bytearray(size)

@@ -57,3 +57,19 @@ def test_pickled_payload_is_refused(tmp_path):
 def test_save_into_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         mv.save({"a": np.zeros(1)}, tmp_path / "no" / "x.npz")
+
+
+@pytest.mark.parametrize("copy", ["local", "central"])
+def test_a_damaged_member_name_is_refused(tmp_path, copy):
+    """The CRC covers a member's data, not its name: a name that differs between the local header and the
+    central directory (one flipped bit) is refused, never loaded as another key."""
+    path = tmp_path / "s.npz"
+    mv.save({"optim.0.step": np.arange(3), "model.w": np.ones(2)}, path)
+    blob = bytearray(path.read_bytes())
+    name = b"optim.0.step.npy"
+    at = blob.find(name) if copy == "local" else blob.rfind(name)
+    assert at >= 0 and blob.find(name) != blob.rfind(name)          # two copies: local header, central directory
+    blob[at] ^= 0x80                                                 # "o" -> "\xef"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="corrupt"):
+        mv.load(path)
