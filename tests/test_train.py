@@ -42,9 +42,11 @@ def test_train_writes_log_checkpoint_and_png(tiny_data, tmp_path, capsys):
     assert meta["step"] == 5 and "encoder.conv_1.weight" in sections["model"]
 
 
-@pytest.mark.parametrize("ema", [False, True])
-def test_resume_reproduces_an_uninterrupted_run(tiny_data, tmp_path, ema):
-    extra = ["--ema"] if ema else []
+@pytest.mark.parametrize("extra", [["--paper-quantizer"], ["--paper-quantizer", "--ema"], []],
+                         ids=["paper", "ema", "default"])
+def test_resume_reproduces_an_uninterrupted_run(tiny_data, tmp_path, extra):
+    """The paper's quantiser, its EMA codebook, and the default (EMA, cosine lookup in 8 dims, dead codes
+    re-seeded from the batch by the seeded generator): resumed at step 3, bit for bit the uninterrupted run."""
     assert train(tiny_data, tmp_path / "full", 7, *extra) == 0
     assert train(tiny_data, tmp_path / "part", 3, *extra) == 0
     assert train(tiny_data, tmp_path / "part", 7, "--resume") == 0
@@ -127,7 +129,8 @@ def test_compare_runs_script_reports_each_run_and_what_differs(tiny_data, tmp_pa
     import subprocess
     import sys
     plain, ema = tmp_path / "plain", tmp_path / "ema"
-    assert train(tiny_data, plain, 4) == 0 and train(tiny_data, ema, 4, "--ema") == 0
+    assert train(tiny_data, plain, 4, "--paper-quantizer") == 0
+    assert train(tiny_data, ema, 4, "--paper-quantizer", "--ema") == 0
     capsys.readouterr()
     script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "compare_runs.py")
     out = tmp_path / "runs.json"
@@ -138,3 +141,62 @@ def test_compare_runs_script_reports_each_run_and_what_differs(tiny_data, tmp_pa
     finals = {os.path.basename(r["folder"]): r["test"][-1] for r in result["runs"]}
     assert finals["plain"] == {k: v for k, v in read_log(plain)[-1].items() if k in finals["plain"]}
     assert finals["ema"]["step"] == 4 and "model.decay=0.99" in done.stdout
+
+
+# ---------------------------------------------------------------- the quantiser's flags
+PAPER_OPTIONS = dict(decay=0.0, kmeans_init=False, estimator="straight_through", dead_code_threshold=0.0,
+                     max_replacements=64, lookup="l2", lookup_dim=None, simvq=False, levels=None)
+
+
+def model_record(folder):
+    meta, _ = read_checkpoint(str(folder / "checkpoint.npz"), "minivq-vqvae")
+    return meta["model"]
+
+
+def test_no_flags_train_the_default_quantizer(tiny_data, tmp_path):
+    assert train(tiny_data, tmp_path, 2) == 0
+    model = model_record(tmp_path)
+    assert (model["decay"], model["lookup"], model["lookup_dim"], model["dead_code_threshold"]) == \
+        (0.99, "cosine", 8, 1.0)
+    assert not model["kmeans_init"] and not model["simvq"] and model["levels"] is None
+    assert model["estimator"] == "straight_through" and model["max_replacements"] == 64
+    assert "codes_replaced" in [r for r in read_log(tmp_path) if r["split"] == "train"][0]
+    state = mv.load(tmp_path / "checkpoint.npz")
+    assert state["model.vq.codebook"].shape == (16, 8) and "model.vq.usage" in state      # EMA, in 8 dims
+
+
+def test_paper_quantizer_turns_every_option_off_and_explicit_flags_still_apply(tiny_data, tmp_path):
+    assert train(tiny_data, tmp_path / "paper", 2, "--paper-quantizer") == 0
+    model = model_record(tmp_path / "paper")
+    assert {k: model[k] for k in PAPER_OPTIONS} == PAPER_OPTIONS
+    state = mv.load(tmp_path / "paper" / "checkpoint.npz")
+    assert state["model.vq.codebook"].shape == (16, 4) and not [k for k in state if "project" in k]
+    assert "codes_replaced" not in [r for r in read_log(tmp_path / "paper") if r["split"] == "train"][0]
+    assert train(tiny_data, tmp_path / "dead", 2, "--paper-quantizer", "--dead-code-threshold", "2") == 0
+    model = model_record(tmp_path / "dead")
+    assert {k: model[k] for k in PAPER_OPTIONS} == dict(PAPER_OPTIONS, dead_code_threshold=2.0)
+    assert train(tiny_data, tmp_path / "ema", 2, "--paper-quantizer", "--ema") == 0
+    assert {k: model_record(tmp_path / "ema")[k] for k in PAPER_OPTIONS} == dict(PAPER_OPTIONS, decay=0.99)
+    # --ema alone keeps the default quantiser (its decay is the default's); --lookup-dim 0: no projection
+    assert train(tiny_data, tmp_path / "ema-default", 2, "--ema", "--lookup-dim", "0") == 0
+    model = model_record(tmp_path / "ema-default")
+    assert (model["decay"], model["lookup"], model["lookup_dim"], model["dead_code_threshold"]) == \
+        (0.99, "cosine", None, 1.0)
+
+
+def test_levels_and_simvq_start_from_the_papers_options(tiny_data, tmp_path, capsys):
+    """FSQ and SimVQ take no EMA codebook: --levels and --simvq train without a word about the default's options."""
+    assert train(tiny_data, tmp_path / "fsq", 2, "--levels", "2,2,4", "--num-embeddings", "16") == 0
+    assert "error" not in capsys.readouterr().err
+    model = model_record(tmp_path / "fsq")
+    assert {k: model[k] for k in PAPER_OPTIONS} == dict(PAPER_OPTIONS, levels=[2, 2, 4])
+    assert train(tiny_data, tmp_path / "fsq", 3, "--resume", "--levels", "2,2,4") == 0     # the same setting
+    assert train(tiny_data, tmp_path / "simvq", 2, "--simvq") == 0
+    assert {k: model_record(tmp_path / "simvq")[k] for k in PAPER_OPTIONS} == dict(PAPER_OPTIONS, simvq=True)
+
+
+def test_restart_after_is_one_line_pointing_to_dead_code_threshold(tiny_data, tmp_path, capsys):
+    assert train(tiny_data, tmp_path, 2, "--restart-after", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minivq train: error:") and "--dead-code-threshold" in err[0], err
+    assert not (tmp_path / "checkpoint.npz").exists()
