@@ -144,9 +144,12 @@ def test_single_process_communicator_changes_nothing():
 
 
 # ---------------------------------------------------------------- two ranks against one process
-CASES = {"plain": [], "ema": ["--ema"],
-         "plain-restart-kmeans": ["--restart-after", "1", "--kmeans-init"],
-         "ema-restart-kmeans": ["--ema", "--restart-after", "1", "--kmeans-init"]}
+DEAD = ["--dead-code-threshold", "4", "--max-replacements", "4"]      # high enough to re-seed after k-means too
+CASES = {"paper": ["--paper-quantizer"], "ema": ["--paper-quantizer", "--ema"],
+         "paper-dead-kmeans": ["--paper-quantizer", *DEAD, "--kmeans-init"],
+         "ema-dead-kmeans": ["--paper-quantizer", "--ema", *DEAD, "--kmeans-init"],
+         # minivq's default quantiser: the EMA codebook, searched by cosine in 8 dimensions, dead codes re-seeded
+         "default": [], "default-kmeans": ["--kmeans-init"]}
 
 
 @needs_mpi
@@ -167,15 +170,23 @@ def test_two_ranks_equal_one_process(blobs, tmp_path, case):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), (a["step"], key)
         assert a.get("codes_used") == b.get("codes_used")
-        assert a.get("codes_restarted") == b.get("codes_restarted")
+        assert a.get("codes_replaced") == b.get("codes_replaced")
     assert all("comm_seconds" in r for r in two if r["split"] == "train")
-    if "--restart-after" in extra:      # the case must exercise what it names
-        assert sum(r["codes_restarted"] for r in one if r["split"] == "train") > 0
+    meta, _ = read_checkpoint(str(tmp_path / "two" / "checkpoint.npz"), "minivq-vqvae")
+    if case.startswith("default"):      # the case must exercise what it names
+        assert (meta["model"]["decay"], meta["model"]["lookup"], meta["model"]["lookup_dim"]) == (0.99, "cosine", 8)
+    if case.startswith("default") or "--dead-code-threshold" in extra:
+        replaced = [r["codes_replaced"] for r in one if r["split"] == "train"]
+        assert sum(replaced) > 0
+        if "--max-replacements" in extra:
+            assert max(replaced) == 4, replaced          # the cap was reached, and held
+    else:
+        assert meta["model"]["dead_code_threshold"] == 0 and meta["model"]["lookup_dim"] is None
 
 
 @needs_mpi
-def test_resume_with_another_number_of_ranks(blobs, tmp_path):
-    extra = ["--ema", "--restart-after", "1"]
+@pytest.mark.parametrize("extra", [[], ["--paper-quantizer", "--ema", *DEAD]], ids=["default", "ema-dead"])
+def test_resume_with_another_number_of_ranks(blobs, tmp_path, extra):
     assert main(_train_args(blobs, tmp_path / "one", 6, *extra)) == 0
     # two ranks for 3 steps, then one process to 6
     assert mpirun(2, _train_args(blobs, tmp_path / "two-one", 3, *extra)).returncode == 0
@@ -311,7 +322,7 @@ def test_two_gpus_through_nccl_equal_one(blobs, tmp_path):
     import cupy
     if cupy.cuda.runtime.getDeviceCount() < 2:
         pytest.skip("needs two GPUs")
-    extra = ["--device", "cuda", "--ema", "--restart-after", "1", "--kernel", "cupy"]
+    extra = ["--device", "cuda", "--ema", *DEAD, "--kernel", "cupy"]       # the default quantiser, at most 4 a step
     assert main(_train_args(blobs, tmp_path / "one", 4, *extra)) == 0
     proc = mpirun(2, _train_args(blobs, tmp_path / "two", 4, *extra, "--comm", "nccl"), timeout=300)
     assert proc.returncode == 0, proc.stderr
