@@ -420,7 +420,8 @@ def test_vqvae_forward_backward_matches_the_cpu(decay, dtype):
     results = {}
     for device in ("cpu", GPU):
         mv.manual_seed(3)
-        model = mv.models.VQVAE(decay=decay, kernel="numpy", **TINY_MODEL).astype(dtype).to(device)
+        model = mv.models.VQVAE(decay=decay, quantizer=mv.models.PAPER_QUANTIZER, kernel="numpy",
+                                **TINY_MODEL).astype(dtype).to(device)          # the paper's, or its EMA codebook
         x_recon, vq = model(mv.tensor(x, device=device))
         loss = F.mse_loss(x_recon, mv.tensor(x, device=device)) + vq.loss
         loss.backward()
@@ -443,7 +444,7 @@ def test_vqvae_encode_and_decode_on_the_gpu():
     out = {}
     for device in ("cpu", GPU):
         mv.manual_seed(4)
-        model = mv.models.VQVAE(decay=0.9, kernel="auto", **TINY_MODEL).to(device)
+        model = mv.models.VQVAE(decay=0.9, quantizer=mv.models.PAPER_QUANTIZER, kernel="auto", **TINY_MODEL).to(device)
         codes = model.encode(backend.to_device(x, device))
         with mv.no_grad():
             images = model.decode_indices(codes)
@@ -469,7 +470,7 @@ def train_both(tiny_data, root, model=None, **options):
         training.train_vqvae(TrainConfig(out=out, data=tiny_data, steps=3, batch_size=8, lr=2e-3, seed=1,
                                          device=device, eval_every=100, checkpoint_every=3, log_every=1,
                                          progress=False, **options),
-                             ModelConfig(**TINY_MODEL, **(model or {})))
+                             ModelConfig.paper(**TINY_MODEL, **(model or {})))     # the paper's, options on top
         folders[device] = out
     return folders
 
@@ -502,7 +503,7 @@ def test_train_vqvae_ema_first_losses_match_the_cpu(tiny_data, tmp_path):
         out = str(tmp_path / device)
         training.train_vqvae(TrainConfig(out=out, data=tiny_data, steps=3, batch_size=8, seed=2, device=device,
                                          eval_every=2, checkpoint_every=3, log_every=1, progress=False),
-                             ModelConfig(**TINY_MODEL, decay=0.9))
+                             ModelConfig.paper(**TINY_MODEL, decay=0.9))
         folders[device] = out
     compare_logs(folders, ["loss", "nmse", "vq_loss", "mse"], 1e-4, 5e-3)
 
