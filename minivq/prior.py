@@ -3,7 +3,10 @@
 A gated PixelCNN is fitted to the index grids a trained VQ-VAE gives the
 dataset's images. The grids are encoded once and cached beside the VQ-VAE's
 checkpoint, in a file named after the checkpoint's SHA-256; the prior's own
-checkpoint embeds the VQ-VAE, so sampling needs that one file alone.
+checkpoint embeds the VQ-VAE, so sampling needs that one file alone. Each test
+record holds the NLL in bits per latent beside two context-free references on
+the same codes (the unigram and the per-position unigram cross-entropy) and the
+ratio NLL / per-position unigram: how much the prior learns from context.
 """
 import hashlib
 import math
@@ -108,15 +111,56 @@ def check_codes(codes, k, where):
 
 
 def prior_nll_bits(prior, codes, labels, device="cpu", batch_size=256, limit=None):
-    """Mean negative log-likelihood of index grids under the prior, in bits per latent."""
+    """Mean negative log-likelihood of index grids under the prior, in bits per latent.
+
+    ``limit``: the first ``limit`` grids only (``--eval-size``), each counted once.
+    """
     n = len(codes) if limit is None else min(limit, len(codes))
     total = 0.0
     with prior.evaluating(), no_grad():
         for lo in range(0, n, batch_size):
-            idx = backend.to_device(codes[lo:lo + batch_size].astype(np.int64), device)
-            lab = None if labels is None else backend.to_device(labels[lo:lo + batch_size], device)
+            hi = min(lo + batch_size, n)        # the last batch stops at n, not at lo + batch_size
+            idx = backend.to_device(codes[lo:hi].astype(np.int64), device)
+            lab = None if labels is None else backend.to_device(labels[lo:hi], device)
             total += float(prior.loss(idx, lab).item()) * idx.shape[0]
     return total / n / math.log(2)
+
+
+def unigram_bits(train_codes, test_codes, k, smoothing=0.5):
+    """Cross-entropy (bits per latent) of the test codes under one histogram of the training codes.
+
+    The histogram counts every training latent, ``smoothing`` is added to each of
+    the ``k`` bins (add-0.5 by default, so a code unseen in training costs bits,
+    not infinity), and the cross-entropy is the mean of -log2 p(code) over every
+    test latent: a context-free reference for the prior's NLL.
+    """
+    counts = np.bincount(np.asarray(train_codes, np.int64).ravel(), minlength=k) + float(smoothing)
+    log_p = np.log2(counts) - np.log2(counts.sum())
+    return float(-log_p[np.asarray(test_codes, np.int64).ravel()].mean())
+
+
+def position_unigram_bits(train_codes, test_codes, k, smoothing=0.5):
+    """Cross-entropy (bits per latent) of the test codes under one histogram per latent position.
+
+    ``h * w`` histograms (64 for 8 x 8 grids), each of the training codes at its
+    position, add-``smoothing`` over the ``k`` bins; the mean of -log2 p_ij(code)
+    over every test grid and position. What a prior knows without context, but
+    with the position: NLL / this says how much the prior learns from context.
+    """
+    train = np.asarray(train_codes, np.int64).reshape(len(train_codes), -1)
+    test = np.asarray(test_codes, np.int64).reshape(len(test_codes), -1)
+    total = 0.0
+    for pos in range(train.shape[1]):
+        counts = np.bincount(train[:, pos], minlength=k) + float(smoothing)
+        log_p = np.log2(counts) - np.log2(counts.sum())
+        total += float(log_p[test[:, pos]].sum())
+    return -total / test.size
+
+
+def context_free_references(train_codes, test_codes, k):
+    """The unigram and per-position unigram cross-entropies (bits per latent) the prior's NLL is held to."""
+    return {"unigram_bits": unigram_bits(train_codes, test_codes, k),
+            "position_unigram_bits": position_unigram_bits(train_codes, test_codes, k)}
 
 
 def _setup(vqvae_path, config, explicit):
@@ -199,9 +243,13 @@ def _train_prior(vqvae_path, config, device, folder, vqvae, vq_meta, meta, secti
         return loss, {"loss": nats}, {"bits_per_latent": nats / math.log(2)}, \
             f"nll {nats / math.log(2):.3f} bits/latent"
 
+    # the context-free references, on the test grids the NLL is measured on (the first --eval-size)
+    references = context_free_references(train_codes, test_codes[:config.eval_size], k)
+
     def evaluate_now():
-        return {"nll_bits": prior_nll_bits(prior, test_codes, test_labels, device, limit=config.eval_size),
-                "uniform_bits": math.log2(k)}
+        nll = prior_nll_bits(prior, test_codes, test_labels, device, limit=config.eval_size)
+        return dict({"nll_bits": nll, "uniform_bits": math.log2(k)}, **references,
+                    nll_over_position_unigram=nll / references["position_unigram_bits"])
 
     if config.overwrite:
         folder.clear()

@@ -121,7 +121,8 @@ def _dependencies(model, h, w, labels=None):
     return deps
 
 
-@pytest.mark.parametrize("kernel_size,layers,h,w", [(3, 6, 4, 5), (5, 3, 5, 4), (3, 2, 3, 3)])
+@pytest.mark.parametrize("kernel_size,layers,h,w", [(3, 6, 4, 5), (5, 3, 5, 4), (3, 2, 3, 3),
+                                                    (5, 6, 8, 8)])     # the default prior on 8x8 grids
 def test_pixelcnn_is_autoregressive_with_no_blind_spot(kernel_size, layers, h, w):
     mv.manual_seed(3)
     model = GatedPixelCNN(6, channels=3, num_layers=layers, kernel_size=kernel_size, head_channels=5).double()
