@@ -351,7 +351,10 @@ def test_train_on_cuda_1_in_one_process(fake_cupy, monkeypatch, tiny_npz, tmp_pa
     for mine, ref in zip(gpu_log, cpu_log):
         assert set(mine) == set(ref)
         for key in set(ref) - {"seconds"}:          # loss, mse, nmse, vq_loss, perplexity, codes used ...
-            assert mine[key] == pytest.approx(ref[key], rel=1e-5), (key, mine, ref)
+            if isinstance(ref[key], (int, float)):
+                assert mine[key] == pytest.approx(ref[key], rel=1e-5), (key, mine, ref)
+            else:                                   # the split's name, the per-code counts ...
+                assert mine[key] == ref[key], (key, mine, ref)
     state, cpu_state = mv.load(tmp_path / "checkpoint.npz"), mv.load(cpu_run / "checkpoint.npz")
     assert sorted(state) == sorted(cpu_state) and any(key.startswith("model.") for key in state)
     for key, value in state.items():
