@@ -180,7 +180,8 @@ def figure(runs, default, path):
     ax_codes.axhline(0.9 * k, color="grey", lw=0.8, ls=":")
     ax_codes.set(xlabel="step", ylabel=f"codes used (first {USAGE_IMAGES} test images)", ylim=(0, k * 1.03),
                  title="codebook usage")
-    ax_nmse.set(xlabel="step", ylabel="test MSE / variance (whole split)", yscale="log", title="reconstruction")
+    ax_nmse.set(xlabel="step", ylabel="test MSE / variance (whole split)", yscale="log",
+               title="reconstruction (solid: seed 0, dashed: seed 1)")
     ax_codes.legend(loc="lower right", fontsize=8, ncol=2)
     chosen = next((r for r in runs if r["variant"] == default and r["seed"] == 0), None)
     if chosen is not None:
