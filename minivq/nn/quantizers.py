@@ -143,8 +143,8 @@ class _QuantizerBase(Module):
     """
 
     # of the per-code usage average that dead-code replacement reads: 0.9 re-seeds a code that fell idle within
-    # some tens of steps, where 0.99 took hundreds (benchmarks/codebook_study.py: 512 codes in use by step 300
-    # instead of 342, same test error)
+    # some tens of steps, where 0.99 took hundreds (in an early screen, 342 codes in use at step 300 with 0.99
+    # against all 512 with 0.9, at equal test error: benchmarks/NOTES.md, codebook health)
     usage_decay = 0.9
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost, kmeans_init, kernel, estimator,
