@@ -32,7 +32,7 @@ install: dataset $(if $(filter .venv/bin/python,$(PYTHON)),.venv/bin/python)
 	$(PIP) install -q -e ".[numba,test,mpi]"
 
 train: install
-	$(PYTHON) -m minivq train --steps $(STEPS) --out $(OUT)
+	$(PYTHON) -m minivq train --steps $(STEPS) --out $(OUT) --overwrite
 
 test: install
 	$(PYTHON) -m pytest -q
