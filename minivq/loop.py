@@ -70,16 +70,20 @@ def run_steps(compute, optimizer, start, run, out, checkpoint, evaluate_now, gra
         skip = "" if run.skip_nonfinite else ", or pass --skip-nonfinite to skip such steps"
         return NonFiniteError(f"step {step}: {where}; {kept}; if the learning rate is too high, lower --lr{skip}")
 
+    def input_not_finite(step, exc, doing=""):
+        """Where a NaN/inf in the quantiser's input was met; under several ranks, the end of the job."""
+        where = f"{doing}the quantiser's input became non-finite ({exc})"
+        if parallel:                     # this rank alone: the ranks cannot skip together
+            raise NonFiniteError(f"step {step}: {where}", collective=False) from None
+        return where
+
     def evaluate(step):
         """The test metrics at ``step``; a NaN or inf met on the way is a divergence too."""
         with np.errstate(all="ignore"):
             try:
                 metrics = evaluate_now()
             except NonFiniteInput as exc:
-                if parallel:
-                    raise NonFiniteError(f"step {step}: evaluating, the quantiser's input became non-finite "
-                                         f"({exc})", collective=False) from None
-                raise diverged(step, f"evaluating, the quantiser's input became non-finite ({exc})") from None
+                raise diverged(step, input_not_finite(step, exc, "evaluating, ")) from None
         bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise diverged(step, f"evaluating, {', '.join(bad)} became non-finite ({metrics})")
@@ -94,11 +98,8 @@ def run_steps(compute, optimizer, start, run, out, checkpoint, evaluate_now, gra
                     bad = [k for k, v in checked.items() if not math.isfinite(v)]
                     where = f"{', '.join(bad)} became non-finite ({checked})" if bad else None
                 except NonFiniteInput as exc:       # the forward pass met a NaN/inf before any loss was made
-                    if parallel:                     # this rank alone: the ranks cannot skip together
-                        raise NonFiniteError(f"step {step}: the quantiser's input became non-finite ({exc})",
-                                             collective=False) from None
                     loss, checked, extra, text = None, {}, {}, ""
-                    where = f"the quantiser's input became non-finite ({exc})"
+                    where = input_not_finite(step, exc)
                 optimizer.zero_grad()
                 if where is None:
                     loss.backward()

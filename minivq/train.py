@@ -57,13 +57,15 @@ def resolve_model(given, checkpoint_meta=None):
     passes its model flags), or None for the defaults.
     """
     if isinstance(given, ModelConfig):
-        chosen = given.to_dict() if checkpoint_meta is None else {}
+        if checkpoint_meta is None:
+            return given
+        chosen = {}
     else:
-        chosen = dict(given or {})      # a None chosen is a setting too (lookup_dim=None: search in D)
-        normal = ModelConfig.from_dict(chosen)      # checked, and as the config holds them (levels "8,8" -> (8, 8))
-        chosen = {k: getattr(normal, k) for k in chosen if hasattr(normal, k)}
-    if checkpoint_meta is None:
-        return ModelConfig.from_dict(chosen) if not isinstance(given, ModelConfig) else given
+        normal = ModelConfig.from_dict(given or {})     # checked, and as the config holds them (levels "8,8" -> (8, 8))
+        if checkpoint_meta is None:
+            return normal
+        # a None chosen is a setting too (lookup_dim=None: search in D)
+        chosen = {k: getattr(normal, k) for k in (given or {}) if hasattr(normal, k)}
     saved = ModelConfig.from_checkpoint(checkpoint_meta)
     for k, v in chosen.items():
         if getattr(saved, k, v) != v:
