@@ -177,6 +177,16 @@ def test_restart_after_is_gone():
 
 
 # ---------------------------------------------------------------- cosine and low-dimensional lookups
+def test_l2_normalize_gradcheck_on_random_shapes():
+    rng = np.random.default_rng(11)
+    for _ in range(12):
+        ndim = int(rng.integers(1, 5))
+        shape = tuple(int(n) for n in rng.integers(1, 5, ndim))
+        axis = int(rng.integers(0, ndim))
+        x = mv.tensor(rng.standard_normal(shape), requires_grad=True)
+        assert mv.gradcheck(lambda a: l2_normalize(a, axis=axis), [x]), (shape, axis)
+
+
 def test_l2_normalize_gradcheck_and_values():
     rng = np.random.default_rng(5)
     for shape, axis in [((3, 4, 2, 2), 1), ((7, 5), 1), ((4, 3), 0)]:
