@@ -1,5 +1,6 @@
 """minivq.kernels.nearest_code: every CPU backend against the NumPy reference, the reference
 against a brute-force float64 formula, exact ties, and the validation at the public boundary."""
+import os
 import subprocess
 import sys
 
@@ -408,3 +409,45 @@ def test_import_is_lazy_and_needs_numpy_only():
     code = ("import sys, minivq.kernels as k; "
             "assert 'numba' not in sys.modules and 'cupy' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+# ---------------------------------------------------------------- the Numba kernel's two tiles
+_TILE_CHECK = """
+import numpy as np
+from minivq.kernels import nearest_code
+from minivq.kernels import nearest_numba as K
+assert (K.ROWS, K.CODES) == {tile}, (K.ROWS, K.CODES)
+rng = np.random.default_rng(0)
+for n, k, d in [(1, 1, 1), (37, 33, 5), (200, 100, 64), (129, 517, 17)]:
+    for dtype in (np.float32, np.float64):
+        x = rng.standard_normal((n, d)).astype(dtype)
+        cb = rng.standard_normal((k, d)).astype(dtype)
+        cb[k // 2:] = cb[: k - k // 2]                          # exact ties: duplicated codes
+        for metric in ("l2", "ip"):
+            got = nearest_code(x, cb, backend="numba", metric=metric)
+            ref = nearest_code(x, cb, backend="numpy", metric=metric)
+            assert (got == ref).all(), (n, k, d, dtype, metric)
+"""
+
+
+@pytest.mark.skipif("numba" not in kernels.available_backends(), reason="numba is not installed")
+def test_the_avx2_tile_also_matches_the_reference():
+    """MINIVQ_NUMBA_WIDE=0 forces the 4 x 16 tile that AVX2 machines use; on any machine it must agree."""
+    env = dict(os.environ, MINIVQ_NUMBA_WIDE="0")
+    subprocess.run([sys.executable, "-c", _TILE_CHECK.format(tile=(4, 16))], check=True, env=env,
+                   cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+@pytest.mark.skipif("numba" not in kernels.available_backends(), reason="numba is not installed")
+def test_the_wide_tile_uses_512_bit_registers_where_the_cpu_has_them():
+    from minivq.kernels import nearest_numba
+    if not nearest_numba._host_has_avx512() or os.environ.get("MINIVQ_NUMBA_WIDE") == "0":
+        pytest.skip("no AVX-512 here")
+    assert (nearest_numba.ROWS, nearest_numba.CODES) == (8, 32)
+    import numba
+    fresh = numba.njit(parallel=True, nogil=True, fastmath={"contract"})(nearest_numba._nearest_kernel.py_func)
+    x, cb = np.ones((8, 4), np.float32), np.ones((40, 4), np.float32)     # (the cached kernel can't be inspected)
+    packed, norms = nearest_numba.pack_codebook(cb)
+    fresh(x, packed, norms, 1, np.empty(8, np.int64))
+    asm = fresh.inspect_asm(fresh.signatures[0])
+    assert "zmm" in asm            # without the vector-width hint LLVM would use ymm only

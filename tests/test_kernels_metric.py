@@ -120,12 +120,13 @@ def test_unknown_metric_is_named(metric):
 def test_numba_packing_zero_norms_for_ip():
     pytest.importorskip("numba")
     from minivq.kernels import nearest_numba
-    codebook = np.arange(1.0, 37.0).reshape(18, 2)
+    k = nearest_numba.CODES + 2                                    # one full tile and a padded one
+    codebook = np.arange(1.0, 2 * k + 1).reshape(k, 2)
     _, norms_l2 = nearest_numba.pack_codebook(codebook)
     _, norms_ip = nearest_numba.pack_codebook(codebook, "ip")
     assert norms_ip.shape == norms_l2.shape == (2, nearest_numba.CODES)
-    np.testing.assert_array_equal(norms_ip.reshape(-1)[:18], 0)
-    assert np.all(np.isinf(norms_ip.reshape(-1)[18:]))              # padding still never wins
+    np.testing.assert_array_equal(norms_ip.reshape(-1)[:k], 0)
+    assert np.all(np.isinf(norms_ip.reshape(-1)[k:]))              # padding still never wins
 
 
 # ----------------------------------------------------------------- the CUDA source, run on the CPU
