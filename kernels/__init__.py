@@ -23,6 +23,12 @@ Backends:
 - ``"auto"``: CuPy arrays go to ``"cupy"``; otherwise ``"numba"`` when it
   imports, else ``"numpy"``.
 
+The window copies of a convolution live here too, for the same reason (one
+NumPy reference that also runs on CuPy, one parallel Numba version):
+``im2col(image, kernel, stride, padding)`` and ``col2im(cols, out, kernel,
+stride, padding)`` on channels-last images (windows_numpy.py,
+windows_numba.py); "auto" takes Numba for NumPy arrays when it imports.
+
 Numba and CuPy are imported on first use only, so ``import minivq.kernels``
 needs NumPy alone. This package and ``minivq.backend`` are the only places
 that look at whether arrays are NumPy or CuPy.
@@ -44,6 +50,8 @@ def _load(name):
         try:
             if name == "numba":
                 from . import nearest_numba as module
+            elif name == "numba-windows":
+                from . import windows_numba as module
             else:
                 if not _backend.cuda_available():
                     raise ImportError("CuPy is not importable or sees no CUDA GPU")
@@ -172,4 +180,46 @@ def nearest_code(x, codebook, backend="auto", metric="l2"):
     return _load("cupy").nearest_code_cupy(x, codebook, **options)
 
 
-__all__ = ["nearest_code", "available_backends", "BACKENDS", "METRICS", "NonFiniteError"]
+# ---------------------------------------------------------------- the window copies of a convolution
+WINDOW_BACKENDS = ("auto", "numpy", "numba")
+
+
+def _windows_numba(a, backend):
+    """Whether the window copy of ``a`` runs in Numba: NumPy arrays, Numba importable, not told otherwise."""
+    if backend not in WINDOW_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} for the window copies: use one of {list(WINDOW_BACKENDS)}")
+    if backend == "numpy" or _backend.get_array_module(a) is not np:
+        return False
+    usable = not isinstance(_load("numba-windows"), str)
+    if backend == "numba" and not usable:
+        raise _unavailable("numba")
+    return usable
+
+
+def im2col(image, kernel, stride, padding, backend="auto"):
+    """Every kH x kW window of ``image`` (n, H, W, C) as one row of a new contiguous (n*OH*OW, kH*kW*C).
+
+    Columns are ordered (kh, kw, c); windows reaching past the edge read ``padding`` zeros.
+    ``kernel``, ``stride``, ``padding``: pairs of ints, already checked by the caller.
+    """
+    if _windows_numba(image, backend):
+        return _load("numba-windows").im2col_numba(image, kernel, stride, padding)
+    from .windows_numpy import im2col_numpy
+    return im2col_numpy(image, kernel, stride, padding)
+
+
+def col2im(cols, out, kernel, stride, padding, backend="auto"):
+    """The adjoint of ``im2col``: ``out`` (n, H, W, C) = every row of ``cols`` added over its window.
+
+    ``out``'s old contents are ignored (overwritten); returns ``out``.
+    """
+    if _windows_numba(cols, backend):
+        if out.flags.c_contiguous:
+            return _load("numba-windows").col2im_numba(cols, out, kernel, stride, padding)
+        out[...] = _load("numba-windows").col2im_numba(cols, np.empty(out.shape, out.dtype), kernel, stride, padding)
+        return out
+    from .windows_numpy import col2im_numpy
+    return col2im_numpy(cols, out, kernel, stride, padding)
+
+
+__all__ = ["nearest_code", "available_backends", "im2col", "col2im", "BACKENDS", "METRICS", "NonFiniteError"]

@@ -2,6 +2,7 @@
 examples and PyTorch; the fast ops' forward against those references, everything against PyTorch where installed,
 argument errors, batch chunking under a workspace limit, the nn layers, and CuPy against NumPy."""
 import contextlib
+import functools
 import math
 
 import numpy as np
@@ -12,7 +13,10 @@ from minivq import backend
 from minivq.functional import conv as conv_module
 from minivq.functional.conv import conv2d, conv_transpose2d, workspace_limit, get_workspace_limit
 from minivq.functional.conv_reference import conv2d_reference, conv_transpose2d_reference
+from minivq.kernels import col2im as _col2im_kernel, im2col as _im2col_kernel
 from minivq.nn.conv import Conv2d, ConvTranspose2d
+
+_KERNELS = {"im2col": _im2col_kernel, "col2im": _col2im_kernel}      # unpatched, for the window-copy test
 
 
 def random_config(gen, transposed):
@@ -415,17 +419,25 @@ def test_chunked_batches_give_identical_results(transposed):
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
-def test_col2im_in_cache_sized_blocks(monkeypatch, transposed):
-    """col2im adds a few images at a time; blocks of one image give the same numbers."""
+def test_both_window_copies_give_the_reference(monkeypatch, transposed):
+    """The convolutions and their gradients through the NumPy window copies (in blocks of one image)
+    and through Numba's: the same numbers, and the loop reference's output."""
+    pytest.importorskip("numba")
+    from minivq import kernels
+    from minivq.kernels import windows_numpy
+    monkeypatch.setattr(windows_numpy, "COL2IM_BLOCK_BYTES", 1)
     gen = np.random.default_rng(9)
     cfg = dict(n=5, c_in=3, c_out=4, h=7, w=6, kernel=(4, 3), stride=(2, 2), padding=(1, 1),
                output_padding=(1, 0) if transposed else (0, 0), bias=True)
     x, w, b = make_arrays(cfg, gen, transposed)
-    y, grads, gy = forward_and_grads(transposed, x, w, b, cfg, gen=gen)
-    monkeypatch.setattr(conv_module, "COL2IM_BLOCK_BYTES", 1)
-    y_b, grads_b, _ = forward_and_grads(transposed, x, w, b, cfg, gy=gy)
-    np.testing.assert_allclose(y_b, reference(transposed, x, w, b, cfg), rtol=1e-12, atol=1e-12)
-    for mine, ref in zip([y_b] + grads_b, [y] + grads):
+    results, gy = {}, None
+    for windows in ("numpy", "numba"):
+        for name in ("im2col", "col2im"):
+            monkeypatch.setattr(kernels, name, functools.partial(_KERNELS[name], backend=windows))
+        y, grads, gy = forward_and_grads(transposed, x, w, b, cfg, gy=gy, gen=gen)
+        results[windows] = [y] + grads
+        np.testing.assert_allclose(y, reference(transposed, x, w, b, cfg), rtol=1e-12, atol=1e-12)
+    for mine, ref in zip(results["numba"], results["numpy"]):
         np.testing.assert_allclose(mine, ref, rtol=1e-13, atol=1e-13 * np.abs(ref).max())
 
 
@@ -448,9 +460,13 @@ def test_im2col_buffers_respect_the_limit(monkeypatch):
     assert len(sizes) >= 2 * math.ceil(16 / 3)       # forward and backward both went chunk by chunk
     sizes.clear()
     conv2d(x, w, padding=1).sum().backward()         # under the default limit: one chunk, kept for backward
-    # the forward's windows of x, kept for the weight gradient, and (stride 1) the windows of gy
-    # read for the input gradient: 6 channels of gy instead of 4 of x
-    assert sizes == [16 * one_image, 16 * one_image * 6 // 4]
+    # only the forward's windows of x, kept for the weight gradient: the input gradient goes through
+    # col2im, since windows of gy (6 channels) would be a bigger copy than col2im's columns (4 of x)
+    assert sizes == [16 * one_image]
+    sizes.clear()
+    w_narrow = mv.tensor(gen.standard_normal((3, 4, 3, 3)), requires_grad=True)
+    conv2d(x, w_narrow, padding=1).sum().backward()  # 3 channels of gy: its windows replace col2im
+    assert sizes == [16 * one_image, 16 * one_image * 3 // 4]
 
 
 # ---------------------------------------------------------------- the layers

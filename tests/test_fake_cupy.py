@@ -420,16 +420,20 @@ def test_a_batch_crosses_as_uint8_once(fake_cupy):
 def test_col2im_on_device_is_one_pass_per_kernel_offset(fake_cupy, monkeypatch):
     """On the CPU col2im works in cache-sized blocks of images; on a GPU each pass is a kernel
     launch and the chunk fits in L2, so it must add the whole chunk at once: kH*kW passes."""
-    from minivq.functional import conv as conv_module
-    monkeypatch.setattr(conv_module, "COL2IM_BLOCK_BYTES", 1)          # one image per block on the CPU
-    g = conv_module._Geometry(6, 3, 7, 6, 4, (4, 3), (2, 2), (1, 1))
-    cols = np.random.default_rng(0).standard_normal((g.n * g.oh * g.ow, g.k))
+    from minivq import kernels
+    from minivq.kernels import windows_numpy
+    monkeypatch.setattr(windows_numpy, "COL2IM_BLOCK_BYTES", 1)          # one image per block on the CPU
+    n, h, w, c, kernel, stride, padding = 6, 7, 6, 3, (4, 3), (2, 2), (1, 1)
+    oh, ow = (h + 2 - 4) // 2 + 1, (w + 2 - 3) // 2 + 1
+    cols = np.random.default_rng(0).standard_normal((n * oh * ow, 4 * 3 * c))
     passes = []
     original = fake_cupy.ndarray.__setitem__
     monkeypatch.setattr(fake_cupy.ndarray, "__setitem__", lambda self, k, v: passes.append(1) or original(self, k, v))
-    on_device = conv_module._col2im(fake_cupy.asarray(cols), g, g.n)
-    assert len(passes) == g.kh * g.kw
-    np.testing.assert_array_equal(on_device.get(), conv_module._col2im(cols, g, g.n))
+    out = fake_cupy.empty((n, h, w, c))
+    on_device = kernels.col2im(fake_cupy.asarray(cols), out, kernel, stride, padding)
+    assert len(passes) == 4 * 3 + 1                   # the kH*kW adds, and one store of the whole batch
+    expected = kernels.col2im(cols, np.empty((n, h, w, c)), kernel, stride, padding, backend="numpy")
+    np.testing.assert_array_equal(on_device.get(), expected)
 
 
 def test_nearest_code_checks_both_inputs_with_one_wait(fake_cupy, monkeypatch):

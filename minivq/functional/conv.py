@@ -16,13 +16,17 @@ For ``conv2d`` the input is the image and the output the grid; for
 weight layouts, ``(C_out, C_in, kH, kW)`` and ``(C_in, C_out, kH, kW)``, both
 put the grid's channels first, so one ``wmat`` serves both.
 
-Layouts, chosen by measurement (benchmarks/NOTES.md, conv section). The image side is
-channels-last inside: a window row ``(kw, c)`` is then one contiguous run of
-``kW*C`` numbers, so im2col is one copy of long runs out of a strided view. The
-grid side is kept channel-major, ``(C_grid, N*OH*OW)``: NCHW with N and C
-swapped, which moves whole ``OH*OW`` planes and so is a cheap copy. At stride
-1, col2im is replaced by an im2col of the grid with the kernel flipped (a copy
-instead of kH*kW read-modify-write passes over the image).
+Layout, chosen by measurement (benchmarks/NOTES.md, conv sections). Activations
+are NCHW in shape, as in PyTorch, but channels-last in memory: every conv returns
+a view ``(N, C, H, W)`` of a contiguous ``(N, H, W, C)`` buffer, the elementwise
+ops between layers keep that layout, and so the next conv reads its input as
+rows ``(N*H*W, C)`` without a copy. A GEMM writes its output straight into such
+rows, so no transpose runs between layers. On the image side a window row
+``(kw, c)`` is one contiguous run of ``kW*C`` numbers, so im2col is one copy of
+long runs (``minivq.kernels.im2col``: NumPy, or a parallel Numba loop). At
+stride 1, col2im is replaced by an im2col of the grid with the kernel flipped
+(a copy instead of kH*kW read-modify-write passes over the image). Any input
+layout is accepted; a non-channels-last input costs one transposing copy.
 
 Memory: one im2col (or col2im) buffer holds at most ``workspace_limit`` bytes
 (or one image's windows, if more); a batch whose buffer would be larger is
@@ -32,12 +36,11 @@ keeps the windows of x from forward for the weight gradient.
 
 import numpy as np
 
-from .. import backend
+from .. import backend, kernels
 from ..autograd import Function, Tensor
 from ..backend import get_array_module
 
 DEFAULT_WORKSPACE_LIMIT = 256 * 2 ** 20   # bytes for one im2col / col2im buffer
-COL2IM_BLOCK_BYTES = 512 * 2 ** 10         # col2im adds into this much padded image at a time (about L2)
 
 
 class _Workspace:
@@ -82,23 +85,16 @@ class _Geometry:
 
 
 # ---------------------------------------------------------------- layout helpers
-def _channel_major(a):
-    """(n, C, H, W) -> contiguous (C, n*H*W): moves whole H*W planes, so it is a cheap copy."""
+def _rows(a):
+    """(n, C, H, W) -> (n*H*W, C), one row per pixel: a view when ``a`` is channels-last in memory, else one copy."""
     xp = get_array_module(a)
     n, c, h, w = a.shape
-    return xp.ascontiguousarray(a.transpose(1, 0, 2, 3)).reshape(c, n * h * w)
+    return xp.ascontiguousarray(a.transpose(0, 2, 3, 1)).reshape(n * h * w, c)
 
 
-def _store_channel_major(mat, out, bias):
-    """out (n, C, H, W) = mat (C, n*H*W) back in NCHW, plus bias (C,) if given."""
-    xp = get_array_module(out)
-    n, c, h, w = out.shape
-    src = mat.reshape(c, n, h * w).transpose(1, 0, 2)
-    dst = out.reshape(n, c, h * w)
-    if bias is None:
-        dst[...] = src
-    else:
-        xp.add(src, bias.reshape(c, 1), out=dst)
+def _from_rows(rows, n, h, w):
+    """The inverse of ``_rows``: (n*H*W, C) -> (n, C, H, W), a channels-last view of ``rows`` (no copy)."""
+    return rows.reshape(n, h, w, rows.shape[1]).transpose(0, 3, 1, 2)
 
 
 def _weight_matrix(weight):
@@ -121,51 +117,29 @@ def _is_pointwise(g):
 
 def _im2col(image, g):
     """Every kH x kW window of ``image`` (n, C, H, W) as one row: (n*OH*OW, kH*kW*C), columns (kh, kw, c)."""
-    xp = get_array_module(image)
-    n = image.shape[0]
     if _is_pointwise(g):
-        return _channel_major(image).T            # 1x1 windows are the pixels: a transposed view will do
-    padded = xp.zeros((n, g.hp, g.wp, g.c_img), dtype=image.dtype)
-    padded[:, g.ph:g.ph + g.h, g.pw:g.pw + g.w, :] = image.transpose(0, 2, 3, 1)
-    s_n, s_h, s_w, s_c = padded.strides
-    windows = xp.lib.stride_tricks.as_strided(
-        padded, shape=(n, g.oh, g.ow, g.kh, g.kw, g.c_img),
-        strides=(s_n, s_h * g.sh, s_w * g.sw, s_h, s_w, s_c))
-    return windows.reshape(n * g.oh * g.ow, g.k)      # one copy; (kw, c) is a contiguous run of the image
+        return _rows(image)                       # 1x1 windows are the pixels
+    return kernels.im2col(image.transpose(0, 2, 3, 1), (g.kh, g.kw), (g.sh, g.sw), (g.ph, g.pw))
 
 
-def _col2im(cols, g, n):
-    """The adjoint of ``_im2col``: add each row's window back into the image; returns (n, H, W, C) (a view).
-
-    On the CPU, images are done a few at a time so that the block being added into stays
-    in cache through its kH*kW passes. On a GPU every pass is one kernel launch, so the
-    whole chunk is done at once (kH*kW launches).
-    """
-    xp = get_array_module(cols)
-    padded = xp.zeros((n, g.hp, g.wp, g.c_img), dtype=cols.dtype)
-    windows = cols.reshape(n, g.oh, g.ow, g.kh, g.kw, g.c_img)
-    h_span, w_span = g.sh * (g.oh - 1) + 1, g.sw * (g.ow - 1) + 1
-    block = n if xp is not np else max(1, COL2IM_BLOCK_BYTES // (g.hp * g.wp * g.c_img * cols.dtype.itemsize))
-    for start in range(0, n, block):
-        target, source = padded[start:start + block], windows[start:start + block]
-        for i in range(g.kh):
-            for j in range(g.kw):
-                target[:, i:i + h_span:g.sh, j:j + w_span:g.sw, :] += source[:, :, :, i, j, :]
-    return padded[:, g.ph:g.ph + g.h, g.pw:g.pw + g.w, :]
+def _col2im(cols, g, out):
+    """The adjoint of ``_im2col``: ``out`` (n, H, W, C) = each row of ``cols`` added back over its window."""
+    return kernels.col2im(cols, out, (g.kh, g.kw), (g.sh, g.sw), (g.ph, g.pw))
 
 
 # ---------------------------------------------------------------- the passes over a batch
-def _im2col_pass(image, g, wmat=None, grid_mat=None, bias=None, cols=None, keep_cols=False):
+def _im2col_pass(image, g, wmat=None, grid_rows=None, bias=None, cols=None, keep_cols=False):
     """Read the windows of ``image`` chunk by chunk and use them for one or two GEMMs.
 
-    ``wmat`` given: the grid ``wmat @ im2col(image).T`` (+ bias), returned as (N, C_grid, OH, OW).
-    ``grid_mat`` (C_grid, N*OH*OW) given: the weight-gradient matrix ``grid_mat @ im2col(image)``.
-    ``cols``: the windows of the whole batch, already made; ``keep_cols``: hand them back for
-    reuse (only when the batch fits in one chunk). Returns (grid, dwmat, cols).
+    ``wmat`` given: the grid ``im2col(image) @ wmat.T`` (+ bias), returned as (N, C_grid, OH, OW)
+    (channels-last in memory). ``grid_rows`` (N*OH*OW, C_grid) given: the weight-gradient matrix
+    ``grid_rows.T @ im2col(image)``. ``cols``: the windows of the whole batch, already made;
+    ``keep_cols``: hand them back for reuse (only when the batch fits in one chunk).
+    Returns (grid, dwmat, cols).
     """
     xp = get_array_module(image)
     n, rows = g.n, g.oh * g.ow
-    grid = xp.empty((n, g.c_grid, g.oh, g.ow), dtype=image.dtype) if wmat is not None else None
+    out = xp.empty((n * rows, g.c_grid), dtype=image.dtype) if wmat is not None else None
     dwmat = None
     step = n if cols is not None else g.images_per_chunk(image.dtype.itemsize)
     kept = None
@@ -173,17 +147,21 @@ def _im2col_pass(image, g, wmat=None, grid_mat=None, bias=None, cols=None, keep_
         stop = min(start + step, n)
         chunk_cols = cols if cols is not None else _im2col(image[start:stop], g)
         if wmat is not None:
-            _store_channel_major(wmat @ chunk_cols.T, grid[start:stop], bias)
-        if grid_mat is not None:
-            # dW = grid_mat @ cols, computed as (cols.T @ grid_mat.T).T: as fast on an idle machine,
+            block = out[start * rows:stop * rows]
+            xp.matmul(chunk_cols, wmat.T, out=block)
+            if bias is not None:
+                block += bias
+        if grid_rows is not None:
+            # dW = grid_rows.T @ cols, computed as (cols.T @ grid_rows).T: as fast on an idle machine,
             # and 3x faster when another process holds a core (OpenBLAS's two threads then stall
-            # each other on the short-and-deep grid_mat @ cols; measured in benchmarks/NOTES.md, conv section)
-            part = (chunk_cols.T @ grid_mat[:, start * rows:stop * rows].T).T
+            # each other on the short-and-deep product; measured in benchmarks/NOTES.md, conv section)
+            part = (chunk_cols.T @ grid_rows[start * rows:stop * rows]).T
             dwmat = part if dwmat is None else dwmat + part
         if keep_cols and step >= n:
             kept = chunk_cols
-    if grid_mat is not None and dwmat is None:       # an empty batch
+    if grid_rows is not None and dwmat is None:       # an empty batch
         dwmat = xp.zeros((g.c_grid, g.k), dtype=image.dtype)
+    grid = _from_rows(out, n, g.oh, g.ow) if out is not None else None
     return grid, dwmat, kept
 
 
@@ -194,17 +172,19 @@ def _flipped_geometry(g):
     k - 1 - p, with the kernel flipped and its channel axes swapped. An im2col copy of the
     grid then replaces col2im's kH*kW read-modify-write passes over the image.
     """
-    if (g.sh, g.sw) != (1, 1) or g.ph > g.kh - 1 or g.pw > g.kw - 1 or g.c_grid > 2 * g.c_img:
-        return None     # strided, or padding wider than the kernel, or the grid's windows too wide to copy
+    if (g.sh, g.sw) != (1, 1) or g.ph > g.kh - 1 or g.pw > g.kw - 1:
+        return None     # strided, or padding wider than the kernel
+    if g.h * g.w * g.c_grid > g.oh * g.ow * g.c_img:
+        return None     # the grid's windows over the image would be a bigger copy than col2im's columns
     return _Geometry(g.n, g.c_grid, g.oh, g.ow, g.c_img, (g.kh, g.kw), (1, 1),
                      (g.kh - 1 - g.ph, g.kw - 1 - g.pw))
 
 
-def _col2im_pass(grid, wmat, g, bias=None, grid_mat=None):
+def _col2im_pass(grid, wmat, g, bias=None, grid_rows=None):
     """The image ``col2im(grid @ wmat)`` (+ bias) as (N, C_img, H, W), from the grid (N, C_grid, OH, OW).
 
-    This is conv2d's input gradient and conv_transpose2d's forward. ``grid_mat``: the grid
-    as (C_grid, N*OH*OW), when the caller has it already.
+    This is conv2d's input gradient and conv_transpose2d's forward; the image comes back
+    channels-last in memory. ``grid_rows``: the grid as (N*OH*OW, C_grid), when the caller has it.
     """
     xp = get_array_module(grid)
     flipped = _flipped_geometry(g)
@@ -212,23 +192,19 @@ def _col2im_pass(grid, wmat, g, bias=None, grid_mat=None):
         c_grid, c_img, kh, kw = g.c_grid, g.c_img, g.kh, g.kw
         # image[c] = sum over d, i, j of grid_padded[d] shifted by (i, j), times W[d, c, kH-1-i, kW-1-j]
         wflip = wmat.reshape(c_grid, kh, kw, c_img)[:, ::-1, ::-1, :].transpose(3, 1, 2, 0).reshape(c_img, -1)
-        pixels = grid_mat.T if grid_mat is not None and _is_pointwise(flipped) else None   # 1x1: made already
-        image, _, _ = _im2col_pass(grid, flipped, wmat=xp.ascontiguousarray(wflip), bias=bias, cols=pixels)
+        image, _, _ = _im2col_pass(grid, flipped, wmat=xp.ascontiguousarray(wflip), bias=bias)
         return image
-    if grid_mat is None:
-        grid_mat = _channel_major(grid)
+    if grid_rows is None:
+        grid_rows = _rows(grid)
     n, rows = g.n, g.oh * g.ow
-    image = xp.empty((n, g.c_img, g.h, g.w), dtype=grid.dtype)
+    image = xp.empty((n, g.h, g.w, g.c_img), dtype=grid.dtype)
     step = g.images_per_chunk(grid.dtype.itemsize)
     for start in range(0, n, step):
         stop = min(start + step, n)
-        cols = grid_mat[:, start * rows:stop * rows].T @ wmat
-        image_nhwc = _col2im(cols, g, stop - start).transpose(0, 3, 1, 2)
-        if bias is None:
-            image[start:stop] = image_nhwc
-        else:
-            xp.add(image_nhwc, bias.reshape(-1, 1, 1), out=image[start:stop])
-    return image
+        _col2im(grid_rows[start * rows:stop * rows] @ wmat, g, image[start:stop])
+        if bias is not None:
+            image[start:stop] += bias
+    return image.transpose(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------- the ops
@@ -250,14 +226,14 @@ class Conv2d(Function):
         need_x, need_w = self.needs_input_grad[:2]
         need_b = len(self.needs_input_grad) > 2 and self.needs_input_grad[2]
         gx = gw = gb = None
-        gy_mat = _channel_major(gy) if need_w or need_b else None
+        gy_rows = _rows(gy)
         if need_x:      # dL/dx = col2im(gy W)
-            gx = _col2im_pass(gy, self.wmat, self.g, grid_mat=gy_mat)
+            gx = _col2im_pass(gy, self.wmat, self.g, grid_rows=gy_rows)
         if need_w:      # dL/dW = gy im2col(x), summed over the batch by the GEMM
-            _, dwmat, _ = _im2col_pass(self.x, self.g, grid_mat=gy_mat, cols=self.cols)
+            _, dwmat, _ = _im2col_pass(self.x, self.g, grid_rows=gy_rows, cols=self.cols)
             gw = _weight_from_matrix(dwmat, self.weight_shape)
         if need_b:
-            gb = gy_mat.sum(axis=1)
+            gb = gy_rows.sum(axis=0)
         return gx, gw, gb
 
 
@@ -270,9 +246,9 @@ class ConvTranspose2d(Function):
     def forward(self, x, weight, bias=None):
         self.weight_shape = weight.shape
         self.wmat = _weight_matrix(weight)
-        x_mat = _channel_major(x) if self.needs_input_grad[1] or _flipped_geometry(self.g) is None else None
-        self.x_mat = x_mat if self.needs_input_grad[1] else None
-        return _col2im_pass(x, self.wmat, self.g, bias=bias, grid_mat=x_mat)
+        x_rows = _rows(x) if self.needs_input_grad[1] or _flipped_geometry(self.g) is None else None
+        self.x_rows = x_rows if self.needs_input_grad[1] else None
+        return _col2im_pass(x, self.wmat, self.g, bias=bias, grid_rows=x_rows)
 
     def backward(self, gy):
         need_x, need_w = self.needs_input_grad[:2]
@@ -281,7 +257,7 @@ class ConvTranspose2d(Function):
         if need_x or need_w:
             # dL/dx = conv2d(gy, W); dL/dW = x im2col(gy): both read the same windows of gy
             gx, dwmat, _ = _im2col_pass(gy, self.g, wmat=self.wmat if need_x else None,
-                                        grid_mat=self.x_mat if need_w else None)
+                                        grid_rows=self.x_rows if need_w else None)
             if need_w:
                 gw = _weight_from_matrix(dwmat, self.weight_shape)
         if need_b:
