@@ -180,11 +180,11 @@ class Log(Function):
 
 class ReLU(Function):
     def forward(self, x):
-        self.mask = x > 0
-        return x * self.mask
+        self.y = get_array_module(x).maximum(x, 0)     # one pass; NaN stays NaN
+        return self.y
 
     def backward(self, g):
-        return g * self.mask
+        return g * (self.y > 0)                        # dy/dx = 1 where x > 0, else 0
 
 
 class Sigmoid(Function):
@@ -357,7 +357,10 @@ class Pad(Function):
         for i in range(len(self.pad) // 2):
             pairs[x.ndim - 1 - i] = (self.pad[2 * i], self.pad[2 * i + 1])
         self.crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pairs, x.shape))
-        return xp.pad(x, pairs, mode="constant", constant_values=self.value)
+        shape = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape, pairs))
+        out = xp.full_like(x, self.value, shape=shape)      # x's memory layout (channels-last stays so)
+        out[self.crop] = x
+        return out
 
     def backward(self, g):
         return g[self.crop]
