@@ -7,6 +7,11 @@ alternate between the two, so load on the machine hits both alike; medians
 and the ratio minivq / PyTorch are reported.
 
     python benchmarks/bench_train_step.py [--batches 32 128] [--repeats 15] [--device cpu|cuda]
+    python benchmarks/bench_train_step.py --model prior [--batches 64]     # the gated PixelCNN prior
+
+``--model prior`` times the prior's training step (minivq's default GatedPixelCNN, K = 512, on
+8x8 grids of random codes) against its PyTorch twin (benchmarks/torch_pixelcnn.py, same layout
+and size), the same way.
 
 Writes JSON to benchmarks/results/train-step-<device>-<date>.json with the machine described.
 """
@@ -70,6 +75,57 @@ def torch_step(device, x_host, variance):
     return step
 
 
+PRIOR = dict(num_embeddings=512)        # minivq train-prior's default prior for a default VQ-VAE
+GRID = 8                                 # the latent grid of a 32x32 image
+
+
+def random_codes(batch):
+    return np.random.default_rng(0).integers(0, PRIOR["num_embeddings"], (batch, GRID, GRID))
+
+
+def minivq_prior_step(device, codes):
+    mv.manual_seed(0)
+    model = mv.models.GatedPixelCNN(**PRIOR).to(device)
+    opt = mv.optim.Adam(model.parameters(), lr=1e-3)
+    idx = backend.to_device(codes, device)
+    sync = _sync(device)
+
+    def step():
+        loss = model.loss(idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sync()
+    return step
+
+
+def torch_prior_step(device, codes):
+    import torch
+    from torch_pixelcnn import GatedPixelCNN
+    torch.manual_seed(0)
+    dev = "cuda" if device.startswith("cuda") else "cpu"
+    model = GatedPixelCNN(**PRIOR).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    idx = torch.from_numpy(codes).to(dev)
+
+    def step():
+        loss = model.loss(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
+def prior_flops_per_step(batch):
+    """Multiply-adds x 2 of the prior's convolutions (masked taps counted), forward and backward."""
+    c, k, head, layers = 32, 5, 128, 6
+    per_layer = (c * 2 * c * (k // 2 + 1) * k + c * 2 * c * (k // 2 + 1) + 2 * c * 2 * c + c * c)
+    fwd = 2 * GRID * GRID * batch * (layers * per_layer + c * head + head * PRIOR["num_embeddings"])
+    return 3 * fwd
+
+
 def _sync(device):
     if device.startswith("cuda"):
         import cupy
@@ -90,7 +146,8 @@ def flops_per_step(batch):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batches", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--model", choices=["vqvae", "prior"], default="vqvae")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="default: 32 128 (vqvae), 64 (prior)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
@@ -113,11 +170,18 @@ def main():
         print("PyTorch not installed: timing minivq alone", file=sys.stderr)
 
     rows = []
-    for batch in args.batches:
-        x, variance, source = load_images(batch)
-        impls = {"minivq": minivq_step(args.device, x, variance)}
-        if have_torch:
-            impls["pytorch"] = torch_step(args.device, x, variance)
+    batches = args.batches or ([64] if args.model == "prior" else [32, 128])
+    for batch in batches:
+        if args.model == "prior":
+            codes, source = random_codes(batch), "random codes"
+            impls = {"minivq": minivq_prior_step(args.device, codes)}
+            if have_torch:
+                impls["pytorch"] = torch_prior_step(args.device, codes)
+        else:
+            x, variance, source = load_images(batch)
+            impls = {"minivq": minivq_step(args.device, x, variance)}
+            if have_torch:
+                impls["pytorch"] = torch_step(args.device, x, variance)
         times = {name: [] for name in impls}
         for _ in range(args.warmup):
             for fn in impls.values():
@@ -125,7 +189,8 @@ def main():
         for _ in range(args.repeats):
             for name, fn in impls.items():          # interleaved: both see the same machine state
                 times[name].append(timed(fn)[0])
-        row = {"batch": batch, "data": source, "flops": flops_per_step(batch)}
+        flops = prior_flops_per_step(batch) if args.model == "prior" else flops_per_step(batch)
+        row = {"model": args.model, "batch": batch, "data": source, "flops": flops}
         for name, ts in times.items():
             row[f"{name}_ms"] = 1e3 * float(np.median(ts))
             row[f"{name}_all_ms"] = [round(1e3 * t, 3) for t in ts]
@@ -140,13 +205,14 @@ def main():
               f"{r.get('pytorch_ms', float('nan')):>11.1f} {r.get('pytorch_gflops', float('nan')):>6.1f} "
               f"{r.get('ratio', float('nan')):>6.2f}")
     machine = describe_machine()
-    result = {"benchmark": "train_step", "device": args.device, "threads": threads, "repeats": args.repeats,
+    result = {"benchmark": "train_step", "model": args.model, "device": args.device, "threads": threads, "repeats": args.repeats,
               "machine": machine, "rows": rows}
     if args.device.startswith("cuda"):
         import cupy
         result["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"train-step-{args.device.replace(':', '')}-{time.strftime('%Y%m%d')}.json")
+                                   f"{'prior' if args.model == 'prior' else 'train'}-step-{args.device.replace(':', '')}-"
+                                   f"{time.strftime('%Y%m%d')}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

@@ -1,0 +1,193 @@
+"""Where the time of one VQ-VAE training step goes: forward and backward of every op, and Adam.
+
+    python benchmarks/profile_step.py [--batch 128] [--steps 5] [--threads N] [--json out.json]
+    python benchmarks/profile_step.py --model prior [--batch 64]          # the gated PixelCNN prior
+
+Every graph node (``autograd.Function``) is timed as it runs forward and as it
+runs backward; convolutions are named by their geometry (kernel/stride,
+channels, output size) and their GFLOP/s is shown, so the rows can be read
+against the machine's SGEMM speed. The model is the paper's (the same one
+bench_train_step.py times against PyTorch). Times are medians over ``--steps``
+steps after one warm-up step; the last row compares the sum of the rows with
+the whole step, so work outside any op (the graph walk, Python) shows too.
+"""
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import describe_machine  # noqa: E402
+
+
+def op_label(fn, inputs):
+    """A row name: the op's class, and for convolutions their geometry."""
+    name = type(fn).__name__
+    g = getattr(fn, "g", None)
+    if g is None:
+        return name
+    if name == "Conv2d":
+        return f"Conv2d {g.kh}x{g.kw}/{g.sh} {g.c_img}->{g.c_grid} at {g.oh}x{g.ow}"
+    return f"ConvTranspose2d {g.kh}x{g.kw}/{g.sh} {g.c_grid}->{g.c_img} at {g.h}x{g.w}"
+
+
+def conv_flops(fn):
+    """Multiply-adds x 2 of one pass (forward, or each of the two backward GEMMs) of a convolution."""
+    g = getattr(fn, "g", None)
+    return None if g is None else 2.0 * g.n * g.oh * g.ow * g.c_grid * g.k
+
+
+class Recorder:
+    """Times every Function's forward (through __call__) and backward (an instance attribute wrapper)."""
+
+    def __init__(self):
+        self.fwd = collections.defaultdict(float)
+        self.bwd = collections.defaultdict(float)
+        self.flops = collections.defaultdict(float)        # per step: every GEMM of the label's passes
+
+    def install(self):
+        """Wrap Function.__call__ and, per op class, its backward; returns the undo.
+
+        The backward wrapper sits on the class and finds the row through ``fn._profile_label``:
+        a wrapper stored on each node would make a reference cycle that keeps every node (and
+        its im2col buffers) alive until the garbage collector runs, and so time a different program.
+        """
+        from minivq.autograd import Function
+        recorder, original, patched = self, Function.__call__, {}
+
+        def timed_backward_of(cls):
+            backward = cls.backward
+
+            def timed_backward(fn, *grads):
+                t1 = time.perf_counter()
+                result = backward(fn, *grads)
+                recorder.bwd[fn._profile_label] += time.perf_counter() - t1
+                flops = conv_flops(fn)
+                if flops is not None:         # one GEMM per input (image, weight) that wants a gradient
+                    recorder.flops[fn._profile_label] += flops * sum(fn.needs_input_grad[:2])
+                return result
+            return backward, timed_backward
+
+        def timed_call(fn, *inputs):
+            cls = type(fn)
+            if cls not in patched:
+                patched[cls], cls.backward = timed_backward_of(cls)
+            t0 = time.perf_counter()
+            out = original(fn, *inputs)
+            fn._profile_label = label = op_label(fn, inputs)
+            recorder.fwd[label] += time.perf_counter() - t0
+            flops = conv_flops(fn)
+            if flops is not None:
+                recorder.flops[label] += flops
+            return out
+
+        def undo():
+            Function.__call__ = original
+            for cls, backward in patched.items():
+                cls.backward = backward
+        Function.__call__ = timed_call
+        return undo
+
+    def reset(self):
+        self.fwd.clear()
+        self.bwd.clear()
+        self.flops.clear()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["vqvae", "prior"], default="vqvae")
+    ap.add_argument("--batch", type=int, default=None, help="default: 128 (vqvae), 64 (prior)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="BLAS and Numba threads (default: all)")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = ap.parse_args()
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(args.threads)
+        try:
+            import numba
+            numba.set_num_threads(args.threads)
+        except ImportError:
+            pass
+
+    import minivq as mv
+    from minivq import functional as F
+    from minivq.models import PAPER_QUANTIZER, VQVAE
+    from bench_train_step import PRIOR, load_images, random_codes
+    args.batch = args.batch or (64 if args.model == "prior" else 128)
+    mv.manual_seed(0)
+    if args.model == "prior":
+        model = mv.models.GatedPixelCNN(**PRIOR)
+        codes = random_codes(args.batch)
+
+        def compute_loss():
+            return model.loss(codes)
+    else:
+        x_host, variance, _ = load_images(args.batch)
+        model = VQVAE(decay=0.0, quantizer=PAPER_QUANTIZER)
+        x = mv.tensor(x_host)
+
+        def compute_loss():
+            x_recon, vq = model(x)
+            return F.mse_loss(x_recon, x) / variance + vq.loss
+    opt = mv.optim.Adam(model.parameters(), lr=1e-3)
+
+    recorder = Recorder()
+    uninstall = recorder.install()
+    per_step = collections.defaultdict(list)
+    totals, adam = [], []
+    try:
+        for step in range(args.steps + 1):
+            recorder.reset()
+            t0 = time.perf_counter()
+            loss = compute_loss()
+            opt.zero_grad()
+            loss.backward()
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            if step == 0:
+                continue                      # warm-up: allocations, Numba compilation
+            totals.append(t2 - t0)
+            adam.append(t2 - t1)
+            for label in set(recorder.fwd) | set(recorder.bwd):
+                per_step[label].append((recorder.fwd.get(label, 0.0), recorder.bwd.get(label, 0.0),
+                                        recorder.flops.get(label)))
+    finally:
+        uninstall()
+
+    rows = []
+    for label, pairs in per_step.items():
+        fwd = float(np.median([p[0] for p in pairs])) * 1e3
+        bwd = float(np.median([p[1] for p in pairs])) * 1e3
+        flops = pairs[-1][2]
+        gflops = None if not flops else flops / ((fwd + bwd) * 1e-3) / 1e9
+        rows.append(dict(op=label, forward_ms=fwd, backward_ms=bwd, gflops=gflops))
+    rows.sort(key=lambda r: -(r["forward_ms"] + r["backward_ms"]))
+    step_ms = float(np.median(totals)) * 1e3
+    adam_ms = float(np.median(adam)) * 1e3
+    listed = sum(r["forward_ms"] + r["backward_ms"] for r in rows) + adam_ms
+
+    width = max(len(r["op"]) for r in rows)
+    print(f"one training step of the {args.model}, batch {args.batch}, median of {args.steps} steps: {step_ms:.1f} ms")
+    print(f"{'op (summed over its uses)':<{width}}  forward ms  backward ms   share  GFLOP/s (fwd+bwd)")
+    for r in rows:
+        share = (r["forward_ms"] + r["backward_ms"]) / step_ms
+        rate = "" if r["gflops"] is None else f"{r['gflops']:.0f}"
+        print(f"{r['op']:<{width}}  {r['forward_ms']:10.1f}  {r['backward_ms']:11.1f}  {share:6.1%}  {rate}")
+    print(f"{'Adam (all parameters)':<{width}}  {adam_ms:10.1f}  {'':11}  {adam_ms / step_ms:6.1%}")
+    print(f"{'outside the rows (graph walk, Python)':<{width}}  {step_ms - listed:10.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "profile_step", "model": args.model, "batch": args.batch, "steps": args.steps, "step_ms": step_ms,
+                       "adam_ms": adam_ms, "rows": rows, "machine": describe_machine()}, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
