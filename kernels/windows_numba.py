@@ -1,24 +1,25 @@
-"""im2col and col2im on the CPU as parallel Numba loops (the reference: windows_numpy.py).
+"""im2col and col2im on the CPU as compiled Numba loops (the reference: windows_numpy.py).
 
-NumPy's copies run on one core; in a training step with two threads the
-second core then waits through every im2col and col2im (a third of the step
-at batch 128, benchmarks/NOTES.md). These loops split the batch across the
-cores. Both read and write channels-last rows, so the innermost loop is a
-contiguous run of C numbers (a vectorised copy or add); padding is written as
-zeros here instead of being copied from a padded image, which saves that pass.
+Both read and write channels-last rows, so the innermost loop is a contiguous
+run of C numbers (a vectorised copy or add). im2col writes the padding as zeros
+itself instead of copying the image into a padded buffer first, which saves
+that pass; col2im adds each image's windows while the image (at most H*W*C
+numbers) sits in cache, with no padded buffer and no final crop.
 
-col2im adds each image's windows into that image only, so images are
-independent and need no atomics: ``prange`` over images, and one image
-(at most H*W*C numbers) stays in cache while its kH*kW passes add into it.
+Serial on purpose. A ``prange`` version split the batch across the cores and
+made the training step slower (785 ms against 621 for NumPy's copies, batch
+128, two threads): OpenBLAS's threads keep spinning for a while after every
+GEMM, so Numba's threads fought them for the cores. The serial loops beat
+NumPy's copies by about 10 % of the whole step (benchmarks/NOTES.md).
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def _im2col(image, kh, kw, sh, sw, ph, pw, oh, ow, out):
     n, h, w, c = image.shape
-    for task in prange(n * oh):                 # one output row of windows of one image per task
+    for task in range(n * oh):                  # one output row of windows of one image per task
         b, i = task // oh, task % oh
         for j in range(ow):
             row = (b * oh + i) * ow + j
@@ -35,10 +36,10 @@ def _im2col(image, kh, kw, sh, sw, ph, pw, oh, ow, out):
                             out[row, base + ch] = 0
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, out):
     n, h, w, c = out.shape
-    for b in prange(n):
+    for b in range(n):
         for y in range(h):
             for x in range(w):
                 for ch in range(c):

@@ -4,6 +4,7 @@ import pytest
 
 import minivq as mv
 from minivq.functional.conv import conv2d, conv_transpose2d, workspace_limit
+from minivq.functional.conv_reference import conv2d_reference
 
 CONFIGS_PER_OP = 60
 
@@ -70,6 +71,33 @@ def test_configs_cover_the_space(transposed):
     assert any(c["h"] % 2 for c in configs) and any(not c["x_grad"] for c in configs)
     if transposed:
         assert any(c["output_padding"] != (0, 0) for c in configs)
+
+
+ROUTES = [  # (c_in, c_out, h, w, kernel, padding, the way functional/conv.py computes it)
+    (3, 1, 5, 6, (3, 3), (1, 1), "mirror"),        # narrow output: runs as the transposed conv of its mirror
+    (4, 2, 6, 5, (2, 3), (1, 1), "mirror"),
+    (2, 2, 5, 5, (3, 3), (1, 1), "flipped dx"),    # the input gradient reads the windows of gy
+    (1, 3, 5, 4, (3, 2), (1, 0), "col2im dx"),     # wide output: the input gradient adds back over windows
+]
+
+
+@pytest.mark.parametrize("c_in, c_out, h, w, kernel, padding, route", ROUTES)
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole batch", "one image at a time"])
+def test_gradcheck_each_route_of_a_stride_1_conv(c_in, c_out, h, w, kernel, padding, route, chunked):
+    from minivq.functional import conv as conv_module
+    g = conv_module._Geometry(3, c_in, h, w, c_out, kernel, (1, 1), padding)
+    taken = ("mirror" if conv_module._narrow_grid_geometry(g) is not None
+             else "flipped dx" if conv_module._flipped_geometry(g) is not None else "col2im dx")
+    assert taken == route
+    gen = np.random.default_rng(c_in * 10 + c_out)
+    x = mv.tensor(gen.standard_normal((3, c_in, h, w)), requires_grad=True)
+    wt = mv.tensor(gen.standard_normal((c_out, c_in) + kernel), requires_grad=True)
+    b = mv.tensor(gen.standard_normal(c_out), requires_grad=True)
+    with workspace_limit(1 if chunked else 2 ** 28):
+        y = conv2d(x, wt, b, 1, padding)
+        np.testing.assert_allclose(y.data, conv2d_reference(x.data, wt.data, b.data, (1, 1), padding),
+                                   rtol=1e-12, atol=1e-12)
+        assert mv.gradcheck(lambda x, w, b: conv2d(x, w, b, 1, padding), [x, wt, b])
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])

@@ -165,34 +165,61 @@ def _im2col_pass(image, g, wmat=None, grid_rows=None, bias=None, cols=None, keep
     return grid, dwmat, kept
 
 
-def _flipped_geometry(g):
-    """For stride 1: the geometry in which the grid is the image and the image is the grid.
+def _mirror(g):
+    """For stride 1: the geometry in which the grid is the image and the image is the grid (or None).
 
     With stride 1, ``col2im(grid @ wmat)`` is itself a correlation: of the grid, padded by
-    k - 1 - p, with the kernel flipped and its channel axes swapped. An im2col copy of the
-    grid then replaces col2im's kH*kW read-modify-write passes over the image.
+    k - 1 - p, with the kernel flipped and its channel axes swapped (``_flip_matrix``), and
+    the other way round. So every product of a stride-1 conv can read the windows of either
+    side, and the narrower side's windows are the smaller copy.
     """
     if (g.sh, g.sw) != (1, 1) or g.ph > g.kh - 1 or g.pw > g.kw - 1:
         return None     # strided, or padding wider than the kernel
-    if g.h * g.w * g.c_grid > g.oh * g.ow * g.c_img:
-        return None     # the grid's windows over the image would be a bigger copy than col2im's columns
     return _Geometry(g.n, g.c_grid, g.oh, g.ow, g.c_img, (g.kh, g.kw), (1, 1),
                      (g.kh - 1 - g.ph, g.kw - 1 - g.pw))
 
 
-def _col2im_pass(grid, wmat, g, bias=None, grid_rows=None):
+def _flipped_geometry(g):
+    """The mirror geometry, when an im2col of the grid is a smaller copy than col2im's columns.
+
+    An im2col copy of the grid then replaces col2im's kH*kW read-modify-write passes over the image.
+    """
+    if g.h * g.w * g.c_grid > g.oh * g.ow * g.c_img:
+        return None     # the grid's windows over the image would be a bigger copy than col2im's columns
+    return _mirror(g)
+
+
+def _narrow_grid_geometry(g):
+    """The mirror geometry, when conv2d should run as the transposed conv of its mirror (or None).
+
+    That is when the grid is the narrower side (a 3x3 conv from 128 to 32 channels): conv2d's
+    forward then adds the image's rows @ W' back over windows (col2im, columns kH*kW*C_grid
+    wide) instead of copying the image's windows (kH*kW*C_img wide), and backward reads the
+    windows of the narrow gradient once for both the input and the weight gradient.
+    """
+    if g.h * g.w * g.c_grid >= g.oh * g.ow * g.c_img:
+        return None
+    return _mirror(g)
+
+
+def _flip_matrix(wmat, g):
+    """(C_grid, kH*kW*C_img) -> the mirror geometry's (C_img, kH*kW*C_grid): taps flipped, channels swapped."""
+    c_grid, c_img, kh, kw = g.c_grid, g.c_img, g.kh, g.kw
+    flipped = wmat.reshape(c_grid, kh, kw, c_img)[:, ::-1, ::-1, :].transpose(3, 1, 2, 0).reshape(c_img, -1)
+    return get_array_module(wmat).ascontiguousarray(flipped)
+
+
+def _col2im_pass(grid, wmat, g, bias=None, grid_rows=None, may_flip=True):
     """The image ``col2im(grid @ wmat)`` (+ bias) as (N, C_img, H, W), from the grid (N, C_grid, OH, OW).
 
     This is conv2d's input gradient and conv_transpose2d's forward; the image comes back
     channels-last in memory. ``grid_rows``: the grid as (N*OH*OW, C_grid), when the caller has it.
     """
     xp = get_array_module(grid)
-    flipped = _flipped_geometry(g)
+    flipped = _flipped_geometry(g) if may_flip else None
     if flipped is not None:
-        c_grid, c_img, kh, kw = g.c_grid, g.c_img, g.kh, g.kw
         # image[c] = sum over d, i, j of grid_padded[d] shifted by (i, j), times W[d, c, kH-1-i, kW-1-j]
-        wflip = wmat.reshape(c_grid, kh, kw, c_img)[:, ::-1, ::-1, :].transpose(3, 1, 2, 0).reshape(c_img, -1)
-        image, _, _ = _im2col_pass(grid, flipped, wmat=xp.ascontiguousarray(wflip), bias=bias)
+        image, _, _ = _im2col_pass(grid, flipped, wmat=_flip_matrix(wmat, g), bias=bias)
         return image
     if grid_rows is None:
         grid_rows = _rows(grid)
@@ -218,6 +245,11 @@ class Conv2d(Function):
         need_w = self.needs_input_grad[1]
         self.weight_shape = weight.shape
         self.wmat = _weight_matrix(weight)
+        self.mirror = _narrow_grid_geometry(self.g)
+        if self.mirror is not None:     # as the transposed conv of the mirror geometry (see there)
+            self.x_rows = _rows(x) if need_w else None
+            return _col2im_pass(x, _flip_matrix(self.wmat, self.g), self.mirror, bias=bias,
+                                grid_rows=self.x_rows, may_flip=False)
         y, _, self.cols = _im2col_pass(x, self.g, wmat=self.wmat, bias=bias, keep_cols=need_w)
         self.x = x if need_w else None      # to rebuild the windows when they were too big to keep
         return y
@@ -227,11 +259,19 @@ class Conv2d(Function):
         need_b = len(self.needs_input_grad) > 2 and self.needs_input_grad[2]
         gx = gw = gb = None
         gy_rows = _rows(gy)
-        if need_x:      # dL/dx = col2im(gy W)
-            gx = _col2im_pass(gy, self.wmat, self.g, grid_rows=gy_rows)
-        if need_w:      # dL/dW = gy im2col(x), summed over the batch by the GEMM
-            _, dwmat, _ = _im2col_pass(self.x, self.g, grid_rows=gy_rows, cols=self.cols)
-            gw = _weight_from_matrix(dwmat, self.weight_shape)
+        if self.mirror is not None and (need_x or need_w):
+            # both gradients read the windows of gy in the mirror geometry: dx = im2col'(gy) W'.T,
+            # dW' = x_rows.T im2col'(gy), and dW is dW' with its taps flipped back
+            gx, dwmat, _ = _im2col_pass(gy, self.mirror, wmat=_flip_matrix(self.wmat, self.g) if need_x else None,
+                                        grid_rows=self.x_rows if need_w else None)
+            if need_w:
+                gw = _weight_from_matrix(_flip_matrix(dwmat, self.mirror), self.weight_shape)
+        else:
+            if need_x:      # dL/dx = col2im(gy W)
+                gx = _col2im_pass(gy, self.wmat, self.g, grid_rows=gy_rows)
+            if need_w:      # dL/dW = gy im2col(x), summed over the batch by the GEMM
+                _, dwmat, _ = _im2col_pass(self.x, self.g, grid_rows=gy_rows, cols=self.cols)
+                gw = _weight_from_matrix(dwmat, self.weight_shape)
         if need_b:
             gb = gy_rows.sum(axis=0)
         return gx, gw, gb
