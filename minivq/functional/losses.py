@@ -3,10 +3,12 @@ from ..autograd import Function, Tensor
 from ..backend import get_array_module, min_max
 
 
-def _logsumexp(x, axis):
+def _log_softmax(x, axis):
+    """log softmax along ``axis`` in four passes over x: max, shift, exp-and-sum, subtract (in place)."""
     xp = get_array_module(x)
-    m = x.max(axis=axis, keepdims=True)
-    return m + xp.log(xp.exp(x - m).sum(axis=axis, keepdims=True))
+    shifted = x - x.max(axis=axis, keepdims=True)
+    shifted -= xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    return shifted
 
 
 class LogSoftmax(Function):
@@ -14,7 +16,7 @@ class LogSoftmax(Function):
         self.axis = axis
 
     def forward(self, x):
-        self.y = x - _logsumexp(x, self.axis)
+        self.y = _log_softmax(x, self.axis)
         return self.y
 
     def backward(self, g):
@@ -27,24 +29,32 @@ def log_softmax(x, axis=1):
     return LogSoftmax(axis)(x)
 
 
+def _target_index(target):
+    """The index tuple that picks ``a[n, target[n, ...], ...]`` at every position (one per position)."""
+    xp = get_array_module(target)
+    ndim = target.ndim
+    axes = [xp.arange(size).reshape((-1,) + (1,) * (ndim - 1 - i)) for i, size in enumerate(target.shape)]
+    return (axes[0], target) + tuple(axes[1:])
+
+
 class CrossEntropy(Function):
     """Mean over all positions of -log softmax(logits)[target]; classes on axis 1."""
 
     def forward(self, logits, target):
-        xp = get_array_module(logits)
-        self.target = target
-        picked_target = xp.expand_dims(target, 1)
-        self.log_p = logits - _logsumexp(logits, 1)
+        self.index = _target_index(target)
+        self.log_p = _log_softmax(logits, 1)
         self.count = target.size
-        nll = -xp.take_along_axis(self.log_p, picked_target, axis=1)
+        nll = -self.log_p[self.index]
         return nll.sum(dtype=logits.dtype) / logits.dtype.type(self.count)
 
     def backward(self, g):
         xp = get_array_module(g)
-        # d/dlogits = (softmax - onehot(target)) / count
-        classes = xp.arange(self.log_p.shape[1]).reshape((1, -1) + (1,) * (self.log_p.ndim - 2))
-        onehot = xp.expand_dims(self.target, 1) == classes
-        return (xp.exp(self.log_p) - onehot) * (g / self.count), None
+        # d/dlogits = (softmax - onehot(target)) / count: softmax scaled, then 1/count off at each target
+        scale = g / self.count
+        grad = xp.exp(self.log_p)
+        grad *= scale
+        grad[self.index] -= scale
+        return grad, None
 
 
 def cross_entropy(logits, target):
