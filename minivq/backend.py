@@ -127,6 +127,18 @@ def array_device(a):
     return "cpu"
 
 
+# One im2col / col2im buffer of a convolution, by default (minivq.functional.conv.workspace_limit).
+# CPU: small enough that a chunk's windows are still in L2/L3 when its GEMM reads them (measured
+# in benchmarks/NOTES.md); GPU: large, since every chunk is a few kernel launches.
+CPU_WORKSPACE_BYTES = 4 * 2 ** 20
+GPU_WORKSPACE_BYTES = 256 * 2 ** 20
+
+
+def default_workspace_bytes(a):
+    """The default size of a convolution's window buffer for arrays on ``a``'s device."""
+    return GPU_WORKSPACE_BYTES if _is_cupy_array(a) else CPU_WORKSPACE_BYTES
+
+
 def to_device(a, device):
     """Copy (only if needed) an array to ``device``; returns an array of the same dtype."""
     kind, idx = parse_device(device)

@@ -377,7 +377,9 @@ def test_errors_match_torch_on_the_same_bad_arguments():
 # ---------------------------------------------------------------- chunking under a workspace limit
 def test_workspace_limit_context_restores_and_validates():
     before = get_workspace_limit()
-    assert before == conv_module.DEFAULT_WORKSPACE_LIMIT
+    assert before is None                            # the device's default
+    g = conv_module._Geometry(1, 1, 4, 4, 1, (1, 1), (1, 1), (0, 0))
+    assert g.images_per_chunk(np.zeros(1, np.float32)) == backend.CPU_WORKSPACE_BYTES // (16 * 4)
     with workspace_limit(1000):
         assert get_workspace_limit() == 1000
         with workspace_limit(10):

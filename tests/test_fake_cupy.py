@@ -451,3 +451,13 @@ def test_nearest_code_checks_both_inputs_with_one_wait(fake_cupy, monkeypatch):
     cb[4, 2] = np.nan
     with pytest.raises(ValueError, match=r"codebook \(5, 3\) contains NaN or inf: first at row 4, column 2"):
         kernels.nearest_code(x_dev, cp.asarray(cb), backend="cupy")
+
+
+def test_conv_workspace_default_is_per_device(fake_cupy):
+    """Small cache-sized im2col chunks on the CPU, few large ones on a GPU (each chunk is kernel launches)."""
+    from minivq import backend
+    from minivq.functional import conv as conv_module
+    g = conv_module._Geometry(4096, 64, 8, 8, 64, (3, 3), (1, 1), (1, 1))
+    per_image = 8 * 8 * 9 * 64 * 4
+    assert g.images_per_chunk(np.zeros(1, np.float32)) == backend.CPU_WORKSPACE_BYTES // per_image
+    assert g.images_per_chunk(fake_cupy.zeros(1, np.float32)) == backend.GPU_WORKSPACE_BYTES // per_image

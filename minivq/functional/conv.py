@@ -40,16 +40,14 @@ from .. import backend, kernels
 from ..autograd import Function, Tensor
 from ..backend import get_array_module
 
-DEFAULT_WORKSPACE_LIMIT = 256 * 2 ** 20   # bytes for one im2col / col2im buffer
-
-
 class _Workspace:
-    limit = DEFAULT_WORKSPACE_LIMIT
+    limit = None        # bytes; None: the device's default (backend.default_workspace_bytes)
 
 
 def set_workspace_limit(nbytes):
-    """Let an im2col buffer hold at most ``nbytes``; returns the previous limit."""
-    previous, _Workspace.limit = _Workspace.limit, _positive_int(nbytes, "workspace_limit nbytes")
+    """Let an im2col buffer hold at most ``nbytes`` (``None``: the device's default); returns the previous limit."""
+    previous = _Workspace.limit
+    _Workspace.limit = None if nbytes is None else _positive_int(nbytes, "workspace_limit nbytes")
     return previous
 
 
@@ -57,13 +55,17 @@ def workspace_limit(nbytes):
     """Within this block an im2col buffer holds at most ``nbytes`` (at least one image's worth).
 
     Batches whose buffer would be larger are processed in chunks of images;
-    the results are the same, only the peak memory changes.
+    the results are the same, only the peak memory and the speed change.
+    Outside such a block the limit is the device's default: a few MiB on the
+    CPU, so that a chunk's windows are still in cache when its GEMM reads
+    them, and 256 MiB on a GPU, where every chunk costs kernel launches.
     """
     _positive_int(nbytes, "workspace_limit nbytes")      # checked on entry, before the block runs
     return backend.setting(set_workspace_limit, nbytes)
 
 
 def get_workspace_limit():
+    """The limit set by ``workspace_limit`` / ``set_workspace_limit``, or None for the device's default."""
     return _Workspace.limit
 
 
@@ -79,9 +81,11 @@ class _Geometry:
         self.ow = (self.wp - self.kw) // self.sw + 1
         self.k = self.kh * self.kw * c_img                            # GEMM depth: one window
 
-    def images_per_chunk(self, itemsize):
-        per_image = self.oh * self.ow * self.k * itemsize
-        return max(1, _Workspace.limit // max(per_image, 1))
+    def images_per_chunk(self, a):
+        """Images per im2col / col2im buffer for arrays like ``a`` under the workspace limit (at least 1)."""
+        limit = _Workspace.limit or backend.default_workspace_bytes(a)
+        per_image = self.oh * self.ow * self.k * a.dtype.itemsize
+        return max(1, limit // max(per_image, 1))
 
 
 # ---------------------------------------------------------------- layout helpers
@@ -141,7 +145,7 @@ def _im2col_pass(image, g, wmat=None, grid_rows=None, bias=None, cols=None, keep
     n, rows = g.n, g.oh * g.ow
     out = xp.empty((n * rows, g.c_grid), dtype=image.dtype) if wmat is not None else None
     dwmat = None
-    step = n if cols is not None else g.images_per_chunk(image.dtype.itemsize)
+    step = n if cols is not None else g.images_per_chunk(image)
     kept = None
     for start in range(0, n, step):
         stop = min(start + step, n)
@@ -225,7 +229,7 @@ def _col2im_pass(grid, wmat, g, bias=None, grid_rows=None, may_flip=True):
         grid_rows = _rows(grid)
     n, rows = g.n, g.oh * g.ow
     image = xp.empty((n, g.h, g.w, g.c_img), dtype=grid.dtype)
-    step = g.images_per_chunk(grid.dtype.itemsize)
+    step = g.images_per_chunk(grid)
     for start in range(0, n, step):
         stop = min(start + step, n)
         _col2im(grid_rows[start * rows:stop * rows] @ wmat, g, image[start:stop])
