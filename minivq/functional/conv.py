@@ -1,4 +1,4 @@
-"""2-D convolution and transposed convolution, written by hand: im2col, one GEMM, col2im.
+"""2-D convolution and transposed convolution, written by hand: im2col, GEMMs, col2im.
 
 New here? Read conv_reference.py first: the same two ops as plain loops, the tests' reference.
 Both ops are one *correlation* seen from its two ends. On one side lies the
@@ -28,10 +28,19 @@ stride 1, col2im is replaced by an im2col of the grid with the kernel flipped
 (a copy instead of kH*kW read-modify-write passes over the image). Any input
 layout is accepted; a non-channels-last input costs one transposing copy.
 
-Memory: one im2col (or col2im) buffer holds at most ``workspace_limit`` bytes
-(or one image's windows, if more); a batch whose buffer would be larger is
-processed a few images at a time. When the batch fits in one buffer, conv2d
-keeps the windows of x from forward for the weight gradient.
+Which side's windows. At stride 1 a conv's products can read the windows of either
+side (``_mirror``), so the narrower side is copied: a conv2d whose output is the
+narrow side runs as the transposed conv of its mirror (``_narrow_grid_geometry``),
+and an input gradient reads the windows of gy when that copy is the smaller
+(``_flipped_geometry``). Strided convs always copy the image's windows.
+
+Memory and cache: one im2col (or col2im) buffer holds at most ``workspace_limit``
+bytes (or one image's windows, if more); a batch whose buffer would be larger is
+processed a few images at a time. The default is per device: 4 MiB on the CPU,
+so a chunk's windows are still in cache when its GEMM reads them (cheaper than
+streaming one big buffer through memory, even though the weight gradient then
+copies the windows again), and 256 MiB on a GPU. When the batch fits in one
+buffer, conv2d keeps the windows of x from forward for the weight gradient.
 """
 
 import numpy as np
