@@ -52,6 +52,9 @@ VARIANTS = {
     "ema-cosine8-dead": dict(PAPER, decay=0.99, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0),
     "ema-cosine8-dead-kmeans": dict(PAPER, decay=0.99, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0,
                                     kmeans_init=True),
+    "ema-cosine16-dead": dict(PAPER, decay=0.99, lookup="cosine", lookup_dim=16, dead_code_threshold=1.0),
+    "ema95-cosine8-dead": dict(PAPER, decay=0.95, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0),
+    "ema95-cosine16-dead": dict(PAPER, decay=0.95, lookup="cosine", lookup_dim=16, dead_code_threshold=1.0),
     "simvq-dead": dict(PAPER, simvq=True, dead_code_threshold=1.0),
     "fsq-888": dict(PAPER, levels=(8, 8, 8)),
 }
