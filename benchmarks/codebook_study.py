@@ -168,9 +168,11 @@ def figure(runs, default, path):
     fig = plt.figure(figsize=(13, 8.5))
     grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.1])
     ax_codes, ax_nmse, ax_heat = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
+    palette = plt.get_cmap("tab20")
+    hues = [palette(i) for i in list(range(0, 20, 2)) + list(range(1, 20, 2))]    # 10 strong, then 10 light
     colours = {}
     for run in runs:
-        colour = colours.setdefault(run["variant"], f"C{len(colours) % 10}")
+        colour = colours.setdefault(run["variant"], hues[len(colours) % len(hues)])
         style = "-" if run["seed"] == 0 else "--"
         label = run["variant"] if run["seed"] == 0 else None
         steps = [r["step"] for r in run["records"]]
