@@ -172,9 +172,10 @@ def figure(runs, default, path):
     hues = [palette(i) for i in list(range(0, 20, 2)) + list(range(1, 20, 2))]    # 10 strong, then 10 light
     colours = {}
     for run in runs:
+        first = run["variant"] not in colours            # label each variant once, whichever seed comes first
         colour = colours.setdefault(run["variant"], hues[len(colours) % len(hues)])
         style = "-" if run["seed"] == 0 else "--"
-        label = run["variant"] if run["seed"] == 0 else None
+        label = run["variant"] if first else None
         steps = [r["step"] for r in run["records"]]
         ax_codes.plot(steps, [int(np.count_nonzero(r["usage"])) for r in run["records"]], style, color=colour,
                       label=label, lw=2 if run["variant"] == default else 1.2)
