@@ -3,8 +3,11 @@
 Both models have the paper's architecture (benchmarks/torch_vqvae.py mirrors
 minivq.models.VQVAE layer for layer) and train on the same batch of
 Fashion-MNIST images (random images if the dataset is absent). Repeats
-alternate between the two, so load on the machine hits both alike; medians
-and the ratio minivq / PyTorch are reported.
+alternate between the two, so load on the machine hits both alike, with a
+short pause before each timed step (``--pause``) so the other engine's idle
+threads have stopped spinning; every library gets the same thread count
+(BLAS, OpenMP, PyTorch and Numba). Medians and the ratio minivq / PyTorch
+are reported.
 
     python benchmarks/bench_train_step.py [--batches 32 128] [--repeats 15] [--device cpu|cuda]
     python benchmarks/bench_train_step.py --model prior [--batches 64]     # the gated PixelCNN prior
@@ -152,13 +155,23 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="BLAS/torch threads (default: all cores)")
+    ap.add_argument("--pause", type=float, default=None,
+                    help="seconds of rest before each timed step, so the other engine's idle threads stop "
+                         "spinning (default 0.2 on the CPU, 0 on a GPU)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train-step-...)")
     args = ap.parse_args()
 
     threads = args.threads or os.cpu_count()
+    if args.pause is None:
+        args.pause = 0.0 if args.device.startswith("cuda") else 0.2
     try:
         from threadpoolctl import threadpool_limits
         threadpool_limits(threads)
+    except ImportError:
+        pass
+    try:
+        import numba
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))     # the nearest-code kernel
     except ImportError:
         pass
     try:
@@ -188,7 +201,7 @@ def main():
                 fn()
         for _ in range(args.repeats):
             for name, fn in impls.items():          # interleaved: both see the same machine state
-                times[name].append(timed(fn)[0])
+                times[name].append(timed(fn, gap=args.pause)[0])
         flops = prior_flops_per_step(batch) if args.model == "prior" else flops_per_step(batch)
         row = {"model": args.model, "batch": batch, "data": source, "flops": flops}
         for name, ts in times.items():
@@ -205,7 +218,8 @@ def main():
               f"{r.get('pytorch_ms', float('nan')):>11.1f} {r.get('pytorch_gflops', float('nan')):>6.1f} "
               f"{r.get('ratio', float('nan')):>6.2f}")
     machine = describe_machine()
-    result = {"benchmark": "train_step", "model": args.model, "device": args.device, "threads": threads, "repeats": args.repeats,
+    result = {"benchmark": "train_step", "model": args.model, "device": args.device, "threads": threads,
+              "pause_s": args.pause, "repeats": args.repeats,
               "machine": machine, "rows": rows}
     if args.device.startswith("cuda"):
         import cupy
