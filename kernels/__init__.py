@@ -24,7 +24,7 @@ Backends:
   imports, else ``"numpy"``.
 
 The window copies of a convolution live here too, for the same reason (one
-NumPy reference that also runs on CuPy, one parallel Numba version):
+NumPy reference that also runs on CuPy, one compiled Numba version):
 ``im2col(image, kernel, stride, padding)`` and ``col2im(cols, out, kernel,
 stride, padding)`` on channels-last images (windows_numpy.py,
 windows_numba.py); "auto" takes Numba for NumPy arrays when it imports.
