@@ -155,7 +155,8 @@ def _im2col_pass(image, g, wmat=None, grid_rows=None, bias=None, cols=None, keep
     n, rows = g.n, g.oh * g.ow
     out = xp.empty((n * rows, g.c_grid), dtype=image.dtype) if wmat is not None else None
     dwmat = None
-    step = n if cols is not None else g.images_per_chunk(image)
+    # 1x1 windows are a view of the image: nothing is copied, so there is nothing to chunk
+    step = n if cols is not None or _is_pointwise(g) else g.images_per_chunk(image)
     kept = None
     for start in range(0, n, step):
         stop = min(start + step, n)
@@ -170,7 +171,10 @@ def _im2col_pass(image, g, wmat=None, grid_rows=None, bias=None, cols=None, keep
             # and 3x faster when another process holds a core (OpenBLAS's two threads then stall
             # each other on the short-and-deep product; measured in benchmarks/NOTES.md, conv section)
             part = (chunk_cols.T @ grid_rows[start * rows:stop * rows]).T
-            dwmat = part if dwmat is None else dwmat + part
+            if dwmat is None:
+                dwmat = part
+            else:
+                dwmat += part
         if keep_cols and step >= n:
             kept = chunk_cols
     if grid_rows is not None and dwmat is None:       # an empty batch
