@@ -514,3 +514,20 @@ def test_options_on_the_device_match_the_host(fake_cupy, options):  # noqa: F811
         assert backend.array_device(value) == "cuda:0", name
     decoded = device.decode_indices(q_dev.indices)
     assert backend.array_device(decoded.data) == "cuda:0"
+
+
+def test_simvq_reseeding_stays_bounded_when_the_map_is_ill_conditioned():
+    """Re-seeding ignores the map's directions weaker than SIMVQ_RCOND x its strongest: the new frozen rows
+    stay small (the full inverse would scale them by 1e4 here), and the codes land on the projection of
+    their targets onto the map's strong directions."""
+    from minivq.nn.quantizers import SIMVQ_RCOND
+    mv.manual_seed(13)
+    vq = nn.VectorQuantizer(8, 3, simvq=True, dead_code_threshold=1.0, max_replacements=8).double()
+    vq.code_map.data[...] = np.diag([1.0, 1e-4, 0.5])               # condition number 10,000
+    targets = np.random.default_rng(13).standard_normal((8, 3))
+    vq._set_codes(np.arange(8), targets)
+    rows = vq.frozen_codes
+    assert np.abs(rows).max() <= np.abs(targets).max() / (SIMVQ_RCOND * 1.0) + 1e-12
+    np.testing.assert_allclose(rows[:, 1], 0.0, atol=1e-12)         # the weak direction is left out
+    codes = rows @ vq.code_map.data
+    np.testing.assert_allclose(codes[:, [0, 2]], targets[:, [0, 2]], rtol=1e-12)

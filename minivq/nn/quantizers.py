@@ -23,6 +23,8 @@ from ..kernels import nearest_code
 from .conv import Conv2d
 from .module import Module, Parameter
 
+SIMVQ_RCOND = 0.1    # SimVQ re-seeding ignores the map's directions below this share of its strongest
+
 
 class VQOutput(namedtuple("VQOutput", "quantized loss indices perplexity")):
     """quantized: Tensor (N, D, H, W); loss: scalar Tensor; indices: int64 (N, H, W); perplexity: 0-d array.
@@ -368,9 +370,12 @@ class VectorQuantizer(_QuantizerBase):
     def _set_codes(self, which, vectors):
         if self.simvq:      # frozen rows c with c code_map = vector: c = vector pinv(code_map)
             device = backend.array_device(self.frozen_codes)
-            # the pseudo-inverse of the small (d, d) map is taken on the host, in float64
-            inverse = backend.to_device(np.linalg.pinv(backend.to_numpy(self.code_map.data).astype(np.float64)),
-                                        device)
+            # the pseudo-inverse of the small (d, d) map is taken on the host, in float64, without the
+            # map's directions weaker than SIMVQ_RCOND x its strongest: as the map grows ill-conditioned
+            # in training (condition 3,000 after 500 steps) the full inverse wrote frozen rows of norm up to
+            # 420 (the random ones have about 1), and every later update of the map threw those codes far
+            inverse = backend.to_device(np.linalg.pinv(backend.to_numpy(self.code_map.data).astype(np.float64),
+                                                       rcond=SIMVQ_RCOND), device)
             rows = vectors.astype(np.float64) @ inverse
             self.frozen_codes[backend.to_device(which, device)] = rows.astype(self.frozen_codes.dtype)
         else:
