@@ -107,7 +107,10 @@ def main():
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     if args.threads:
-        from threadpoolctl import threadpool_limits
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            raise SystemExit("profile_step.py: --threads needs threadpoolctl (pip install threadpoolctl)")
         threadpool_limits(args.threads)
         try:
             import numba
@@ -174,7 +177,8 @@ def main():
     listed = sum(r["forward_ms"] + r["backward_ms"] for r in rows) + adam_ms
 
     width = max(len(r["op"]) for r in rows)
-    print(f"one training step of the {args.model}, batch {args.batch}, median of {args.steps} steps: {step_ms:.1f} ms")
+    print(f"one training step of the {args.model}, batch {args.batch}, median of {args.steps} steps: "
+          f"{step_ms:.1f} ms")
     print(f"{'op (summed over its uses)':<{width}}  forward ms  backward ms   share  GFLOP/s (fwd+bwd)")
     for r in rows:
         share = (r["forward_ms"] + r["backward_ms"]) / step_ms
@@ -184,8 +188,8 @@ def main():
     print(f"{'outside the rows (graph walk, Python)':<{width}}  {step_ms - listed:10.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"benchmark": "profile_step", "model": args.model, "batch": args.batch, "steps": args.steps, "step_ms": step_ms,
-                       "adam_ms": adam_ms, "rows": rows, "machine": describe_machine()}, f, indent=1)
+            json.dump({"benchmark": "profile_step", "model": args.model, "batch": args.batch, "steps": args.steps,
+                       "step_ms": step_ms, "adam_ms": adam_ms, "rows": rows, "machine": describe_machine()}, f, indent=1)
         print(f"wrote {args.json}")
 
 

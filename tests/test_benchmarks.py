@@ -1,0 +1,56 @@
+"""The step profiler and the prior's step benchmark run, and say what they measured."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+
+
+@pytest.mark.parametrize("model", ["vqvae", "prior"])
+def test_profile_step_times_every_op_and_names_the_convolutions(tmp_path, model):
+    out = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "profile_step.py"), "--model", model, "--batch", "2",
+                           "--steps", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    ops = {row["op"]: row for row in result["rows"]}
+    convs = [row for name, row in ops.items() if name.startswith("Conv")]
+    assert convs and all(row["gflops"] and row["gflops"] > 0 for row in convs)
+    expected = "Conv2d 3x3/1 128->32 at 8x8" if model == "vqvae" else "Conv2d 3x5/1 32->64 at 8x8"
+    assert expected in ops and ops[expected]["backward_ms"] > 0
+    listed = sum(row["forward_ms"] + row["backward_ms"] for row in result["rows"]) + result["adam_ms"]
+    assert 0 < listed <= result["step_ms"] * 1.05        # the rows are parts of the step, not more
+    assert "outside the rows" in done.stdout
+
+
+def test_the_profiler_puts_the_ops_back(monkeypatch):
+    sys.path.insert(0, BENCH)
+    try:
+        import profile_step
+    finally:
+        sys.path.remove(BENCH)
+    from minivq.autograd import Function
+    from minivq.functional.basic import ReLU
+    call, backward = Function.__call__, ReLU.backward
+    undo = profile_step.Recorder().install()
+    import minivq as mv
+    from minivq import functional as F
+    F.relu(mv.tensor([1.0, -1.0], requires_grad=True)).sum().backward()
+    assert ReLU.backward is not backward
+    undo()
+    assert Function.__call__ is call and ReLU.backward is backward
+
+
+def test_bench_train_step_times_the_prior(tmp_path):
+    out = tmp_path / "prior.json"
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "bench_train_step.py"), "--model", "prior",
+                           "--batches", "2", "--repeats", "1", "--warmup", "0", "--pause", "0", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["model"] == "prior" and result["pause_s"] == 0
+    (row,) = result["rows"]
+    assert row["batch"] == 2 and row["minivq_ms"] > 0 and row["flops"] > 0
