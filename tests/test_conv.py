@@ -218,6 +218,26 @@ def test_empty_batch():
     assert X.grad.shape == X.shape and W.grad.shape == W.shape and not W.grad.any()
 
 
+@pytest.mark.parametrize("c_in, c_out, k, stride, padding", [
+    (2, 3, 1, 1, 0),      # pointwise: the windows are a view
+    (4, 1, 3, 1, 1),      # conv2d as the transposed conv of its mirror
+    (1, 4, 3, 1, 1),      # the input gradient through col2im
+    (3, 3, 3, 1, 1),      # the input gradient through the windows of gy
+    (2, 3, 4, 2, 1),      # strided
+])
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+def test_empty_batch_on_every_route(c_in, c_out, k, stride, padding, transposed):
+    X = mv.tensor(np.zeros((0, c_in, 5, 5)), requires_grad=True)
+    shape = (c_in, c_out, k, k) if transposed else (c_out, c_in, k, k)
+    W = mv.tensor(np.ones(shape), requires_grad=True)
+    B = mv.tensor(np.ones(c_out), requires_grad=True)
+    op = conv_transpose2d if transposed else conv2d
+    out = op(X, W, B, stride, padding)
+    assert out.shape[:2] == (0, c_out)
+    out.sum().backward()
+    assert X.grad.shape == X.shape and not W.grad.any() and not B.grad.any()
+
+
 # ---------------------------------------------------------------- against PyTorch
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
 def test_forward_and_grads_match_torch(transposed):

@@ -156,7 +156,7 @@ def _im2col_pass(image, g, wmat=None, grid_rows=None, bias=None, cols=None, keep
     out = xp.empty((n * rows, g.c_grid), dtype=image.dtype) if wmat is not None else None
     dwmat = None
     # 1x1 windows are a view of the image: nothing is copied, so there is nothing to chunk
-    step = n if cols is not None or _is_pointwise(g) else g.images_per_chunk(image)
+    step = max(n, 1) if cols is not None or _is_pointwise(g) else g.images_per_chunk(image)
     kept = None
     for start in range(0, n, step):
         stop = min(start + step, n)
