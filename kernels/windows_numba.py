@@ -15,11 +15,13 @@ NumPy's copies by about 10 % of the whole step (benchmarks/NOTES.md).
 import numpy as np
 from numba import njit
 
+from .windows_numpy import output_size
+
 
 @njit(nogil=True, cache=True)
 def _im2col(image, kh, kw, sh, sw, ph, pw, oh, ow, out):
     n, h, w, c = image.shape
-    for task in range(n * oh):                  # one output row of windows of one image per task
+    for task in range(n * oh):                  # one row of windows of one image per iteration
         b, i = task // oh, task % oh
         for j in range(ow):
             row = (b * oh + i) * ow + j
@@ -61,8 +63,9 @@ def _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, out):
 
 
 def _sizes(h, w, kernel, stride, padding):
+    """The loops' geometry arguments: kernel, stride, padding, then the window counts OH, OW."""
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    return kh, kw, sh, sw, ph, pw, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    return kh, kw, sh, sw, ph, pw, output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
 
 
 def im2col_numba(image, kernel, stride, padding):

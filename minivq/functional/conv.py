@@ -266,7 +266,8 @@ class Conv2d(Function):
         self.mirror = _narrow_grid_geometry(self.g)
         if self.mirror is not None:     # as the transposed conv of the mirror geometry (see there)
             self.x_rows = _rows(x) if need_w else None
-            return _col2im_pass(x, _flip_matrix(self.wmat, self.g), self.mirror, bias=bias,
+            self.mirror_wmat = _flip_matrix(self.wmat, self.g)      # the mirror's weight, for backward too
+            return _col2im_pass(x, self.mirror_wmat, self.mirror, bias=bias,
                                 grid_rows=self.x_rows, may_flip=False)
         y, _, self.cols = _im2col_pass(x, self.g, wmat=self.wmat, bias=bias, keep_cols=need_w)
         self.x = x if need_w else None      # to rebuild the windows when they were too big to keep
@@ -280,7 +281,7 @@ class Conv2d(Function):
         if self.mirror is not None and (need_x or need_w):
             # both gradients read the windows of gy in the mirror geometry: dx = im2col'(gy) W'.T,
             # dW' = x_rows.T im2col'(gy), and dW is dW' with its taps flipped back
-            gx, dwmat, _ = _im2col_pass(gy, self.mirror, wmat=_flip_matrix(self.wmat, self.g) if need_x else None,
+            gx, dwmat, _ = _im2col_pass(gy, self.mirror, wmat=self.mirror_wmat if need_x else None,
                                         grid_rows=self.x_rows if need_w else None)
             if need_w:
                 gw = _weight_from_matrix(_flip_matrix(dwmat, self.mirror), self.weight_shape)
