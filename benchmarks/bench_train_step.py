@@ -158,8 +158,13 @@ def main():
     ap.add_argument("--pause", type=float, default=None,
                     help="seconds of rest before each timed step, so the other engine's idle threads stop "
                          "spinning (default 0.2 on the CPU, 0 on a GPU)")
+    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                    help="keep: the C library keeps freed host memory for the next step, as the minivq CLI "
+                         "asks it to (backend.keep_freed_host_memory; every engine in this process alike); "
+                         "default: the C library's own thresholds")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train-step-...)")
     args = ap.parse_args()
+    memory_kept = args.malloc == "keep" and backend.keep_freed_host_memory()
 
     threads = args.threads or os.cpu_count()
     if args.pause is None:
@@ -220,6 +225,7 @@ def main():
     machine = describe_machine()
     result = {"benchmark": "train_step", "model": args.model, "device": args.device, "threads": threads,
               "pause_s": args.pause, "repeats": args.repeats,
+              "host_memory_kept": memory_kept,
               "machine": machine, "rows": rows}
     if args.device.startswith("cuda"):
         import cupy

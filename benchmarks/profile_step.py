@@ -104,6 +104,8 @@ def main():
     ap.add_argument("--batch", type=int, default=None, help="default: 128 (vqvae), 64 (prior)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="BLAS and Numba threads (default: all)")
+    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                    help="keep (as the minivq CLI does): the C library keeps freed host memory for the next step")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     if args.threads:
@@ -119,7 +121,8 @@ def main():
             pass
 
     import minivq as mv
-    from minivq import functional as F
+    from minivq import backend, functional as F
+    memory_kept = args.malloc == "keep" and backend.keep_freed_host_memory()
     from minivq.models import PAPER_QUANTIZER, VQVAE
     from bench_train_step import PRIOR, load_images, random_codes
     args.batch = args.batch or (64 if args.model == "prior" else 128)
@@ -189,7 +192,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "profile_step", "model": args.model, "batch": args.batch, "steps": args.steps,
-                       "step_ms": step_ms, "adam_ms": adam_ms, "rows": rows, "machine": describe_machine()}, f, indent=1)
+                       "step_ms": step_ms, "adam_ms": adam_ms, "host_memory_kept": memory_kept, "rows": rows,
+                       "machine": describe_machine()}, f, indent=1)
         print(f"wrote {args.json}")
 
 

@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from . import distributed
+from . import backend, distributed
 from .checkpoint import load_vqvae
 from .config import (QUANTIZER_OPTIONS, ModelConfig, PriorConfig, TrainConfig, cli_fields, non_negative_int,
                      positive_float,
@@ -321,6 +321,7 @@ def main(argv=None):
             raise distributed.CollectiveError(f"only `minivq train` runs on several processes; start "
                                               f"`minivq {args.command}` without mpiexec")
         args.comm_world = comm
+        backend.keep_freed_host_memory()    # a step reuses the last step's freed memory: no fresh pages
         # NumPy's floating-point warnings never reach the terminal: a NaN or inf that matters is
         # reported by the checks (exit 3 in training, a ValueError elsewhere)
         with np.errstate(all="ignore"), warnings.catch_warnings():

@@ -1,4 +1,7 @@
-"""Device names, array modules, the CUDA error message, the seeded generator, the scatter."""
+"""Device names, array modules, the CUDA error message, the seeded generator, the scatter, host memory."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -77,3 +80,44 @@ def test_cupy_round_trip():
     (g_leaf.to("cpu") * 3.0).sum().backward()
     assert backend.array_device(g_leaf.grad) == "cuda:0"
     np.testing.assert_array_equal(backend.to_numpy(g_leaf.grad), np.full((2, 3), 3.0))
+
+
+_FAULTS_PER_ROUND = """
+import resource, sys
+import numpy as np
+from minivq import backend
+kept = backend.keep_freed_host_memory() if sys.argv[1] == "keep" else None
+def round_():       # ten 4 MB blocks, allocated and freed as a training step's activations are
+    blocks = [np.ones(2 ** 20, np.float32) for _ in range(10)]
+    del blocks
+round_()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    round_()
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-fault counts and glibc: Linux")
+def test_keeping_freed_host_memory_ends_page_faults_of_repeated_allocations():
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS_PER_ROUND, mode], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0], float(out[1])
+
+    kept, with_setting = faults("keep")
+    _, without = faults("default")
+    assert kept == "True"
+    assert with_setting < 50                  # the blocks come back from the heap: no fresh pages
+    assert without > 10 * max(with_setting, 50)      # glibc's default hands them back, 40 MB of fresh pages
+
+
+def test_keeping_freed_host_memory_elsewhere_changes_nothing(monkeypatch):
+    def no_libc(name):
+        raise OSError("no C library here")
+    monkeypatch.setattr(backend.ctypes, "CDLL", no_libc)
+    assert backend.keep_freed_host_memory() is False
