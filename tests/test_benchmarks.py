@@ -54,3 +54,23 @@ def test_bench_train_step_times_the_prior(tmp_path):
     assert result["model"] == "prior" and result["pause_s"] == 0
     (row,) = result["rows"]
     assert row["batch"] == 2 and row["minivq_ms"] > 0 and row["flops"] > 0
+
+
+@pytest.mark.parametrize("probe, last_lr", [("control", 1e-3), ("cosine", 0.0)])
+def test_optimizer_probe_trains_the_defaults_with_its_setting(tmp_path, monkeypatch, probe, last_lr):
+    from conftest import write_blobs
+    sys.path.insert(0, BENCH)
+    try:
+        import optimizer_probe
+    finally:
+        sys.path.remove(BENCH)
+    import minivq.train
+    adam = minivq.train.Adam
+    monkeypatch.setenv("MINIVQ_DATA", write_blobs(tmp_path / "blobs.npz", 160, 40))
+    monkeypatch.setattr(optimizer_probe, "RUNS", str(tmp_path / "runs"))
+    optimizer_probe.train_one(probe, 0, 3)
+    record = json.loads((tmp_path / "runs" / f"{probe}-s0-3" / "probe.json").read_text())
+    assert record["step"] == 3 and record["images"] == 40 and 0 < record["nmse"] < 10
+    assert record["last_lr"] == pytest.approx(last_lr, abs=1e-12)
+    assert minivq.train.Adam is adam          # the trainer's own Adam is put back
+    assert optimizer_probe.cosine_lr(1e-3, 1, 5) == 1e-3 and optimizer_probe.cosine_lr(1e-3, 3, 5) == 5e-4
