@@ -161,6 +161,9 @@ def collect():
     return runs
 
 
+SEED_STYLES = ("-", "--", ":", "-.")     # line style per seed in the figure
+
+
 def figure(runs, default, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -174,7 +177,7 @@ def figure(runs, default, path):
     for run in runs:
         first = run["variant"] not in colours            # label each variant once, whichever seed comes first
         colour = colours.setdefault(run["variant"], hues[len(colours) % len(hues)])
-        style = "-" if run["seed"] == 0 else "--"
+        style = SEED_STYLES[run["seed"] % len(SEED_STYLES)]
         label = run["variant"] if first else None
         steps = [r["step"] for r in run["records"]]
         ax_codes.plot(steps, [int(np.count_nonzero(r["usage"])) for r in run["records"]], style, color=colour,
@@ -187,7 +190,7 @@ def figure(runs, default, path):
     ax_codes.set(xlabel="step", ylabel=f"codes used (first {USAGE_IMAGES} test images)", ylim=(0, k * 1.03),
                  title="codebook usage")
     ax_nmse.set(xlabel="step", ylabel="test MSE / variance (whole split)", yscale="log",
-               title="reconstruction (solid: seed 0, dashed: seed 1)")
+               title="reconstruction (seed 0 solid, 1 dashed, 2 dotted, 3 dash-dot)")
     ax_codes.legend(loc="lower right", fontsize=8, ncol=2)
     chosen = next((r for r in runs if r["variant"] == default and r["seed"] == 0), None)
     if chosen is not None:
