@@ -5,12 +5,15 @@ dict; it needs nothing beyond the standard library. NumPy, threadpoolctl,
 torch, numba, faiss and cupy are described when present. Versions come from
 the installed package metadata, so describing a machine never imports torch
 or cupy. ``timed(call)`` times one call; ``sgemm_rate(device)`` measures the
-float32 GEMM rate that the scripts hold their GFLOP/s against.
+float32 GEMM rate that the scripts hold their GFLOP/s against;
+``run_single_threaded(commands, jobs)`` runs training processes side by side, and
+``run_training_jobs`` is the training studies' ``run`` command on top of it.
 """
 import datetime
 import os
 import platform
 import socket
+import subprocess
 import sys
 import time
 
@@ -144,3 +147,40 @@ def sgemm_rate(device="cpu", repeats=5, size=None, pick=min, gap=0.0):
 if __name__ == "__main__":
     import json
     print(json.dumps(describe_machine(), indent=2))
+
+
+def run_single_threaded(commands, jobs, name):
+    """Run ``commands`` (argument lists), ``jobs`` at a time, each process on one BLAS/OpenMP/Numba thread.
+
+    How the training studies use both cores: one run per core. Stops at the first command that
+    fails (SystemExit naming it, ``name`` the calling script).
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
+               MKL_NUM_THREADS="1")
+    pending, running = list(commands), []
+    while pending or running:
+        while pending and len(running) < jobs:
+            running.append(subprocess.Popen(pending.pop(0), env=env))
+        time.sleep(2)
+        failed = [p for p in running if p.poll() not in (None, 0)]
+        if failed:
+            raise SystemExit(f"{name}: {failed[0].args} exited with {failed[0].returncode}")
+        running = [p for p in running if p.poll() is None]
+
+
+def run_training_jobs(script, train_one, names, known, seeds, steps, jobs):
+    """A study's ``run`` command: train ``names`` (comma-separated, each a key of ``known``) for every seed
+    of ``seeds`` (comma-separated), ``steps`` steps each; in this process when ``jobs`` is 1, else as
+    ``script one NAME SEED STEPS`` processes, ``jobs`` at a time, one thread each."""
+    study = os.path.splitext(os.path.basename(script))[0]
+    names = names.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"{study}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+    runs = [(name, int(seed)) for seed in seeds.split(",") for name in names]
+    if jobs == 1:
+        for name, seed in runs:
+            train_one(name, seed, steps)
+        return
+    run_single_threaded([[sys.executable, script, "one", name, str(seed), str(steps)] for name, seed in runs],
+                        jobs, study)

@@ -18,14 +18,13 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _machine import describe_machine  # noqa: E402
+from _machine import describe_machine, run_training_jobs  # noqa: E402
 
 RUNS = os.path.join(ROOT, "runs", "optimizer-probe")
 
@@ -97,28 +96,7 @@ def train_one(probe, seed, steps):
 
 
 def cmd_run(args):
-    names = args.probes.split(",")
-    unknown = [n for n in names if n not in PROBES]
-    if unknown:
-        raise SystemExit(f"optimizer_probe: unknown probe(s) {', '.join(unknown)}; known: {', '.join(PROBES)}")
-    jobs = [(name, int(seed)) for seed in args.seeds.split(",") for name in names]
-    if args.jobs == 1:
-        for name, seed in jobs:
-            train_one(name, seed, args.steps)
-        return
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
-               MKL_NUM_THREADS="1")
-    pending, running = list(jobs), []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            name, seed = pending.pop(0)
-            running.append(subprocess.Popen([sys.executable, __file__, "one", name, str(seed), str(args.steps)],
-                                            env=env))
-        time.sleep(2)
-        failed = [p for p in running if p.poll() not in (None, 0)]
-        if failed:
-            raise SystemExit(f"optimizer_probe: {failed[0].args} exited with {failed[0].returncode}")
-        running = [p for p in running if p.poll() is None]
+    run_training_jobs(__file__, train_one, args.probes, PROBES, args.seeds, args.steps, args.jobs)
 
 
 def cmd_report(args):

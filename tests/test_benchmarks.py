@@ -74,3 +74,17 @@ def test_optimizer_probe_trains_the_defaults_with_its_setting(tmp_path, monkeypa
     assert record["last_lr"] == pytest.approx(last_lr, abs=1e-12)
     assert minivq.train.Adam is adam          # the trainer's own Adam is put back
     assert optimizer_probe.cosine_lr(1e-3, 1, 5) == 1e-3 and optimizer_probe.cosine_lr(1e-3, 3, 5) == 5e-4
+
+
+def test_run_single_threaded_gives_each_run_one_thread_and_stops_at_a_failure(tmp_path):
+    sys.path.insert(0, BENCH)
+    try:
+        from _machine import run_single_threaded
+    finally:
+        sys.path.remove(BENCH)
+    write = "import os, sys; open(sys.argv[1], 'w').write(os.environ['OPENBLAS_NUM_THREADS'])"
+    outs = [tmp_path / f"{i}.txt" for i in range(3)]
+    run_single_threaded([[sys.executable, "-c", write, str(p)] for p in outs], 2, "test")
+    assert [p.read_text() for p in outs] == ["1", "1", "1"]
+    with pytest.raises(SystemExit, match="test: .* exited with 3"):
+        run_single_threaded([[sys.executable, "-c", "raise SystemExit(3)"]], 2, "test")
