@@ -186,7 +186,7 @@ class _Config:
 
 # A checkpoint written before an option existed was trained without it: these values, not today's
 # defaults, fill the options such a checkpoint does not name.
-_BEFORE_OPTION = {"kmeans_init": False, "estimator": "straight_through", "dead_code_threshold": 0.0,
+_BEFORE_OPTION = {"kmeans_init": False, "decay_warmup": 0, "estimator": "straight_through", "dead_code_threshold": 0.0,
                   "lookup": "l2", "lookup_dim": None, "simvq": False, "levels": None}
 
 
@@ -208,6 +208,10 @@ class ModelConfig(_Config):
     decay: float = option(_VQVAE_DEFAULTS["decay"], "--decay",
                           "EMA decay of the codebook (0: a codebook loss instead; --ema sets 0.99)",
                           unit_interval, group="model")
+    decay_warmup: int = option(_VQVAE_DEFAULTS["decay_warmup"], "--decay-warmup",
+                               "EMA codebook: grow its averaging window from 1 step to 1/(1 - decay) steps over "
+                               "this many steps (0: the fixed decay from the first step)", non_negative_int,
+                               group="model")
     kmeans_init: bool = option(_VQVAE_DEFAULTS["kmeans_init"], "--kmeans-init",
                                "initialise the codebook by k-means++ on the first batch", boolean, group="model")
     estimator: str = option(_VQVAE_DEFAULTS["estimator"], "--estimator",

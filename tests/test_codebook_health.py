@@ -137,6 +137,51 @@ def test_replaced_ema_codes_keep_their_accumulators_consistent():
         assert np.any(np.all(flat == code, axis=1))
 
 
+def test_decay_warmup_by_hand():
+    """With decay_warmup=S, update t averages with decay_t = 1 - 1/min(W, 1 + (t-1)(W-1)/S), W = 1/(1-decay),
+    and the averages are the batch statistics weighted (1 - decay_i) prod_{j>i} decay_j: weights summing to one."""
+    decay, warmup, eps, k = 0.8, 3, 1e-5, 3
+    window = 1 / (1 - decay)
+    vq = nn.VectorQuantizerEMA(k, 2, decay=decay, epsilon=eps, decay_warmup=warmup).double()
+    rng = np.random.default_rng(20)
+    stats, decays = [], []
+    for t in range(1, 8):
+        z = latents(rng, 2, 2, 3, 3)
+        old = vq.codebook.copy()
+        out = vq(z)
+        idx = out.indices.reshape(-1)
+        flat = rows_of(z.data)
+        np.testing.assert_array_equal(idx, ((flat[:, None, :] - old[None]) ** 2).sum(-1).argmin(1))
+        stats.append((np.bincount(idx, minlength=k).astype(float), np.stack([flat[idx == c].sum(0) for c in range(k)])))
+        decays.append(1 - 1 / min(window, 1 + (t - 1) * (window - 1) / warmup))
+        weights = np.array([(1 - decays[i]) * np.prod(decays[i + 1:]) for i in range(t)])
+        assert weights.sum() == pytest.approx(1.0)          # decay_1 = 0: nothing to debias
+        size = sum(w * n for w, (n, _) in zip(weights, stats))
+        embed = sum(w * e for w, (_, e) in zip(weights, stats))
+        smoothed = (size + eps) / (size.sum() + k * eps) * size.sum()
+        np.testing.assert_allclose(vq.codebook, embed / smoothed[:, None], rtol=1e-10, err_msg=f"update {t}")
+    assert decays[0] == 0.0 and decays[-1] == decay      # one step at first, the full window from update S + 1
+    assert np.all(np.diff(decays) >= 0) and decays[warmup] == pytest.approx(decay)
+
+
+def test_decay_warmup_keeps_replaced_codes_consistent_and_is_checked():
+    mv.manual_seed(2)
+    vq = nn.VectorQuantizerEMA(6, 2, decay=0.9, dead_code_threshold=1.0, max_replacements=5, decay_warmup=10).double()
+    set_codebook(vq, [[0, 0], [100, 100], [101, 100], [102, 100], [103, 100], [104, 100]])
+    vq(latents(np.random.default_rng(1), 2, 2, 2, 2))
+    vq(latents(np.random.default_rng(2), 2, 2, 2, 2))
+    assert "decay_warmup=10" in repr(vq)
+    # the re-seeded codes' averages say: one vector, equal to the code (no debiasing under the warm-up)
+    np.testing.assert_allclose(vq.embed_sum / vq.cluster_size[:, None], vq.codebook, rtol=1e-3)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="decay_warmup"):
+            nn.VectorQuantizerEMA(6, 2, decay_warmup=bad)
+    with pytest.raises(TypeError, match="simvq"):
+        nn.VectorQuantizerEMA(6, 2, simvq=True)          # the forwarded options are the shared ones only
+    with pytest.raises(ValueError, match="decay_warmup=5 .* needs decay > 0"):
+        vqvae(**dict(TINY, decay=0.0, decay_warmup=5))
+
+
 @pytest.mark.parametrize("cls", QUANTIZERS)
 def test_eval_mode_neither_replaces_nor_counts(cls):
     mv.manual_seed(3)
@@ -365,7 +410,7 @@ def test_kmeans_init_in_the_search_space(cls, options):
 
 
 # ---------------------------------------------------------------- the VQ-VAE
-MODEL_OPTIONS = [dict(), dict(decay=0.9), dict(dead_code_threshold=1.0, max_replacements=4),
+MODEL_OPTIONS = [dict(), dict(decay=0.9), dict(decay=0.9, decay_warmup=2), dict(dead_code_threshold=1.0, max_replacements=4),
                  dict(decay=0.9, lookup="cosine", lookup_dim=2, dead_code_threshold=1.0),
                  dict(lookup="cosine", lookup_dim=2), dict(simvq=True, lookup="cosine"),
                  dict(levels=(2, 2, 3), num_embeddings=12), dict(decay=0.9, kmeans_init=True, lookup="cosine")]
@@ -440,6 +485,7 @@ PARALLEL_CASES = {
     "plain-dead": (nn.VectorQuantizer, dict(dead_code_threshold=2.0, max_replacements=5)),
     "ema-dead-kmeans": (nn.VectorQuantizerEMA, dict(dead_code_threshold=2.0, max_replacements=5, kmeans_init=True)),
     "cosine-lowdim-dead": (nn.VectorQuantizerEMA, dict(lookup="cosine", lookup_dim=3, dead_code_threshold=2.0)),
+    "ema-warmup-dead": (nn.VectorQuantizerEMA, dict(decay_warmup=2, dead_code_threshold=2.0, max_replacements=5)),
     "simvq-dead-kmeans": (nn.VectorQuantizer, dict(simvq=True, dead_code_threshold=2.0, kmeans_init=True)),
 }
 
@@ -490,7 +536,7 @@ from test_fake_cupy import fake_cupy  # noqa: E402,F401  (the fixture)
 
 
 @pytest.mark.parametrize("options", [dict(decay=0.9, lookup="cosine", lookup_dim=2, dead_code_threshold=1.0,
-                                          kmeans_init=True),
+                                          kmeans_init=True, decay_warmup=2),
                                      dict(simvq=True, dead_code_threshold=1.0, max_replacements=3),
                                      dict(levels=(2, 2, 4), num_embeddings=16)], ids=str)
 def test_options_on_the_device_match_the_host(fake_cupy, options):  # noqa: F811

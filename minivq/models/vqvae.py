@@ -79,6 +79,7 @@ class QuantizerOptions:
     has no codebook and takes none of the other options.
     """
     kmeans_init: bool = False               # k-means++ on the first training batch
+    decay_warmup: int = 0                   # EMA codebook: its averaging window grows to full over this many steps
     estimator: str = "straight_through"     # or "rotation" (Fifty et al., 2024)
     dead_code_threshold: float = 0.0        # > 0: re-seed codes whose usage EMA falls below this
     max_replacements: int = 64              # dead codes re-seeded per step, at most
@@ -139,6 +140,9 @@ class VQVAE(Module):
             if int(np.prod(q.levels)) != num_embeddings:
                 raise ValueError(f"levels={q.levels} give {int(np.prod(q.levels))} codes but num_embeddings="
                                  f"{num_embeddings}: pass num_embeddings={int(np.prod(q.levels))}")
+        if q.decay_warmup and not decay > 0:
+            raise ValueError(f"decay_warmup={q.decay_warmup} warms up the EMA codebook's decay: it needs decay > 0, "
+                             f"got decay={decay}")
         if q.simvq and decay > 0:
             raise ValueError("simvq learns its codebook by gradient: it needs decay=0 (not the EMA codebook), "
                              f"got decay={decay}")
@@ -154,7 +158,8 @@ class VQVAE(Module):
         if q.levels is not None:
             self.vq = FSQ(q.levels, embedding_dim)
         elif decay > 0:
-            self.vq = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost, decay=decay, **options)
+            self.vq = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost, decay=decay,
+                                         decay_warmup=q.decay_warmup, **options)
         else:
             self.vq = VectorQuantizer(num_embeddings, embedding_dim, commitment_cost, simvq=q.simvq, **options)
         self.decoder = Decoder(in_channels, num_hiddens, num_residual_layers, num_residual_hiddens, embedding_dim)

@@ -126,6 +126,11 @@ def kmeans_plus_plus(vectors, k, iterations=10, metric="l2"):
 LOOKUPS = {"l2": "l2", "cosine": "ip"}      # lookup -> the nearest-code kernel's metric
 
 
+# the keyword options both codebook quantisers take, with their defaults (VectorQuantizerEMA forwards them)
+_BASE_OPTIONS = dict(kmeans_init=False, kernel="auto", estimator="straight_through", dead_code_threshold=0.0,
+                     max_replacements=64, lookup="l2", lookup_dim=None)
+
+
 class _QuantizerBase(Module):
     """What both quantisers share: the lookup space, k-means++ initialisation, dead-code replacement, usage.
 
@@ -401,18 +406,30 @@ class VectorQuantizerEMA(_QuantizerBase):
     Options as ``VectorQuantizer``'s (but SimVQ, whose codebook is learned by
     gradient); with a cosine or low-dimensional lookup the averages are taken of
     the search-space vectors (projected, normalised).
+
+    ``decay_warmup=S`` (0: off, Sonnet's fixed decay) lets the averaging window,
+    1 / (1 - decay_t), grow linearly from one step at the first update to
+    1 / (1 - decay) at update S + 1, and stay there: early codes follow the
+    encoder's fast-moving outputs, later ones average over as many steps as the
+    fixed decay would. A window of one step at the first update (decay_1 = 0)
+    fills the accumulators with that batch's statistics, so their weights sum to
+    1 - prod(decay_i) = 1 from then on: no debiasing is needed.
+
+    ``options``: ``VectorQuantizer``'s keyword options (kmeans_init, kernel,
+    estimator, dead_code_threshold, max_replacements, lookup, lookup_dim).
     """
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost=0.25, decay=0.99, epsilon=1e-5,
-                 kmeans_init=False, kernel="auto", estimator="straight_through", dead_code_threshold=0.0,
-                 max_replacements=64, lookup="l2", lookup_dim=None):
-        super().__init__(num_embeddings, embedding_dim, commitment_cost, kmeans_init, kernel, estimator,
-                         dead_code_threshold, max_replacements, lookup, lookup_dim)
+                 decay_warmup=0, **options):
+        super().__init__(num_embeddings, embedding_dim, commitment_cost, **dict(_BASE_OPTIONS, **options))
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must lie in (0, 1), got {decay}")
         if epsilon <= 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        if isinstance(decay_warmup, bool) or int(decay_warmup) != decay_warmup or decay_warmup < 0:
+            raise ValueError(f"decay_warmup must be an integer >= 0 (0: a fixed decay), got {decay_warmup!r}")
         self.decay, self.epsilon = float(decay), float(epsilon)
+        self.decay_warmup = int(decay_warmup)
         k, d = self.num_embeddings, self.code_dim
         limit = np.sqrt(3.0 / d)      # Sonnet's variance-scaling uniform init: variance 1/D
         self.register_buffer("codebook", backend.rng().uniform(-limit, limit, (k, d)).astype(np.float32))
@@ -420,6 +437,10 @@ class VectorQuantizerEMA(_QuantizerBase):
         self.register_buffer("embed_sum", np.zeros((k, d), np.float32))
         self.register_buffer("ema_steps", np.array(0, np.int64))
         self._add_projections()
+
+    def extra_repr(self):
+        text = super().extra_repr() + f", decay={self.decay}"
+        return text + (f", decay_warmup={self.decay_warmup}" if self.decay_warmup else "")
 
     @property
     def codebook_dtype(self):
@@ -437,7 +458,7 @@ class VectorQuantizerEMA(_QuantizerBase):
         self.codebook[which] = vectors.astype(self.codebook.dtype)
         # make the re-seeded codes' debiased averages say: one vector, equal to the new code
         t = int(self.ema_steps)
-        debias = 1.0 - self.decay ** t if t > 0 else 1.0
+        debias = 1.0 if t == 0 or self.decay_warmup else 1.0 - self.decay ** t
         self.cluster_size[which] = debias
         self.embed_sum[which] = self.codebook[which] * debias
 
@@ -453,14 +474,24 @@ class VectorQuantizerEMA(_QuantizerBase):
             both = self.reducer.sum(xp.concatenate([counts[:, None], sums], axis=1))
             counts, sums = both[:, 0], both[:, 1:]
         self.ema_steps = self.ema_steps + 1
-        w = 1.0 - self.decay
+        w = self._warmup_weight().astype(self.cluster_size.dtype) if self.decay_warmup else 1.0 - self.decay
         self.cluster_size += w * (counts - self.cluster_size)       # hidden <- hidden - (hidden - value)(1 - decay)
         self.embed_sum += w * (sums - self.embed_sum)
         # 1 - decay^t, computed where the step count lives (reading it to the host would wait for the GPU)
         # and rounded to the accumulators' dtype, as a Python float is rounded in their arithmetic
-        debias = (1.0 - self.decay ** self.ema_steps).astype(self.cluster_size.dtype)
-        size = self.cluster_size / debias
-        embed = self.embed_sum / debias
+        if self.decay_warmup:       # the weights sum to one from the first update (see the class)
+            size, embed = self.cluster_size, self.embed_sum
+        else:
+            debias = (1.0 - self.decay ** self.ema_steps).astype(self.cluster_size.dtype)
+            size, embed = self.cluster_size / debias, self.embed_sum / debias
         total = size.sum()
         smoothed = (size + self.epsilon) / (total + k * self.epsilon) * total
         self.codebook = (embed / smoothed[:, None]).astype(self.codebook.dtype)
+
+    def _warmup_weight(self):
+        """1 - decay_t of update t = ema_steps under ``decay_warmup``, a 0-d float64 array where the count lives."""
+        xp = backend.get_array_module(self.ema_steps)
+        window = 1.0 / (1.0 - self.decay)                  # steps the fixed decay averages over
+        # the window grows linearly: one step at t = 1, the full window at t = decay_warmup + 1
+        grown = 1.0 + (self.ema_steps - 1).astype(np.float64) * ((window - 1.0) / self.decay_warmup)
+        return 1.0 / xp.minimum(grown, window)
