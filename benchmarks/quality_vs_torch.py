@@ -1,6 +1,11 @@
 """Train the PyTorch twin of minivq's VQ-VAE on the same data, batches and hyperparameters, and compare quality.
 
+    minivq train --paper-quantizer --no-center-output --steps 2000 --out runs/fmnist-2000
     python benchmarks/quality_vs_torch.py --minivq-run runs/fmnist-2000 [--steps 2000] [--seed 0]
+
+The minivq run must start from its drawn weights as the twin does (``--no-center-output``:
+minivq train otherwise shifts the decoder's output bias before the first step, which the twin
+does not do); a run that did not is refused.
 
 The PyTorch model (benchmarks/torch_vqvae.py) has the same architecture,
 initialisation scheme, loss and optimiser; it starts from the very weights
@@ -99,6 +104,11 @@ def main():
                     help="let PyTorch draw its own initial weights (default: start from minivq's, same seed)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    with np.load(os.path.join(args.minivq_run, "checkpoint.npz")) as f:
+        meta = json.loads(str(f["meta"]))
+    if meta["train"].get("center_output", False):
+        sys.exit(f"{args.minivq_run} centred its output bias before the first step, which the PyTorch twin does "
+                 f"not do: train it with --no-center-output")
     ours = minivq_result(args.minivq_run)
     theirs = torch_run(args.steps, args.seed, args.batch, args.lr, args.data, args.threads,
                        same_init=not args.own_init)

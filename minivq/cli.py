@@ -124,6 +124,9 @@ def build_parser():
     groups["model"].add_argument("--ema", action="store_true", help="EMA codebook updates (--decay 0.99; the "
                                                                    "default, kept for older command lines)")
     groups["model"].add_argument("--restart-after", default=None, help=argparse.SUPPRESS)  # replaced: see _model_choices
+    t.add_argument("--no-center-output", action="store_true",
+                   help="keep the decoder's random output bias at the start (by default it is shifted so the "
+                        "untrained model's mean reconstruction of a batch of training images is their mean)")
     groups["logging"].add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="test-split metrics of a checkpoint, as JSON on stdout")
@@ -180,6 +183,8 @@ def _train_config(args):
     given = _given(args, TrainConfig)
     if args.no_progress:
         given["progress"] = False
+    if args.no_center_output:
+        given["center_output"] = False
     return TrainConfig.from_dict(given)
 
 

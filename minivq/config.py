@@ -297,6 +297,9 @@ class TrainConfig(_RunConfig):
                                                  "(auto: where usable) or through MPI via host memory",
                                choices=COMM_BACKENDS)
     kernel: str = option("auto", "--kernel", "nearest-code backend", choices=KERNELS, group="model")
+    center_output: bool = option(True, None, "before the first step, shift the decoder's output bias so the "
+                                             "untrained model's mean reconstruction of a batch of training images "
+                                             "is their mean (the CLI's --no-center-output turns it off)", boolean)
     log_grads: bool = option(False, "--log-grads", "log per-layer gradient norms, the reconstruction and "
                                                    "commitment gradient norms at z_e, the codebook's gradient "
                                                    "norm and per-code usage", boolean, group="logging")
@@ -311,7 +314,7 @@ class TrainConfig(_RunConfig):
     def record(self):
         """The part of these settings a checkpoint keeps (its meta record's ``train``)."""
         return {"seed": self.seed, "batch_size": self.batch_size, "lr": self.lr, "data": self.data,
-                "dtype": self.dtype}
+                "dtype": self.dtype, "center_output": self.center_output}
 
 
 @dataclass

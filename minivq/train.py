@@ -231,6 +231,14 @@ def _train(config, model, comm, device, folder, meta, sections):
             raise ValueError(f"the checkpoint's model takes {meta['model']['in_channels']}-channel images, "
                              f"the dataset has {train_set.num_channels}")
         vqvae.astype(config.dtype)
+        if config.center_output and not meta:
+            # every rank centres on the same images: a batch spread evenly over the training set (not the
+            # first training batch, whose bias gradient would then be zero up to rounding, and Adam's first
+            # step, g / |g|, would follow the rounding)
+            x, _ = train_set.batch(np.linspace(0, len(train_set) - 1, config.batch_size).astype(np.int64),
+                                   device=device, dtype=config.dtype)
+            vqvae.to(device)
+            vqvae.center_output(x)
         optimizer = Adam(vqvae.parameters(), lr=config.lr)
         start = restore(vqvae, optimizer, meta, sections, device)
 

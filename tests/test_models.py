@@ -215,3 +215,22 @@ def test_prior_input_checks():
         model(np.zeros((2, 2), np.int64), np.zeros(1, np.int64))
     with pytest.raises(ValueError, match="kernel_size"):
         GatedPixelCNN(4, kernel_size=4)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_center_output_makes_the_mean_reconstruction_the_batch_mean(channels):
+    mv.manual_seed(3)
+    model = VQVAE(in_channels=channels, num_hiddens=8, num_residual_hiddens=4, num_residual_layers=1,
+                  embedding_dim=4, num_embeddings=16).double()
+    x = np.random.default_rng(3).uniform(-0.5, 0.5, (6, channels, 8, 8)) - 0.2 * np.arange(channels)[:, None, None]
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    shift = model.center_output(x)
+    assert model.training and shift.shape == (channels,)
+    with mv.no_grad():
+        x_recon, _ = model.eval()(mv.tensor(x))
+    np.testing.assert_allclose(x_recon.data.mean(axis=(0, 2, 3)), x.mean(axis=(0, 2, 3)), atol=1e-12)
+    after = model.state_dict()
+    for key, value in before.items():          # only the last bias moved; the codebook was not updated
+        if key != "decoder.conv_trans_2.bias":
+            np.testing.assert_array_equal(after[key], value, err_msg=key)
+    np.testing.assert_allclose(after["decoder.conv_trans_2.bias"] - before["decoder.conv_trans_2.bias"], shift)

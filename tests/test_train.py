@@ -60,6 +60,25 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_data, tmp_path, extra):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def test_a_fresh_run_centres_the_output_on_its_first_batch_and_a_resumed_one_does_not(tiny_data, tmp_path,
+                                                                                       monkeypatch):
+    calls = []
+    original = mv.models.VQVAE.center_output
+
+    def spy(model, x):
+        calls.append((x.shape, model.training))
+        return original(model, x)
+    monkeypatch.setattr(mv.models.VQVAE, "center_output", spy)
+    assert train(tiny_data, tmp_path / "run", 2) == 0
+    assert [(shape[:2], training) for shape, training in calls] == [((16, 1), True)]     # one batch of images
+    assert train(tiny_data, tmp_path / "run", 3, "--resume") == 0
+    assert len(calls) == 1
+    assert train(tiny_data, tmp_path / "off", 2, "--no-center-output") == 0
+    assert len(calls) == 1
+    meta, _ = read_checkpoint(str(tmp_path / "off" / "checkpoint.npz"), "minivq-vqvae")
+    assert meta["train"]["center_output"] is False
+
+
 def test_eval_and_reconstruct_commands(tiny_data, tmp_path, capsys):
     assert train(tiny_data, tmp_path, 2) == 0
     capsys.readouterr()
