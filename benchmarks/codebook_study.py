@@ -5,8 +5,10 @@
     python benchmarks/codebook_study.py report                                                # JSON + figure
 
 Every run is `minivq train` itself (``minivq.train.train_vqvae``), the defaults
-but for the variant's quantiser options, so a variant differs from another
-only in those. A run is trained in segments, each one a ``--resume`` of the
+but for the variant's quantiser options and whether the decoder's output is
+centred before the first step (``center_output``: off unless the variant says
+so, as it was for every run before that option existed), so a variant differs
+from another only in those. A run is trained in segments, each one a ``--resume`` of the
 last (resuming is exact: the same losses as one uninterrupted run), and after
 each segment the study reads the checkpoint: the test split's normalised MSE
 (MSE / training-set pixel variance), perplexity, codes used and dead fraction
@@ -39,7 +41,7 @@ USAGE_IMAGES = 2000
 # name -> the ModelConfig options that make the variant (everything else: minivq train's defaults). Every
 # variant names all of the quantiser's options, so a change of the defaults does not change the variants.
 PAPER = dict(decay=0.0, kmeans_init=False, dead_code_threshold=0.0, lookup="l2", lookup_dim=None, simvq=False,
-             levels=None)
+             levels=None, estimator="straight_through", decay_warmup=0)
 VARIANTS = {
     "plain": dict(PAPER),                                           # the paper's quantiser
     "kmeans": dict(PAPER, kmeans_init=True),
@@ -51,13 +53,21 @@ VARIANTS = {
     "ema-cosine8-dead": dict(PAPER, decay=0.99, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0),
     "ema-cosine8-dead-kmeans": dict(PAPER, decay=0.99, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0,
                                     kmeans_init=True),
+    "ema-cosine8-dead-rotation": dict(PAPER, decay=0.99, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0,
+                                      estimator="rotation"),      # the default with the rotation trick
+    "ema-cosine8-dead-warmup1000": dict(PAPER, decay=0.99, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0,
+                                        decay_warmup=1000),      # the default, its EMA window grown over 1,000 steps
+    "ema-cosine8-dead-center": dict(PAPER, decay=0.99, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0,
+                                    center_output=True),     # the default, its output bias centred at the start
     "ema-cosine16-dead": dict(PAPER, decay=0.99, lookup="cosine", lookup_dim=16, dead_code_threshold=1.0),
     "ema95-cosine8-dead": dict(PAPER, decay=0.95, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0),
     "ema95-cosine16-dead": dict(PAPER, decay=0.95, lookup="cosine", lookup_dim=16, dead_code_threshold=1.0),
     "simvq-dead": dict(PAPER, simvq=True, dead_code_threshold=1.0),
     "fsq-888": dict(PAPER, levels=(8, 8, 8)),
 }
-DEFAULT = "ema-cosine8-dead"      # minivq train's default quantiser (models.vqvae.DEFAULT_QUANTIZER, decay 0.99)
+# minivq train's default: its quantiser (models.vqvae.DEFAULT_QUANTIZER, decay 0.99) and the output centred at the
+# start (TrainConfig.center_output); "ema-cosine8-dead" is the same quantiser from the raw initial weights
+DEFAULT = "ema-cosine8-dead-center"
 
 
 def segments(steps):
@@ -106,12 +116,14 @@ def train_one(variant, seed, steps):
     folder = run_folder(variant, seed)
     os.makedirs(folder, exist_ok=True)
     done = _done(folder)
-    model = ModelConfig(**VARIANTS[variant])
+    options = dict(VARIANTS[variant])
+    center = options.pop("center_output", False)      # a training option; the first studies ran without it
+    model = ModelConfig(**options)
     for end in segments(steps):
         if end in done:
             continue
         resume = os.path.exists(os.path.join(folder, "checkpoint.npz"))
-        config = TrainConfig(out=folder, steps=end, seed=seed, resume=resume, eval_every=10 ** 9,
+        config = TrainConfig(out=folder, steps=end, seed=seed, resume=resume, center_output=center, eval_every=10 ** 9,
                              eval_size=USAGE_IMAGES, checkpoint_every=10 ** 9, progress=False)
         t0 = time.perf_counter()
         train_vqvae(config, model if not resume else None)

@@ -88,3 +88,27 @@ def test_run_single_threaded_gives_each_run_one_thread_and_stops_at_a_failure(tm
     assert [p.read_text() for p in outs] == ["1", "1", "1"]
     with pytest.raises(SystemExit, match="test: .* exited with 3"):
         run_single_threaded([[sys.executable, "-c", "raise SystemExit(3)"]], 2, "test")
+
+
+def test_codebook_study_variants_are_valid_and_centring_is_the_variants_choice(tmp_path, monkeypatch):
+    from conftest import write_blobs
+    sys.path.insert(0, BENCH)
+    try:
+        import codebook_study
+    finally:
+        sys.path.remove(BENCH)
+    from minivq.checkpoint import read_checkpoint
+    from minivq.config import ModelConfig
+    for name, options in codebook_study.VARIANTS.items():       # every variant is a valid model setting
+        ModelConfig(**{k: v for k, v in options.items() if k != "center_output"}).validate()
+    assert codebook_study.VARIANTS[codebook_study.DEFAULT].get("center_output") is True
+    monkeypatch.setenv("MINIVQ_DATA", write_blobs(tmp_path / "blobs.npz", 160, 40))
+    monkeypatch.setattr(codebook_study, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(codebook_study, "segments", lambda steps: [steps])
+    monkeypatch.setattr(codebook_study, "MILESTONES", (2,))
+    for variant, centred in (("ema-cosine8-dead", False), (codebook_study.DEFAULT, True)):
+        folder = codebook_study.train_one(variant, 0, 2)
+        meta, _ = read_checkpoint(os.path.join(folder, "checkpoint.npz"), "minivq-vqvae")
+        assert meta["train"]["center_output"] is centred and meta["step"] == 2
+        (record,) = [json.loads(line) for line in open(os.path.join(folder, "study.jsonl"))]
+        assert record["step"] == 2 and record["codes_used"] >= 1 and 0 < record["nmse"] < 10
