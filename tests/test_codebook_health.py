@@ -410,7 +410,8 @@ def test_kmeans_init_in_the_search_space(cls, options):
 
 
 # ---------------------------------------------------------------- the VQ-VAE
-MODEL_OPTIONS = [dict(), dict(decay=0.9), dict(decay=0.9, decay_warmup=2), dict(dead_code_threshold=1.0, max_replacements=4),
+MODEL_OPTIONS = [dict(), dict(decay=0.9), dict(decay=0.9, decay_warmup=2),
+                 dict(dead_code_threshold=1.0, max_replacements=4),
                  dict(decay=0.9, lookup="cosine", lookup_dim=2, dead_code_threshold=1.0),
                  dict(lookup="cosine", lookup_dim=2), dict(simvq=True, lookup="cosine"),
                  dict(levels=(2, 2, 3), num_embeddings=12), dict(decay=0.9, kmeans_init=True, lookup="cosine")]
