@@ -5,7 +5,8 @@ optimiser setting changed and measure the test split, as codebook_study.py does.
     python benchmarks/optimizer_probe.py report        # benchmarks/results/optimizer-probe-<date>.json
 
 A probe is the default run (``minivq.train.train_vqvae`` with ``TrainConfig(steps, seed)`` and
-``ModelConfig()``) with one of: the Adam learning rate (constant), a cosine decay of it from its
+``ModelConfig()``; the committed results, optimizer-probe-2026-11-30.json, predate the output
+centring that the default run now does before its first step) with one of: the Adam learning rate (constant), a cosine decay of it from its
 peak to zero over the run (lr_t = lr (1 + cos(pi (t - 1) / (steps - 1))) / 2 at step t), Adam's
 second-moment decay, or the commitment cost. The learning-rate schedule and Adam's betas are not
 options of minivq train, so this script hands the trainer an Adam subclass that sets them; nothing
