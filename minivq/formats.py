@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from .cifar_unpickle import RefusedGlobal, load_cifar_batch
-from .io import FileFormatError, npy_array, open_archive, read_npz_member
+from .io import FileFormatError, npy_array, one_line, open_archive, read_npz_member
 
 SPLITS = ("train", "test")
 
@@ -38,12 +38,6 @@ class DataFormatError(FileFormatError):
 
 
 # ------------------------------------------------------------------ helpers
-def _short(exc):
-    """``Type: message`` on one line, cut to a readable length."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
 @contextlib.contextmanager
 def _parsing(path, what, hint):
     """Report any failure of a library parser (gzip, zipfile, NumPy's .npy header,
@@ -61,7 +55,7 @@ def _parsing(path, what, hint):
     except FileFormatError as exc:     # minivq.io's checks name the file already
         raise DataFormatError(f"{exc}; {hint}") from None
     except Exception as exc:
-        raise DataFormatError(f"{path} is not a valid {what} ({_short(exc)}); {hint}") from exc
+        raise DataFormatError(f"{path} is not a valid {what} ({one_line(exc)}); {hint}") from exc
 
 
 def _read_into(stream, out):

@@ -36,6 +36,12 @@ class FileFormatError(ValueError):
     """A file is malformed, truncated, or declares more than it can plausibly hold."""
 
 
+def one_line(exc):
+    """``Type: message`` of an exception on one line (NumPy's parsers write several), cut to a readable length."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 # ---------------------------------------------------------------- output paths
 def _kind(mode):
     """What a file of this ``st_mode`` is, in words."""
@@ -338,7 +344,7 @@ def npy_array(payload, where):
     except FileFormatError:
         raise
     except Exception as exc:
-        raise FileFormatError(f"{where} is not a .npy array ({type(exc).__name__}: {exc})") from None
+        raise FileFormatError(f"{where} is not a .npy array ({one_line(exc)})") from None
     if dtype.hasobject:
         raise FileFormatError(f"{where} holds pickled Python objects (dtype {dtype}), which are never loaded")
     if any(d < 0 for d in shape):
