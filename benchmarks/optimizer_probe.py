@@ -33,6 +33,7 @@ RUNS = os.path.join(ROOT, "runs", "optimizer-probe")
 PROBES = {
     "control": {},
     "cosine": {"schedule": "cosine"},                 # lr 1e-3 decayed to 0 over the run
+    "anneal": {"schedule": "anneal"},                 # lr 1e-3, then a cosine to 0 over the run's last quarter
     "lr2e-3": {"lr": 2e-3},
     "lr5e-4": {"lr": 5e-4},
     "beta2-0.99": {"betas": (0.9, 0.99)},
@@ -44,6 +45,14 @@ def cosine_lr(peak, step, steps):
     """The learning rate of step ``step`` (1-based) of ``steps`` under a cosine decay from ``peak`` to 0."""
     progress = (step - 1) / max(steps - 1, 1)
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def anneal_lr(peak, step, steps, fraction=0.25):
+    """``peak`` for the first (1 - fraction) of the run, then a cosine decay to 0 over the rest."""
+    start = steps - int(round(fraction * steps))       # the last step at the peak
+    if step <= start:
+        return peak
+    return cosine_lr(peak, step - start + 1, steps - start + 1)
 
 
 def run_folder(probe, seed, steps):
@@ -60,12 +69,12 @@ def train_one(probe, seed, steps):
     settings = PROBES[probe]
     lr = settings.get("lr", 1e-3)
     betas = tuple(settings.get("betas", (0.9, 0.999)))
-    cosine = settings.get("schedule") == "cosine"
+    schedule = {"cosine": cosine_lr, "anneal": anneal_lr}.get(settings.get("schedule"))
 
     made = []
 
     class ProbeAdam(Adam):
-        """Adam with this probe's betas and, for the cosine probe, its learning rate set before every step."""
+        """Adam with this probe's betas and, under a schedule, its learning rate set before every step."""
 
         def __init__(self, params, lr=None):
             super().__init__(params, lr=settings.get("lr", 1e-3), betas=betas)
@@ -74,8 +83,8 @@ def train_one(probe, seed, steps):
 
         def step(self):
             self.steps_taken += 1
-            if cosine:
-                self.lr = cosine_lr(lr, self.steps_taken, steps)
+            if schedule is not None:
+                self.lr = schedule(lr, self.steps_taken, steps)
             super().step()
 
     folder = run_folder(probe, seed, steps)

@@ -74,6 +74,8 @@ def test_optimizer_probe_trains_the_defaults_with_its_setting(tmp_path, monkeypa
     assert record["last_lr"] == pytest.approx(last_lr, abs=1e-12)
     assert minivq.train.Adam is adam          # the trainer's own Adam is put back
     assert optimizer_probe.cosine_lr(1e-3, 1, 5) == 1e-3 and optimizer_probe.cosine_lr(1e-3, 3, 5) == 5e-4
+    anneal = [optimizer_probe.anneal_lr(1e-3, t, 8) for t in range(1, 9)]     # peak for 6 steps, then down to 0
+    assert anneal[:6] == [1e-3] * 6 and anneal[6] == pytest.approx(5e-4) and anneal[7] == pytest.approx(0.0)
 
 
 def test_run_single_threaded_gives_each_run_one_thread_and_stops_at_a_failure(tmp_path):
