@@ -109,17 +109,27 @@ def cmd_run(args):
     run_training_jobs(__file__, train_one, args.probes, PROBES, args.seeds, args.steps, args.jobs)
 
 
+def _centred(checkpoint):
+    """The run's TrainConfig.center_output, from its checkpoint (absent in runs older than the option: no)."""
+    from minivq.checkpoint import read_checkpoint
+    meta, _ = read_checkpoint(checkpoint, "minivq-vqvae")
+    return bool(meta["train"].get("center_output", False))
+
+
 def cmd_report(args):
     records = []
     for entry in sorted(os.listdir(RUNS)) if os.path.isdir(RUNS) else []:
         path = os.path.join(RUNS, entry, "probe.json")
         if os.path.exists(path):
             with open(path) as f:
-                records.append(json.load(f))
-    print(f"{'probe':<16} {'seed':>4} {'steps':>5} {'nmse':>8} {'codes':>5} {'ppl':>6}")
+                record = json.load(f)
+            # whether the run centred its output first (minivq train's default since the fourth session)
+            record["center_output"] = _centred(os.path.join(RUNS, entry, "checkpoint.npz"))
+            records.append(record)
+    print(f"{'probe':<16} {'seed':>4} {'steps':>5} {'nmse':>8} {'codes':>5} {'ppl':>6} centred")
     for r in records:
         print(f"{r['probe']:<16} {r['seed']:>4} {r['step']:>5} {r['nmse']:>8.4f} {r['codes_used']:>5} "
-              f"{r['perplexity']:>6.0f}")
+              f"{r['perplexity']:>6.0f} {'yes' if r['center_output'] else 'no'}")
     out = args.out or os.path.join(HERE, "results", f"optimizer-probe-{time.strftime('%Y-%m-%d')}.json")
     with open(out, "w") as f:
         json.dump({"benchmark": "optimizer_probe", "probes": PROBES, "records": records,
