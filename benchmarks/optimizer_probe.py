@@ -5,10 +5,12 @@ optimiser setting changed and measure the test split, as codebook_study.py does.
     python benchmarks/optimizer_probe.py report        # benchmarks/results/optimizer-probe-<date>.json
 
 A probe is the default run (``minivq.train.train_vqvae`` with ``TrainConfig(steps, seed)`` and
-``ModelConfig()``; the committed results, optimizer-probe-2026-11-30.json, predate the output
-centring that the default run now does before its first step) with one of: the Adam learning rate (constant), a cosine decay of it from its
-peak to zero over the run (lr_t = lr (1 + cos(pi (t - 1) / (steps - 1))) / 2 at step t), Adam's
-second-moment decay, or the commitment cost. The learning-rate schedule and Adam's betas are not
+``ModelConfig()``) with one of: the Adam learning rate (constant), a cosine decay of it from its
+peak to zero over the run (lr_t = lr (1 + cos(pi (t - 1) / (steps - 1))) / 2 at step t), the
+peak held for the run's first three quarters and then such a cosine over the last (``anneal``),
+Adam's second-moment decay, or the commitment cost. The report says of each run whether it
+centred its output before the first step (the default run does since that option came; the
+500-step probes of results/optimizer-probe-2026-11-30.json ran before it, the ``anneal`` ones after). The learning-rate schedule and Adam's betas are not
 options of minivq train, so this script hands the trainer an Adam subclass that sets them; nothing
 else of the run changes. One uninterrupted run per probe and seed (no segments: a schedule over
 the run's length is not the same run when resumed with a longer one), measured at its last step on

@@ -104,11 +104,16 @@ def main():
                     help="let PyTorch draw its own initial weights (default: start from minivq's, same seed)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    with np.load(os.path.join(args.minivq_run, "checkpoint.npz")) as f:
+    checkpoint = os.path.join(args.minivq_run, "checkpoint.npz")
+    if not os.path.exists(checkpoint):
+        print(f"quality_vs_torch: {checkpoint} not found: give a finished `minivq train` run folder", file=sys.stderr)
+        sys.exit(2)
+    with np.load(checkpoint) as f:
         meta = json.loads(str(f["meta"]))
     if meta["train"].get("center_output", False):
-        sys.exit(f"{args.minivq_run} centred its output bias before the first step, which the PyTorch twin does "
-                 f"not do: train it with --no-center-output")
+        print(f"quality_vs_torch: {args.minivq_run} centred its output bias before the first step, which the "
+              f"PyTorch twin does not do: train it with --no-center-output", file=sys.stderr)
+        sys.exit(2)
     ours = minivq_result(args.minivq_run)
     theirs = torch_run(args.steps, args.seed, args.batch, args.lr, args.data, args.threads,
                        same_init=not args.own_init)
