@@ -108,8 +108,8 @@ def main():
     if not os.path.exists(checkpoint):
         print(f"quality_vs_torch: {checkpoint} not found: give a finished `minivq train` run folder", file=sys.stderr)
         sys.exit(2)
-    with np.load(checkpoint) as f:
-        meta = json.loads(str(f["meta"]))
+    from minivq.checkpoint import read_checkpoint
+    meta, _ = read_checkpoint(checkpoint, "minivq-vqvae")
     if meta["train"].get("center_output", False):
         print(f"quality_vs_torch: {args.minivq_run} centred its output bias before the first step, which the "
               f"PyTorch twin does not do: train it with --no-center-output", file=sys.stderr)

@@ -126,11 +126,6 @@ def kmeans_plus_plus(vectors, k, iterations=10, metric="l2"):
 LOOKUPS = {"l2": "l2", "cosine": "ip"}      # lookup -> the nearest-code kernel's metric
 
 
-# the keyword options both codebook quantisers take, with their defaults (VectorQuantizerEMA forwards them)
-_BASE_OPTIONS = dict(kmeans_init=False, kernel="auto", estimator="straight_through", dead_code_threshold=0.0,
-                     max_replacements=64, lookup="l2", lookup_dim=None)
-
-
 class _QuantizerBase(Module):
     """What both quantisers share: the lookup space, k-means++ initialisation, dead-code replacement, usage.
 
@@ -154,8 +149,9 @@ class _QuantizerBase(Module):
     # against all 512 with 0.9, at equal test error: benchmarks/NOTES.md, codebook health)
     usage_decay = 0.9
 
-    def __init__(self, num_embeddings, embedding_dim, commitment_cost, kmeans_init, kernel, estimator,
-                 dead_code_threshold, max_replacements, lookup, lookup_dim):
+    def __init__(self, num_embeddings, embedding_dim, commitment_cost, kmeans_init=False, kernel="auto",
+                 estimator="straight_through", dead_code_threshold=0.0, max_replacements=64, lookup="l2",
+                 lookup_dim=None):
         super().__init__()
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown gradient estimator {estimator!r}: use one of {', '.join(ESTIMATORS)}")
@@ -421,7 +417,7 @@ class VectorQuantizerEMA(_QuantizerBase):
 
     def __init__(self, num_embeddings, embedding_dim, commitment_cost=0.25, decay=0.99, epsilon=1e-5,
                  decay_warmup=0, **options):
-        super().__init__(num_embeddings, embedding_dim, commitment_cost, **dict(_BASE_OPTIONS, **options))
+        super().__init__(num_embeddings, embedding_dim, commitment_cost, **options)
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must lie in (0, 1), got {decay}")
         if epsilon <= 0:
