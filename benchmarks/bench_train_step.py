@@ -62,11 +62,21 @@ def minivq_step(device, x_host, variance):
     return step
 
 
+def torch_float32(dev):
+    """On a GPU, PyTorch's convolutions default to TF32 (10-bit mantissas); minivq computes in
+    float32 through cuBLAS, so the peer is held to float32 too, for a like-for-like step."""
+    import torch
+    if dev == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def torch_step(device, x_host, variance):
     import torch
     from torch_vqvae import VQVAE as TorchVQVAE, train_step
     torch.manual_seed(0)
     dev = "cuda" if device.startswith("cuda") else "cpu"
+    torch_float32(dev)
     model = TorchVQVAE().to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.from_numpy(x_host).to(dev)
@@ -107,6 +117,7 @@ def torch_prior_step(device, codes):
     from torch_pixelcnn import GatedPixelCNN
     torch.manual_seed(0)
     dev = "cuda" if device.startswith("cuda") else "cpu"
+    torch_float32(dev)
     model = GatedPixelCNN(**PRIOR).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     idx = torch.from_numpy(codes).to(dev)
@@ -229,7 +240,9 @@ def main():
               "machine": machine, "rows": rows}
     if args.device.startswith("cuda"):
         import cupy
-        result["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+        result["gpu"] = name.decode() if isinstance(name, bytes) else name
+        result["pytorch_tf32"] = False if have_torch else None
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"{'prior' if args.model == 'prior' else 'train'}-step-{args.device.replace(':', '')}-"
                                    f"{time.strftime('%Y%m%d')}.json")
