@@ -59,15 +59,18 @@ VARIANTS = {
                                         decay_warmup=1000),      # the default, its EMA window grown over 1,000 steps
     "ema-cosine8-dead-center": dict(PAPER, decay=0.99, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0,
                                     center_output=True),     # the default, its output bias centred at the start
+    "ema-cosine8-dead-center-anneal": dict(PAPER, decay=0.99, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0,
+                                           center_output=True, lr_anneal=0.25),   # and the rate annealed at the end
     "ema-cosine16-dead": dict(PAPER, decay=0.99, lookup="cosine", lookup_dim=16, dead_code_threshold=1.0),
     "ema95-cosine8-dead": dict(PAPER, decay=0.95, lookup="cosine", lookup_dim=8, dead_code_threshold=1.0),
     "ema95-cosine16-dead": dict(PAPER, decay=0.95, lookup="cosine", lookup_dim=16, dead_code_threshold=1.0),
     "simvq-dead": dict(PAPER, simvq=True, dead_code_threshold=1.0),
     "fsq-888": dict(PAPER, levels=(8, 8, 8)),
 }
-# minivq train's default: its quantiser (models.vqvae.DEFAULT_QUANTIZER, decay 0.99) and the output centred at the
-# start (TrainConfig.center_output); "ema-cosine8-dead" is the same quantiser from the raw initial weights
-DEFAULT = "ema-cosine8-dead-center"
+# minivq train's default: its quantiser (models.vqvae.DEFAULT_QUANTIZER, decay 0.99), the output centred at the
+# start (TrainConfig.center_output) and the learning rate annealed over the run's last quarter (TrainConfig.lr_anneal);
+# "ema-cosine8-dead" is the same quantiser from the raw initial weights at a constant rate
+DEFAULT = "ema-cosine8-dead-center-anneal"
 
 
 def segments(steps):
@@ -77,8 +80,9 @@ def segments(steps):
     return sorted(ends)
 
 
-def run_folder(variant, seed):
-    return os.path.join(RUNS, f"{variant}-s{seed}")
+def run_folder(variant, seed, planned=None):
+    """A run's folder; an annealed run's names the run length its schedule is planned for."""
+    return os.path.join(RUNS, f"{variant}-s{seed}" if planned is None else f"{variant}-plan{planned}-s{seed}")
 
 
 def _done(folder):
@@ -113,23 +117,24 @@ def train_one(variant, seed, steps):
     """Train (or continue) one run segment by segment, measuring after each; returns its folder."""
     from minivq.config import ModelConfig, TrainConfig
     from minivq.train import train_vqvae
-    folder = run_folder(variant, seed)
+    options = dict(VARIANTS[variant])
+    center = options.pop("center_output", False)      # training options; the first studies ran without them
+    anneal = options.pop("lr_anneal", 0.0)             # (an annealed run is planned for ``steps``)
+    folder = run_folder(variant, seed, steps if anneal else None)
     os.makedirs(folder, exist_ok=True)
     done = _done(folder)
-    options = dict(VARIANTS[variant])
-    center = options.pop("center_output", False)      # a training option; the first studies ran without it
     model = ModelConfig(**options)
     for end in segments(steps):
         if end in done:
             continue
         resume = os.path.exists(os.path.join(folder, "checkpoint.npz"))
         config = TrainConfig(out=folder, steps=end, seed=seed, resume=resume, center_output=center,
-                             eval_every=10 ** 9, eval_size=USAGE_IMAGES, checkpoint_every=10 ** 9, progress=False)
+                             lr_anneal=anneal, planned_steps=steps, eval_every=10 ** 9, eval_size=USAGE_IMAGES, checkpoint_every=10 ** 9, progress=False)
         t0 = time.perf_counter()
         train_vqvae(config, model if not resume else None)
         seconds = time.perf_counter() - t0
         record = dict(measure(folder, end, full=end in MILESTONES or end == steps), variant=variant, seed=seed,
-                      segment_seconds=round(seconds, 1))
+                      planned_steps=steps if anneal else None, segment_seconds=round(seconds, 1))
         with open(os.path.join(folder, "study.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         shown = {k: record[k] for k in ("nmse", "codes_used") if k in record}
@@ -147,6 +152,7 @@ def collect():
         records = sorted(_done(os.path.join(RUNS, entry)).values(), key=lambda r: r["step"])
         if records:
             runs.append({"run": entry, "variant": records[0]["variant"], "seed": records[0]["seed"],
+                         "planned_steps": records[0].get("planned_steps"),
                          "options": VARIANTS.get(records[0]["variant"]), "records": records})
     return runs
 
@@ -165,10 +171,11 @@ def figure(runs, default, path):
     hues = [palette(i) for i in list(range(0, 20, 2)) + list(range(1, 20, 2))]    # 10 strong, then 10 light
     colours = {}
     for run in runs:
-        first = run["variant"] not in colours            # label each variant once, whichever seed comes first
-        colour = colours.setdefault(run["variant"], hues[len(colours) % len(hues)])
+        name = run["variant"] if not run.get("planned_steps") else f"{run['variant']} (plan {run['planned_steps']})"
+        first = name not in colours                      # label each variant once, whichever seed comes first
+        colour = colours.setdefault(name, hues[len(colours) % len(hues)])
         style = SEED_STYLES[run["seed"] % len(SEED_STYLES)]
-        label = run["variant"] if first else None
+        label = name if first else None
         steps = [r["step"] for r in run["records"]]
         ax_codes.plot(steps, [int(np.count_nonzero(r["usage"])) for r in run["records"]], style, color=colour,
                       label=label, lw=2 if run["variant"] == default else 1.2)
@@ -182,7 +189,8 @@ def figure(runs, default, path):
     ax_nmse.set(xlabel="step", ylabel="test MSE / variance (whole split)", yscale="log",
                title="reconstruction (seed 0 solid, 1 dashed, 2 dotted, 3 dash-dot)")
     ax_codes.legend(loc="lower right", fontsize=8, ncol=2)
-    chosen = next((r for r in runs if r["variant"] == default and r["seed"] == 0), None)
+    candidates = [r for r in runs if r["variant"] == default and r["seed"] == 0]     # its longest plan
+    chosen = max(candidates, key=lambda r: r.get("planned_steps") or 0) if candidates else None
     if chosen is not None:
         usage = np.array([r["usage"] for r in chosen["records"]], dtype=float)
         order = np.argsort(-usage[-1], kind="stable")        # codes sorted by their final usage

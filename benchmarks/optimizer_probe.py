@@ -5,17 +5,19 @@ optimiser setting changed and measure the test split, as codebook_study.py does.
     python benchmarks/optimizer_probe.py report        # benchmarks/results/optimizer-probe-<date>.json
 
 A probe is the default run (``minivq.train.train_vqvae`` with ``TrainConfig(steps, seed)`` and
-``ModelConfig()``) with one of: the Adam learning rate (constant), a cosine decay of it from its
-peak to zero over the run (lr_t = lr (1 + cos(pi (t - 1) / (steps - 1))) / 2 at step t), the
-peak held for the run's first three quarters and then such a cosine over the last (``anneal``),
-Adam's second-moment decay, or the commitment cost. The report says of each run whether it
-centred its output before the first step (the default run does since that option came; the
-500-step probes of results/optimizer-probe-2026-11-30.json ran before it, the ``anneal`` ones after). The learning-rate schedule and Adam's betas are not
-options of minivq train, so this script hands the trainer an Adam subclass that sets them; nothing
-else of the run changes. One uninterrupted run per probe and seed (no segments: a schedule over
-the run's length is not the same run when resumed with a longer one), measured at its last step on
-the whole test split: MSE / training-set variance, codes used, perplexity. ``--jobs 2`` trains two
-at once, one thread each. Runs live in runs/optimizer-probe/<probe>-s<seed>-<steps>/.
+``ModelConfig()``) at a constant learning rate (``lr_anneal=0``, as minivq train ran before it
+annealed by default) with one of: the Adam learning rate, a cosine decay of it from its peak to
+zero over the run (lr_t = lr (1 + cos(pi (t - 1) / (steps - 1))) / 2 at step t), the peak held
+for the run's first three quarters and then such a cosine over the last (``anneal``: minivq
+train's ``--lr-anneal 0.25``, today's default), Adam's second-moment decay, or the commitment
+cost. The report says of each run whether it centred its output before the first step (the
+default run does since that option came; the 500-step probes of
+results/optimizer-probe-2026-11-30.json ran before it, the ``anneal`` ones after). The whole-run
+cosine and Adam's betas are not options of minivq train, so this script hands the trainer an
+Adam subclass that sets them; nothing else of the run changes. One uninterrupted run per probe
+and seed (no segments), measured at its last step on the whole test split: MSE / training-set
+variance, codes used, perplexity. ``--jobs 2`` trains two at once, one thread each. Runs live in
+runs/optimizer-probe/<probe>-s<seed>-<steps>/.
 """
 import argparse
 import json
@@ -35,7 +37,7 @@ RUNS = os.path.join(ROOT, "runs", "optimizer-probe")
 PROBES = {
     "control": {},
     "cosine": {"schedule": "cosine"},                 # lr 1e-3 decayed to 0 over the run
-    "anneal": {"schedule": "anneal"},                 # lr 1e-3, then a cosine to 0 over the run's last quarter
+    "anneal": {"lr_anneal": 0.25},                    # lr 1e-3, then a cosine to 0 over the run's last quarter
     "lr2e-3": {"lr": 2e-3},
     "lr5e-4": {"lr": 5e-4},
     "beta2-0.99": {"betas": (0.9, 0.99)},
@@ -47,14 +49,6 @@ def cosine_lr(peak, step, steps):
     """The learning rate of step ``step`` (1-based) of ``steps`` under a cosine decay from ``peak`` to 0."""
     progress = (step - 1) / max(steps - 1, 1)
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def anneal_lr(peak, step, steps, fraction=0.25):
-    """``peak`` for the first (1 - fraction) of the run, then a cosine decay to 0 over the rest."""
-    start = steps - int(round(fraction * steps))       # the last step at the peak
-    if step <= start:
-        return peak
-    return cosine_lr(peak, step - start + 1, steps - start + 1)
 
 
 def run_folder(probe, seed, steps):
@@ -71,15 +65,16 @@ def train_one(probe, seed, steps):
     settings = PROBES[probe]
     lr = settings.get("lr", 1e-3)
     betas = tuple(settings.get("betas", (0.9, 0.999)))
-    schedule = {"cosine": cosine_lr, "anneal": anneal_lr}.get(settings.get("schedule"))
+    schedule = {"cosine": cosine_lr}.get(settings.get("schedule"))
 
     made = []
 
     class ProbeAdam(Adam):
-        """Adam with this probe's betas and, under a schedule, its learning rate set before every step."""
+        """Adam with this probe's betas and, under the whole-run cosine, its learning rate set before every
+        step (after the trainer set its own schedule's)."""
 
-        def __init__(self, params, lr=None):
-            super().__init__(params, lr=settings.get("lr", 1e-3), betas=betas)
+        def __init__(self, params, lr):
+            super().__init__(params, lr=lr, betas=betas)
             self.steps_taken = 0
             made.append(self)
 
@@ -93,7 +88,8 @@ def train_one(probe, seed, steps):
     t0 = time.perf_counter()
     trainer.Adam = ProbeAdam
     try:
-        trainer.train_vqvae(TrainConfig(out=folder, steps=steps, seed=seed, eval_every=10 ** 9,
+        trainer.train_vqvae(TrainConfig(out=folder, steps=steps, seed=seed, lr=lr,
+                                        lr_anneal=settings.get("lr_anneal", 0.0), eval_every=10 ** 9,
                                         checkpoint_every=10 ** 9, progress=False, overwrite=True),
                             ModelConfig(**settings.get("model", {})))
     finally:

@@ -15,8 +15,9 @@ import os
 import numpy as np
 
 from . import backend
-from .config import (DTYPES, MAX_CLASSES, ModelConfig, boolean, check_parameter_count, dtype_name,
-                     non_negative_float, non_negative_int, positive_float, positive_int, prior_parameter_count)
+from .config import (DTYPES, MAX_CLASSES, ModelConfig, boolean, check_parameter_count, dtype_name, fraction,
+                     non_negative_float, non_negative_int, optional_positive_int, positive_float, positive_int,
+                     prior_parameter_count)
 from .io import load, save
 from .models import GatedPixelCNN
 from .runlog import CHECKPOINT, RunFolder
@@ -130,7 +131,8 @@ def _field(record, key, check, where, default=KeyError):
 _COMMON = {"version": _version, "step": non_negative_int, "rng_state": _rng_state}
 _TRAIN = {"seed": non_negative_int, "batch_size": positive_int, "lr": positive_float}
 _OPTIONAL_TRAIN = {"data": (_text_or_none, None), "dtype": (dtype_name, DTYPES[0]), "dataset": (_text_or_none, None),
-                   "conditional": (boolean, False)}
+                   "conditional": (boolean, False), "lr_anneal": (fraction, 0.0),
+                   "planned_steps": (optional_positive_int, None)}
 
 
 def _model_config(record, where):
@@ -184,7 +186,7 @@ def resume_settings(config, meta, explicit, where):
     fields = {f.name: f for f in dataclasses.fields(config)}
     if explicit is None:
         explicit = {name for name in config.FROM_CHECKPOINT if getattr(config, name) != fields[name].default}
-    saved = dict(meta["train"], dtype=meta["train"].get("dtype", DTYPES[0]))
+    saved = dict(config.BEFORE_RECORDED, **meta["train"])
     for name in config.FROM_CHECKPOINT:
         if name in explicit and name in saved and getattr(config, name) != saved[name]:
             flag = fields[name].metadata.get("flag") or name

@@ -93,6 +93,14 @@ def unit_interval(value, name):
     return value
 
 
+def fraction(value, name):
+    """A number in [0, 1]."""
+    value = non_negative_float(value, name)
+    if value > 1:
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return value
+
+
 def boolean(value, name):
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be true or false, got {value!r}")
@@ -286,6 +294,8 @@ class _RunConfig(_Config):
                                                              "log)", boolean, group="logging")
     progress: bool = option(True, None, "show a progress bar (the CLI's --no-progress turns it off)", boolean)
 
+    BEFORE_RECORDED = {}        # see TrainConfig
+
 
 @dataclass
 class TrainConfig(_RunConfig):
@@ -297,6 +307,12 @@ class TrainConfig(_RunConfig):
                                                  "(auto: where usable) or through MPI via host memory",
                                choices=COMM_BACKENDS)
     kernel: str = option("auto", "--kernel", "nearest-code backend", choices=KERNELS, group="model")
+    lr_anneal: float = option(0.25, "--lr-anneal", "fraction of the planned run over which the learning rate "
+                                                   "falls from --lr to 0 along a half cosine (0: --lr "
+                                                   "throughout)", fraction)
+    planned_steps: int = option(None, "--plan-steps", "the run length the learning-rate schedule is planned for "
+                                                      "(default: --steps; a resumed run keeps its checkpoint's "
+                                                      "plan unless this is given)", optional_positive_int)
     center_output: bool = option(True, None, "before the first step, shift the decoder's output bias so the "
                                              "untrained model's mean reconstruction of a batch of training images "
                                              "is their mean (the CLI's --no-center-output turns it off)", boolean)
@@ -309,12 +325,15 @@ class TrainConfig(_RunConfig):
                                       boolean, group="logging")
 
     # what a resumed run takes from its checkpoint, so the continuation is the same run
-    FROM_CHECKPOINT = ("seed", "batch_size", "lr", "dtype")
+    FROM_CHECKPOINT = ("seed", "batch_size", "lr", "dtype", "lr_anneal")
+    # what a checkpoint written before a setting was recorded ran with (not today's default)
+    BEFORE_RECORDED = {"dtype": DTYPES[0], "lr_anneal": 0.0}
 
     def record(self):
         """The part of these settings a checkpoint keeps (its meta record's ``train``)."""
         return {"seed": self.seed, "batch_size": self.batch_size, "lr": self.lr, "data": self.data,
-                "dtype": self.dtype, "center_output": self.center_output}
+                "dtype": self.dtype, "center_output": self.center_output, "lr_anneal": self.lr_anneal,
+                "planned_steps": self.planned_steps}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""SGD and Adam with PyTorch's exact update rules.
+"""SGD and Adam with PyTorch's exact update rules, and the learning-rate schedule of ``minivq train``.
 
 Optimiser state is kept per parameter *position* (the order of the list
 given), never by ``id()`` of a tensor, so a state dict saved from one process
@@ -9,6 +9,21 @@ import math
 
 from . import backend
 from .autograd import Tensor
+
+
+def annealed_lr(peak, step, planned_steps, fraction):
+    """The learning rate of step ``step`` (1-based) of a run planned for ``planned_steps`` steps:
+    ``peak`` until the plan's last ``fraction``, then a half cosine from ``peak`` down to 0 at its end.
+
+    ``fraction`` 0 (or one that rounds to no step) keeps ``peak`` throughout; past the
+    plan's end an annealed rate stays 0.
+    """
+    decay = int(round(fraction * planned_steps))        # steps on the cosine
+    start = planned_steps - decay                       # the last step at the peak
+    if step <= start or decay == 0:
+        return peak
+    # peak (1 + cos(pi s / decay)) / 2, s = steps since the peak: 0 at the plan's last step
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(step - start, decay) / decay))
 
 
 class Optimizer:

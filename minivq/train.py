@@ -37,7 +37,7 @@ from .evaluation import evaluate, save_reconstructions
 from .graph import estimator_agreement, grad_norm
 from .loop import run_steps
 from .nn.quantizers import perplexity
-from .optim import Adam
+from .optim import Adam, annealed_lr
 from .runlog import CHECKPOINT, RECONSTRUCTIONS
 
 
@@ -178,11 +178,30 @@ def _setup(config, comm, explicit):
                 config = config.replace(data=config.data if config.data is not None else meta["train"].get("data"))
             if config.data is not None:     # recorded resolved: the checkpoint works from any folder
                 config = config.replace(data=os.path.abspath(config.data))
+            config = _plan(config, meta, os.path.join(config.out, CHECKPOINT))
     except BaseException:
         if folder is not None:
             folder.close()
         raise
     return config, device, folder, meta, sections
+
+
+def _plan(config, meta, where):
+    """``config`` with the run length its learning-rate schedule is planned for: ``--plan-steps`` if given,
+    else a resumed run's recorded plan, else ``--steps``. Refused where the run would go past the end
+    of its plan, where an annealed rate has reached 0."""
+    planned = config.planned_steps
+    if planned is None:
+        planned = (meta["train"].get("planned_steps") if meta else None) or config.steps
+    if config.lr_anneal > 0 and config.steps > planned:
+        if config.planned_steps is not None:
+            raise ValueError(f"--plan-steps {planned} is shorter than --steps {config.steps}: the learning rate "
+                             f"would reach 0 at step {planned}; give --plan-steps {config.steps} or more, or "
+                             f"--lr-anneal 0 for a constant rate")
+        raise ValueError(f"--resume: {where} was planned for {planned} steps, where its learning rate reaches 0 "
+                         f"(--lr-anneal {config.lr_anneal:g}); to train to step {config.steps}, plan again with "
+                         f"--plan-steps {config.steps} (the rate then goes back to where the new plan has it)")
+    return config.replace(planned_steps=planned)
 
 
 def train_vqvae(config=None, model=None, comm=None, explicit=None):
@@ -259,6 +278,7 @@ def _train(config, model, comm, device, folder, meta, sections):
     last = {}
 
     def compute(step):
+        optimizer.lr = annealed_lr(config.lr, step, config.planned_steps, config.lr_anneal)
         rows = sampler.indices(step - 1)[comm.rank * local:(comm.rank + 1) * local]
         x, _ = train_set.batch(rows, device=device, dtype=config.dtype)
         x = Tensor(x)
@@ -267,7 +287,8 @@ def _train(config, model, comm, device, folder, meta, sections):
         recon = mse / variance
         loss = recon + vq.loss
         checked = {"loss": float(loss.item()), "nmse": float(recon.item()), "vq_loss": float(vq.loss.item())}
-        extra = {"recon_error": float(mse.item()), "perplexity": float(vq.perplexity), "codes_used": vq.codes_used}
+        extra = {"recon_error": float(mse.item()), "perplexity": float(vq.perplexity), "codes_used": vq.codes_used,
+                 "lr": optimizer.lr}
         if comm.size > 1:
             checked, extra = _combine_step_metrics(comm, checked, extra, vq.counts)
         if model_config.dead_code_threshold > 0:

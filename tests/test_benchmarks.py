@@ -56,7 +56,7 @@ def test_bench_train_step_times_the_prior(tmp_path):
     assert row["batch"] == 2 and row["minivq_ms"] > 0 and row["flops"] > 0
 
 
-@pytest.mark.parametrize("probe, last_lr", [("control", 1e-3), ("cosine", 0.0)])
+@pytest.mark.parametrize("probe, last_lr", [("control", 1e-3), ("cosine", 0.0), ("anneal", 0.0), ("lr5e-4", 5e-4)])
 def test_optimizer_probe_trains_the_defaults_with_its_setting(tmp_path, monkeypatch, probe, last_lr):
     from conftest import write_blobs
     sys.path.insert(0, BENCH)
@@ -74,8 +74,6 @@ def test_optimizer_probe_trains_the_defaults_with_its_setting(tmp_path, monkeypa
     assert record["last_lr"] == pytest.approx(last_lr, abs=1e-12)
     assert minivq.train.Adam is adam          # the trainer's own Adam is put back
     assert optimizer_probe.cosine_lr(1e-3, 1, 5) == 1e-3 and optimizer_probe.cosine_lr(1e-3, 3, 5) == 5e-4
-    anneal = [optimizer_probe.anneal_lr(1e-3, t, 8) for t in range(1, 9)]     # peak for 6 steps, then down to 0
-    assert anneal[:6] == [1e-3] * 6 and anneal[6] == pytest.approx(5e-4) and anneal[7] == pytest.approx(0.0)
 
 
 def test_run_single_threaded_gives_each_run_one_thread_and_stops_at_a_failure(tmp_path):
@@ -100,17 +98,20 @@ def test_codebook_study_variants_are_valid_and_centring_is_the_variants_choice(t
     finally:
         sys.path.remove(BENCH)
     from minivq.checkpoint import read_checkpoint
-    from minivq.config import ModelConfig
+    from minivq.config import ModelConfig, TrainConfig
     for name, options in codebook_study.VARIANTS.items():       # every variant is a valid model setting
-        ModelConfig(**{k: v for k, v in options.items() if k != "center_output"}).validate()
+        ModelConfig(**{k: v for k, v in options.items() if k not in ("center_output", "lr_anneal")}).validate()
     assert codebook_study.VARIANTS[codebook_study.DEFAULT].get("center_output") is True
+    assert codebook_study.VARIANTS[codebook_study.DEFAULT].get("lr_anneal") == TrainConfig().lr_anneal
     monkeypatch.setenv("MINIVQ_DATA", write_blobs(tmp_path / "blobs.npz", 160, 40))
     monkeypatch.setattr(codebook_study, "RUNS", str(tmp_path / "runs"))
     monkeypatch.setattr(codebook_study, "segments", lambda steps: [steps])
     monkeypatch.setattr(codebook_study, "MILESTONES", (2,))
-    for variant, centred in (("ema-cosine8-dead", False), (codebook_study.DEFAULT, True)):
+    for variant, centred, anneal in (("ema-cosine8-dead", False, 0.0), (codebook_study.DEFAULT, True, 0.25)):
         folder = codebook_study.train_one(variant, 0, 2)
         meta, _ = read_checkpoint(os.path.join(folder, "checkpoint.npz"), "minivq-vqvae")
         assert meta["train"]["center_output"] is centred and meta["step"] == 2
+        assert meta["train"]["lr_anneal"] == anneal and meta["train"]["planned_steps"] == 2
+        assert folder.endswith("-plan2-s0") == bool(anneal)        # an annealed run's folder names its plan
         (record,) = [json.loads(line) for line in open(os.path.join(folder, "study.jsonl"))]
         assert record["step"] == 2 and record["codes_used"] >= 1 and 0 < record["nmse"] < 10

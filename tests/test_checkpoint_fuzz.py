@@ -174,7 +174,7 @@ _leaf = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70),
 _value = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
                                                                                           max_size=3), max_leaves=6)
 _MODEL = [f.name for f in ModelConfig.__dataclass_fields__.values()] + ["in_channels"]
-_TRAIN = ["seed", "batch_size", "lr", "data", "dtype", "dataset", "conditional"]
+_TRAIN = ["seed", "batch_size", "lr", "data", "dtype", "dataset", "conditional", "lr_anneal", "planned_steps"]
 _PATHS = {
     "vqvae": [(k,) for k in ("format", "version", "step", "rng_state", "train", "model", "data_variance")]
     + [("model", k) for k in _MODEL] + [("train", k) for k in _TRAIN] + [("rng_state", "state"),

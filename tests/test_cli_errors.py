@@ -28,7 +28,7 @@ def write_data(folder):
     (folder / "empty").mkdir()
     out = folder / "run"
     assert main(["train", "--data", str(folder / "gray.npz"), "--out", str(out), "--steps", "2", "--batch", "8",
-                 "--no-progress", *TINY]) == 0
+                 "--plan-steps", "4", "--no-progress", *TINY]) == 0
     np.savez(folder / "foreign.npz", weights=np.zeros(3))
     (folder / "corrupt.npz").write_bytes((out / "checkpoint.npz").read_bytes()[:200])
     (folder / "a_file").write_text("x")
@@ -67,6 +67,10 @@ def cases(d):
         "no checkpoint"
     yield "resume with another architecture", ["train", "--no-progress", "--steps", "4", "--resume",
                                                "--out", str(d / "run"), "--num-hiddens", "16"], "num_hiddens=8"
+    yield "resume past the end of the learning-rate plan", ["train", "--no-progress", "--steps", "5", "--resume",
+                                                            "--out", str(d / "run")], "--plan-steps 5"
+    yield "a plan shorter than the run", train + ["--data", str(d / "gray.npz"), "--out", str(d / "o7"),
+                                                  "--plan-steps", "1"], "shorter than --steps 2"
     yield "eval of a missing checkpoint", ["eval", str(d / "none.npz")], "no such file"
     yield "eval of another program's file", ["eval", str(d / "foreign.npz")], "not a minivq checkpoint"
     yield "eval of a truncated checkpoint", ["eval", ckpt.replace("run/checkpoint", "corrupt")], "corrupt"

@@ -125,7 +125,7 @@ def test_missing_mpi4py_is_one_line_naming_the_fix(blobs, tmp_path, monkeypatch,
 
 
 def test_float64_training_and_resume_keep_the_dtype(blobs, tmp_path):
-    assert main(_train_args(blobs, tmp_path, 3)) == 0
+    assert main(_train_args(blobs, tmp_path, 3, "--plan-steps", "4")) == 0
     meta, sections = read_checkpoint(str(tmp_path / "checkpoint.npz"), "minivq-vqvae")
     assert meta["train"]["dtype"] == "float64"
     assert all(v.dtype == np.float64 for k, v in sections["model"].items() if v.dtype.kind == "f")
@@ -189,11 +189,11 @@ def test_two_ranks_equal_one_process(blobs, tmp_path, case):
 def test_resume_with_another_number_of_ranks(blobs, tmp_path, extra):
     assert main(_train_args(blobs, tmp_path / "one", 6, *extra)) == 0
     # two ranks for 3 steps, then one process to 6
-    assert mpirun(2, _train_args(blobs, tmp_path / "two-one", 3, *extra)).returncode == 0
+    assert mpirun(2, _train_args(blobs, tmp_path / "two-one", 3, "--plan-steps", "6", *extra)).returncode == 0
     assert main(_train_args(blobs, tmp_path / "two-one", 6, "--resume")) == 0
     assert_same_run(tmp_path / "one", tmp_path / "two-one")
     # one process for 3 steps, then two ranks to 6
-    assert main(_train_args(blobs, tmp_path / "one-two", 3, *extra)) == 0
+    assert main(_train_args(blobs, tmp_path / "one-two", 3, "--plan-steps", "6", *extra)) == 0
     proc = mpirun(2, _train_args(blobs, tmp_path / "one-two", 6, "--resume"))
     assert proc.returncode == 0, proc.stderr
     assert_same_run(tmp_path / "one", tmp_path / "one-two")

@@ -181,7 +181,7 @@ def test_gpu_tests_pass_against_the_fake():
 def test_cli_train_eval_reconstruct_on_cuda(fake_cupy, tiny_npz, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--data", tiny_npz, "--out", str(out), "--steps", "2", "--batch", "8", "--log-every", "1",
-            "--no-progress", "--device", "cuda", "--kernel", "numpy", "--ema", *TINY_FLAGS]
+            "--no-progress", "--device", "cuda", "--kernel", "numpy", "--ema", "--plan-steps", "3", *TINY_FLAGS]
     assert main(argv) == 0, capsys.readouterr().err
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ckpt = str(out / "checkpoint.npz")

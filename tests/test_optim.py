@@ -105,3 +105,20 @@ def test_bad_arguments():
     opt = optim.Adam([p])
     with pytest.raises(ValueError, match="does not fit"):
         opt.load_state_dict({"3.exp_avg": np.zeros(2)})
+
+
+def test_annealed_lr_holds_the_peak_then_falls_along_a_half_cosine_to_zero():
+    peak = 1e-3
+    rates = [optim.annealed_lr(peak, t, 8, 0.25) for t in range(1, 11)]
+    # a plan of 8 steps, its last quarter (2 steps) annealed: peak to step 6, then (1 + cos(pi s / 2)) / 2
+    assert rates[:6] == [peak] * 6
+    assert rates[6] == pytest.approx(peak / 2, rel=1e-12) and rates[7] == pytest.approx(0.0, abs=1e-18)
+    assert rates[8:] == [rates[7]] * 2                          # past the plan's end it stays at 0
+    assert [optim.annealed_lr(peak, t, 8, 0.0) for t in (1, 8, 20)] == [peak] * 3      # no anneal
+    whole = [optim.annealed_lr(peak, t, 4, 1.0) for t in range(1, 5)]        # the whole plan on the cosine
+    assert whole == pytest.approx([peak * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(1, 5)], rel=1e-12)
+    rng = np.random.default_rng(5)
+    for _ in range(50):                        # never above the peak nor below 0, and never rising
+        plan, frac = int(rng.integers(1, 300)), float(rng.uniform(0, 1))
+        seq = [optim.annealed_lr(peak, t, plan, frac) for t in range(1, plan + 3)]
+        assert all(0 <= r <= peak for r in seq) and all(a >= b for a, b in zip(seq, seq[1:]))

@@ -304,7 +304,7 @@ def test_cleanup_removes_only_temporaries_no_live_process_owns(tmp_path):
 
 def test_a_finished_run_is_kept_unless_resume_or_overwrite(world, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(train_argv(world / "gray.npz", out)) == 0
+    assert main(train_argv(world / "gray.npz", out, 2, "--plan-steps", "4")) == 0
     before = (out / "checkpoint.npz").read_bytes()
     capsys.readouterr()
     one_line(capsys, 2, train_argv(world / "gray.npz", out), "already holds a run", "--overwrite")
@@ -386,9 +386,10 @@ def test_sample_flags_are_checked(argv, capsys):
 
 def test_resume_refuses_a_changed_setting_and_a_step_count_it_has_passed(world, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(train_argv(world / "gray.npz", out, 2)) == 0
+    assert main(train_argv(world / "gray.npz", out, 2, "--plan-steps", "4")) == 0
     capsys.readouterr()
-    for flag, value in (("--lr", "0.01"), ("--batch", "4"), ("--seed", "3"), ("--dtype", "float64")):
+    for flag, value in (("--lr", "0.01"), ("--batch", "4"), ("--seed", "3"), ("--dtype", "float64"),
+                        ("--lr-anneal", "0")):
         one_line(capsys, 2, ["train", "--out", str(out), "--steps", "4", "--resume", flag, value, "--no-progress"],
                  "--resume", flag, value)
     for steps in ("1", "2"):

@@ -48,7 +48,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_data, tmp_path, extra):
     """The paper's quantiser, its EMA codebook, and the default (EMA, cosine lookup in 8 dims, dead codes
     re-seeded from the batch by the seeded generator): resumed at step 3, bit for bit the uninterrupted run."""
     assert train(tiny_data, tmp_path / "full", 7, *extra) == 0
-    assert train(tiny_data, tmp_path / "part", 3, *extra) == 0
+    assert train(tiny_data, tmp_path / "part", 3, "--plan-steps", "7", *extra) == 0   # the plan is recorded
     assert train(tiny_data, tmp_path / "part", 7, "--resume") == 0
     full = [(r["step"], r["loss"]) for r in read_log(tmp_path / "full") if r["split"] == "train"]
     part = [(r["step"], r["loss"]) for r in read_log(tmp_path / "part") if r["split"] == "train"]
@@ -60,6 +60,40 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_data, tmp_path, extra):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def test_the_learning_rate_follows_the_plan_and_a_resume_keeps_it(tiny_data, tmp_path, capsys):
+    """Each step's rate is annealed_lr(--lr, step, plan, --lr-anneal) and logged; the plan (default --steps)
+    is recorded, kept on resume, refused where the run would pass its end, and changed only when asked."""
+    assert train(tiny_data, tmp_path / "run", 4, "--plan-steps", "8") == 0
+    assert train(tiny_data, tmp_path / "run", 8, "--resume") == 0
+    rates = [r["lr"] for r in read_log(tmp_path / "run") if r["split"] == "train"]
+    assert rates == [mv.optim.annealed_lr(1e-3, t, 8, 0.25) for t in range(1, 9)]
+    assert rates[5] == 1e-3 and 0 < rates[6] < 1e-3 and rates[7] == pytest.approx(0.0, abs=1e-18)
+    meta, _ = read_checkpoint(str(tmp_path / "run" / "checkpoint.npz"), "minivq-vqvae")
+    assert meta["train"]["planned_steps"] == 8 and meta["train"]["lr_anneal"] == 0.25
+    capsys.readouterr()
+    assert train(tiny_data, tmp_path / "run", 9, "--resume") == 2          # past the plan: refused, one line
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "planned for 8 steps" in err and "--plan-steps 9" in err
+    assert train(tiny_data, tmp_path / "run", 9, "--resume", "--plan-steps", "12") == 0     # planned again
+    (last,) = [r["lr"] for r in read_log(tmp_path / "run") if r["split"] == "train" and r["step"] == 9]
+    assert last == 1e-3 == mv.optim.annealed_lr(1e-3, 9, 12, 0.25)
+    # --lr-anneal 0: the constant rate of the paper (and of every run before the schedule existed)
+    assert train(tiny_data, tmp_path / "flat", 3, "--lr-anneal", "0", "--lr", "2e-3") == 0
+    assert [r["lr"] for r in read_log(tmp_path / "flat") if r["split"] == "train"] == [2e-3] * 3
+
+
+def test_a_checkpoint_from_before_the_schedule_resumes_at_its_constant_rate(tiny_data, tmp_path):
+    from test_checkpoint_fuzz import forge
+    assert train(tiny_data, tmp_path / "old", 2, "--lr-anneal", "0") == 0
+    ckpt = tmp_path / "old" / "checkpoint.npz"
+
+    def as_before(meta):
+        del meta["train"]["lr_anneal"], meta["train"]["planned_steps"]
+    forge(ckpt, ckpt, as_before)
+    assert train(tiny_data, tmp_path / "old", 5, "--resume") == 0          # no plan to pass: constant
+    assert [r["lr"] for r in read_log(tmp_path / "old") if r["split"] == "train"] == [1e-3] * 5
+
+
 def test_a_fresh_run_centres_the_output_on_its_first_batch_and_a_resumed_one_does_not(tiny_data, tmp_path,
                                                                                        monkeypatch):
     calls = []
@@ -69,7 +103,7 @@ def test_a_fresh_run_centres_the_output_on_its_first_batch_and_a_resumed_one_doe
         calls.append((x.shape, model.training))
         return original(model, x)
     monkeypatch.setattr(mv.models.VQVAE, "center_output", spy)
-    assert train(tiny_data, tmp_path / "run", 2) == 0
+    assert train(tiny_data, tmp_path / "run", 2, "--plan-steps", "3") == 0
     assert [(shape[:2], training) for shape, training in calls] == [((16, 1), True)]     # one batch of images
     assert train(tiny_data, tmp_path / "run", 3, "--resume") == 0
     assert len(calls) == 1
@@ -205,7 +239,7 @@ def test_paper_quantizer_turns_every_option_off_and_explicit_flags_still_apply(t
 
 def test_levels_and_simvq_start_from_the_papers_options(tiny_data, tmp_path, capsys):
     """FSQ and SimVQ take no EMA codebook: --levels and --simvq train without a word about the default's options."""
-    assert train(tiny_data, tmp_path / "fsq", 2, "--levels", "2,2,4", "--num-embeddings", "16") == 0
+    assert train(tiny_data, tmp_path / "fsq", 2, "--plan-steps", "3", "--levels", "2,2,4", "--num-embeddings", "16") == 0
     assert "error" not in capsys.readouterr().err
     model = model_record(tmp_path / "fsq")
     assert {k: model[k] for k in PAPER_OPTIONS} == dict(PAPER_OPTIONS, levels=[2, 2, 4])
