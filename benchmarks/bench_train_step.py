@@ -140,6 +140,21 @@ def prior_flops_per_step(batch):
     return 3 * fwd
 
 
+def without_cuda_kernels(step):
+    """``step`` run with minivq's own CUDA kernels for the window copies and Adam turned off, so it
+    takes the array-op versions (the references, one launch per NumPy-style operation) instead."""
+    from minivq import kernels
+
+    def run():
+        saved = {name: kernels._load(name) for name in ("cuda-windows", "cuda-adam")}
+        kernels._loaded.update({name: "turned off for the comparison" for name in saved})
+        try:
+            step()
+        finally:
+            kernels._loaded.update(saved)
+    return run
+
+
 def _sync(device):
     if device.startswith("cuda"):
         import cupy
@@ -173,6 +188,9 @@ def main():
                     help="keep: the C library keeps freed host memory for the next step, as the minivq CLI "
                          "asks it to (backend.keep_freed_host_memory; every engine in this process alike); "
                          "default: the C library's own thresholds")
+    ap.add_argument("--array-ops-too", action="store_true",
+                    help="on a GPU, also time minivq with its CUDA kernels for the window copies and Adam turned "
+                         "off (their array-op versions), interleaved with the rest")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train-step-...)")
     args = ap.parse_args()
     memory_kept = args.malloc == "keep" and backend.keep_freed_host_memory()
@@ -204,11 +222,15 @@ def main():
         if args.model == "prior":
             codes, source = random_codes(batch), "random codes"
             impls = {"minivq": minivq_prior_step(args.device, codes)}
+            if args.array_ops_too:
+                impls["minivq_array_ops"] = without_cuda_kernels(minivq_prior_step(args.device, codes))
             if have_torch:
                 impls["pytorch"] = torch_prior_step(args.device, codes)
         else:
             x, variance, source = load_images(batch)
             impls = {"minivq": minivq_step(args.device, x, variance)}
+            if args.array_ops_too:
+                impls["minivq_array_ops"] = without_cuda_kernels(minivq_step(args.device, x, variance))
             if have_torch:
                 impls["pytorch"] = torch_step(args.device, x, variance)
         times = {name: [] for name in impls}
@@ -226,6 +248,8 @@ def main():
             row[f"{name}_gflops"] = row["flops"] / float(np.median(ts)) / 1e9
         if have_torch:
             row["ratio"] = row["minivq_ms"] / row["pytorch_ms"]
+        if "minivq_array_ops_ms" in row:
+            row["array_ops_over_kernels"] = row["minivq_array_ops_ms"] / row["minivq_ms"]
         rows.append(row)
 
     print(f"{'batch':>6} {'minivq ms':>10} {'GF/s':>6} {'pytorch ms':>11} {'GF/s':>6} {'ratio':>6}")
@@ -233,6 +257,10 @@ def main():
         print(f"{r['batch']:>6} {r['minivq_ms']:>10.1f} {r['minivq_gflops']:>6.1f} "
               f"{r.get('pytorch_ms', float('nan')):>11.1f} {r.get('pytorch_gflops', float('nan')):>6.1f} "
               f"{r.get('ratio', float('nan')):>6.2f}")
+    for r in rows:
+        if "array_ops_over_kernels" in r:
+            print(f"batch {r['batch']}: minivq with its CUDA kernels off {r['minivq_array_ops_ms']:.1f} ms "
+                  f"({r['array_ops_over_kernels']:.2f}x the step with them)")
     machine = describe_machine()
     result = {"benchmark": "train_step", "model": args.model, "device": args.device, "threads": threads,
               "pause_s": args.pause, "repeats": args.repeats,

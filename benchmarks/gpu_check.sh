@@ -7,7 +7,9 @@
 #      in the background while the tests run (nothing in it is timed against a peer), then its
 #      test-split metrics and a reconstructions PNG;
 #   4. once the run is done, the benchmarks alone on the GPU: nearest-code search, the VQ-VAE
-#      training step and the prior's training step, each against PyTorch in the same process.
+#      training step and the prior's training step, each against PyTorch in the same process
+#      (and minivq with its own CUDA kernels turned off, interleaved), then a profile of the
+#      host's time in a training step.
 # Every step has its own time limit, so one that hangs costs its limit and no more; the last
 # lines printed are a summary.
 #
@@ -64,11 +66,26 @@ fi
 step "bench_quantizer --device cuda"
 timeout 100 $py benchmarks/bench_quantizer.py --device cuda --out "$out/quantizer-cuda.json" 2>&1 | tail -n 40
 step "bench_train_step --device cuda"
-timeout 80 $py benchmarks/bench_train_step.py --device cuda --batches 32 128 512 \
-  --out "$out/train-step-cuda.json" 2>&1 | tail -n 8
+timeout 100 $py benchmarks/bench_train_step.py --device cuda --batches 32 128 512 --array-ops-too \
+  --out "$out/train-step-cuda.json" 2>&1 | tail -n 9
 step "bench_train_step --model prior --device cuda"
-timeout 60 $py benchmarks/bench_train_step.py --model prior --device cuda --batches 64 512 \
+timeout 80 $py benchmarks/bench_train_step.py --model prior --device cuda --batches 64 512 --array-ops-too \
   --out "$out/prior-step-cuda.json" 2>&1 | tail -n 6
+step "where the host's time goes in a batch-128 step on the GPU (cProfile, 20 steps)"
+timeout 60 $py - <<'PROFILE' 2>&1 | tail -n 30
+import cProfile, io, pstats, sys
+sys.path.insert(0, "benchmarks")
+import bench_train_step as bench
+x, variance, _ = bench.load_images(128)
+step = bench.minivq_step("cuda", x, variance)
+for _ in range(5):
+    step()
+profile = cProfile.Profile()
+profile.runcall(lambda: [step() for _ in range(20)])
+text = io.StringIO()
+pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(20)
+print(text.getvalue()[-5000:])
+PROFILE
 
 step summary
 echo "pytest -m gpu exit $pytest_rc"

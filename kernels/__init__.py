@@ -27,7 +27,10 @@ The window copies of a convolution live here too, for the same reason (one
 NumPy reference that also runs on CuPy, one compiled Numba version):
 ``im2col(image, kernel, stride, padding)`` and ``col2im(cols, out, kernel,
 stride, padding)`` on channels-last images (windows_numpy.py,
-windows_numba.py); "auto" takes Numba for NumPy arrays when it imports.
+windows_numba.py, windows_cuda.py); "auto" takes Numba for NumPy arrays when
+it imports and the CUDA kernels for CuPy arrays when they compile. And on a
+GPU, Adam's update as one launch per parameter (``adam_step``, adam_cuda.py):
+a training step there is bound by kernel launches, not arithmetic.
 
 Numba and CuPy are imported on first use only, so ``import minivq.kernels``
 needs NumPy alone. This package and ``minivq.backend`` are the only places
@@ -45,13 +48,22 @@ _loaded = {}
 
 
 def _load(name):
-    """The backend module for ``name`` (``"numba"`` or ``"cupy"``), or a string saying why it is unusable."""
+    """The backend module for ``name`` (``"numba"``, ``"cupy"``, ``"numba-windows"``, ``"cuda-windows"``,
+    ``"cuda-adam"``), or a string saying why it is unusable."""
     if name not in _loaded:
         try:
             if name == "numba":
                 from . import nearest_numba as module
             elif name == "numba-windows":
                 from . import windows_numba as module
+            elif name in ("cuda-windows", "cuda-adam"):
+                if not _backend.cuda_available():
+                    raise ImportError("CuPy is not importable or sees no CUDA GPU")
+                if name == "cuda-windows":
+                    from . import windows_cuda as module
+                else:
+                    from . import adam_cuda as module
+                module.compile()        # usable only where its source compiles (not on the tests' fake CuPy)
             else:
                 if not _backend.cuda_available():
                     raise ImportError("CuPy is not importable or sees no CUDA GPU")
@@ -181,19 +193,27 @@ def nearest_code(x, codebook, backend="auto", metric="l2"):
 
 
 # ---------------------------------------------------------------- the window copies of a convolution
-WINDOW_BACKENDS = ("auto", "numpy", "numba")
+WINDOW_BACKENDS = ("auto", "numpy", "numba", "cupy")
 
 
-def _windows_numba(a, backend):
-    """Whether the window copy of ``a`` runs in Numba: NumPy arrays, Numba importable, not told otherwise."""
+def window_backend(a, backend="auto"):
+    """The backend that copies the windows of ``a``: ``"auto"`` takes Numba for NumPy arrays when it
+    imports and the CUDA kernels (windows.cu) for CuPy arrays when they compile, else the NumPy
+    reference (which runs on either); an explicit backend that cannot run here is a clear error."""
     if backend not in WINDOW_BACKENDS:
         raise ValueError(f"unknown backend {backend!r} for the window copies: use one of {list(WINDOW_BACKENDS)}")
-    if backend == "numpy" or _backend.get_array_module(a) is not np:
-        return False
-    usable = not isinstance(_load("numba-windows"), str)
-    if backend == "numba" and not usable:
-        raise _unavailable("numba")
-    return usable
+    on_gpu = _backend.get_array_module(a) is not np
+    name = {"numba": "numba-windows", "cupy": "cuda-windows"}
+    if backend == "auto":
+        backend = "cupy" if on_gpu else "numba"
+        return backend if not isinstance(_load(name[backend]), str) else "numpy"
+    if backend == "numba" and on_gpu:
+        raise TypeError("backend 'numba' copies windows of NumPy arrays, got CuPy arrays; use 'cupy' or 'auto'")
+    if backend == "cupy" and not on_gpu:
+        raise TypeError("backend 'cupy' copies windows of CuPy arrays, got NumPy arrays; use 'numba' or 'auto'")
+    if backend != "numpy" and isinstance(_load(name[backend]), str):
+        raise ValueError(f"backend {backend!r} is not available here ({_load(name[backend])})")
+    return backend
 
 
 def im2col(image, kernel, stride, padding, backend="auto"):
@@ -202,8 +222,11 @@ def im2col(image, kernel, stride, padding, backend="auto"):
     Columns are ordered (kh, kw, c); windows reaching past the edge read ``padding`` zeros.
     ``kernel``, ``stride``, ``padding``: pairs of ints, already checked by the caller.
     """
-    if _windows_numba(image, backend):
+    name = window_backend(image, backend)
+    if name == "numba":
         return _load("numba-windows").im2col_numba(image, kernel, stride, padding)
+    if name == "cupy":
+        return _load("cuda-windows").im2col_cupy(image, kernel, stride, padding)
     from .windows_numpy import im2col_numpy
     return im2col_numpy(image, kernel, stride, padding)
 
@@ -213,13 +236,35 @@ def col2im(cols, out, kernel, stride, padding, backend="auto"):
 
     ``out``'s old contents are ignored (overwritten); returns ``out``.
     """
-    if _windows_numba(cols, backend):
+    name = window_backend(cols, backend)
+    if name == "numba":
         if out.flags.c_contiguous:
             return _load("numba-windows").col2im_numba(cols, out, kernel, stride, padding)
         out[...] = _load("numba-windows").col2im_numba(cols, np.empty(out.shape, out.dtype), kernel, stride, padding)
         return out
+    if name == "cupy":
+        return _load("cuda-windows").col2im_cupy(cols, out, kernel, stride, padding)
     from .windows_numpy import col2im_numpy
     return col2im_numpy(cols, out, kernel, stride, padding)
 
 
-__all__ = ["nearest_code", "available_backends", "im2col", "col2im", "BACKENDS", "METRICS", "NonFiniteError"]
+# ---------------------------------------------------------------- Adam's step
+def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, step):
+    """Adam's update of one parameter in place as one fused CUDA launch (adam.cu), where it can run:
+    CuPy arrays, the kernel compiled, param and moments contiguous and of one float dtype.
+
+    Returns whether it ran; where it did not, the caller's array operations (optim.Adam, the
+    reference, whose arithmetic the kernel repeats to the bit) do the update.
+    """
+    if _backend.get_array_module(param) is np:
+        return False
+    updated = (param, exp_avg, exp_avg_sq)          # written in place: they must be contiguous
+    if param.dtype not in (np.float32, np.float64) or any(a.dtype != param.dtype for a in updated + (grad,)) \
+            or not all(a.flags.c_contiguous for a in updated) or isinstance(_load("cuda-adam"), str):
+        return False
+    _load("cuda-adam").adam_cupy(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, step)
+    return True
+
+
+__all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "adam_step", "BACKENDS",
+           "METRICS", "WINDOW_BACKENDS", "NonFiniteError"]

@@ -7,7 +7,7 @@ loads into a freshly built model in another.
 import math
 
 
-from . import backend
+from . import backend, kernels
 from .autograd import Tensor
 
 
@@ -118,14 +118,16 @@ class Adam(Optimizer):
     def _update(self, param, grad, state):
         xp = backend.get_array_module(param)
         b1, b2 = self.betas
-        if self.weight_decay:
-            grad = grad + self.weight_decay * param
         if "step" not in state:
             state["step"] = 0
             state["exp_avg"] = xp.zeros_like(param)
             state["exp_avg_sq"] = xp.zeros_like(param)
         state["step"] += 1
         t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        if kernels.adam_step(param, grad, m, v, self.lr, self.betas, self.eps, self.weight_decay, t):
+            return          # on a GPU: the lines below as one fused launch (kernels/adam.cu), to the bit
+        if self.weight_decay:
+            grad = grad + self.weight_decay * param
         m += (1 - b1) * (grad - m)                # m <- lerp(m, g, 1 - b1)
         v *= b2
         v += (1 - b2) * grad * grad               # v <- b2 v + (1 - b2) g^2

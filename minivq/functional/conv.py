@@ -23,7 +23,7 @@ ops between layers keep that layout, and so the next conv reads its input as
 rows ``(N*H*W, C)`` without a copy. A GEMM writes its output straight into such
 rows, so no transpose runs between layers. On the image side a window row
 ``(kw, c)`` is one contiguous run of ``kW*C`` numbers, so im2col is one copy of
-long runs (``minivq.kernels.im2col``: NumPy, or a compiled Numba loop). At
+long runs (``minivq.kernels.im2col``: NumPy, a compiled Numba loop, or one CUDA launch). At
 stride 1, col2im is replaced by an im2col of the grid with the kernel flipped
 (a copy instead of kH*kW read-modify-write passes over the image). Any input
 layout is accepted; a non-channels-last input costs one transposing copy.
