@@ -15,24 +15,18 @@ import os
 
 import numpy as np
 
+from .cuda_modules import SUFFIX, module
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nearest_code.cu")
 THREADS = 256
 # Rows and codes of one block tile per dtype: 16 * TM and 16 * TN of the template arguments in
 # the extern "C" wrappers of nearest_code.cu (tests/test_cuda_compile.py checks they agree).
 GEOMETRY = {np.dtype(np.float32): (128, 128), np.dtype(np.float64): (64, 64)}
-SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 BLOCKS_PER_SM = 2      # what the register count (<= 128 per thread, 256 threads) allows
-
-_modules = {}          # device id -> compiled cupy.RawModule
 
 
 def _module():
-    import cupy as cp
-    device = cp.cuda.Device().id
-    if device not in _modules:
-        with open(SOURCE) as f:
-            _modules[device] = cp.RawModule(code=f.read(), options=("--std=c++17",))
-    return _modules[device]
+    return module(os.path.basename(SOURCE))
 
 
 def code_splits(n, k, dtype, sm_count):

@@ -232,7 +232,7 @@ def index_add(indices, values, num_rows):
     The one scatter the engine needs (embedding backward, EMA cluster sums,
     index backward). NumPy: a stable sort then ``add.reduceat`` over runs of
     equal indices (much faster than ``np.add.at`` for wide rows); CuPy:
-    atomic adds through ``cupyx.scatter_add``.
+    atomic adds through ``cupy.add.at``.
     """
     xp = get_array_module(values)
     if indices.ndim != 1 or values.shape[:1] != indices.shape:
@@ -246,8 +246,7 @@ def index_add(indices, values, num_rows):
         starts = np.flatnonzero(np.r_[True, sorted_idx[1:] != sorted_idx[:-1]])
         out[sorted_idx[starts]] = np.add.reduceat(values[order], starts, axis=0)
     else:
-        import cupyx
-        cupyx.scatter_add(out, indices, values)
+        xp.add.at(out, indices, values)
     return out
 
 
@@ -258,12 +257,8 @@ def bincount(indices, num_rows, dtype):
 
 
 def add_at(target, key, values):
-    """``target[key] += values`` in place, with repeated indices adding up (unbuffered)."""
-    if _is_cupy_array(target):
-        import cupyx
-        cupyx.scatter_add(target, key, values)
-    else:
-        np.add.at(target, key, values)
+    """``target[key] += values`` in place, with repeated indices adding up (unbuffered; atomic adds on CuPy)."""
+    get_array_module(target).add.at(target, key, values)
 
 
 # ---------------------------------------------------------------- NCCL

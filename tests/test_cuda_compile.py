@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minivq.kernels import nearest_cuda, nearest_numpy
+from minivq.kernels import cuda_modules, nearest_cuda, nearest_numpy
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 CU_FILES = sorted(KERNELS.glob("*.cu"))
@@ -333,7 +333,7 @@ def emulator(emulator_library, monkeypatch, tmp_path):
     """``run(x, codebook, sm_count)``: nearest_cuda.nearest_code_cupy, kernels run by the emulator."""
     def run(x, codebook, sm_count=132):
         monkeypatch.setitem(sys.modules, "cupy", fake_cupy(emulator_library, sm_count))
-        monkeypatch.setattr(nearest_cuda, "_modules", {})
+        monkeypatch.setattr(cuda_modules, "_modules", {})
         cp = sys.modules["cupy"]
         # in a forked child, so that a kernel writing out of bounds fails this test, not the session
         result = tmp_path / "indices.npy"

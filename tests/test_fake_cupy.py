@@ -101,6 +101,8 @@ def test_the_fake_refuses_what_cupy_refuses(fake_cupy):
         "the buffer protocol": (lambda: memoryview(a), TypeError),
         "a NumPy view of a device array": (lambda: a.view(np.ndarray), TypeError),
         "scatter_add into int64": (lambda: cupyx.scatter_add(cp.zeros(3, np.int64), cp.asarray([0]), 1), TypeError),
+        "add.at into int64": (lambda: cp.add.at(cp.zeros(3, np.int64), cp.asarray([0]), 1), TypeError),
+        "add.at of a host array": (lambda: cp.add.at(np.zeros(3, np.float32), cp.asarray([0]), 1.0), TypeError),
         "a CUDA kernel": (lambda: cp.RawModule(code=""), NotImplementedError),
         "a GPU that is not there": (lambda: cp.cuda.Device(1).use(), cp.cuda.runtime.CUDARuntimeError),
     }
@@ -130,6 +132,8 @@ def test_the_fake_allows_what_cupy_allows(fake_cupy):
     z = cp.zeros(3, np.float32)
     cupyx.scatter_add(z, cp.asarray([0, 0, 2]), cp.asarray([1.0, 2.0, 3.0], np.float32))
     np.testing.assert_array_equal(cp.asnumpy(z), [3, 0, 3])
+    cp.add.at(z, cp.asarray([1, 1]), cp.asarray([0.5, 0.25], np.float32))
+    np.testing.assert_array_equal(cp.asnumpy(z), [3, 0.75, 3])
     view = cp.lib.stride_tricks.as_strided(a, shape=(2, 2), strides=a.strides)
     np.testing.assert_array_equal(view.get(), [[0, 1], [3, 4]])
     out = cp.empty((2, 3))

@@ -31,7 +31,8 @@ refuse the implicit copies that real CuPy refuses. As in CuPy:
   ``__setitem__`` does; with an advanced index, host values and host index
   arrays are copied over, as CuPy does (counted in ``stats["h2d"]``);
 * reductions and integer indexing give 0-d device arrays, never NumPy scalars;
-* ``cupyx.scatter_add`` refuses the dtypes CUDA's atomicAdd lacks (int64 ...);
+* ``cupy.add.at`` (and ``cupyx.scatter_add``, the same call) refuses the dtypes CUDA's atomicAdd
+  lacks (int64 ...);
 * ``cupy.asarray(host)`` copies (``stats["h2d"]``, ``stats["h2d_bytes"]``), and
   ``cupy.asarray(device_array)`` copies it to the current device if it lives on another;
 * ``cupy.cuda.runtime.getDeviceCount()`` reports ``$FAKECUPY_DEVICES`` (default 1)
@@ -516,8 +517,33 @@ class _Ufunc:
             kwargs["out"] = out
         return _apply_ufunc(self._ufunc, "reduce", (array,), kwargs)
 
+    def at(self, a, indices, b=None):
+        """``add.at``: ``a[indices] += b`` in place, repeated indices adding up, as CUDA's atomicAdd
+        does it: only for the dtypes atomicAdd supports (``cupyx.scatter_add`` is the same call)."""
+        if self.__name__ != "add":
+            raise TypeError(f"the fake cupy models ufunc.at for add only, not {self.__name__}")
+        if not isinstance(a, ndarray):
+            raise TypeError(f"add.at needs a cupy.ndarray, got {type(a)}")
+        if a.dtype not in _ATOMIC_ADD:
+            raise TypeError("add.at only supports int32, float16, float32, float64, uint32, uint64, as data type")
+        _check_device((a, b) + (indices if isinstance(indices, tuple) else (indices,)))
+        key = _index(indices)
+        if isinstance(b, ndarray):
+            b = b._a
+        elif isinstance(b, _np.ndarray):
+            if _is_basic(key) and b.ndim:
+                raise _unsupported(b)
+            _count_h2d(b)
+        elif not _is_scalar(b):
+            raise _unsupported(b)
+        _np.add.at(a._a, key, b)
+
     def __repr__(self):
         return f"<fake cupy ufunc '{self.__name__}'>"
+
+
+# the dtypes add.at (and cupyx.scatter_add) accept: what CUDA's atomicAdd supports
+_ATOMIC_ADD = tuple(_np.dtype(t) for t in (_np.int32, _np.uint32, _np.uint64, _np.float16, _np.float32, _np.float64))
 
 
 def _device_function(name, func):
