@@ -265,9 +265,15 @@ def emulator_library(tmp_path_factory):
     """The emulator, built as a shared library exposing ``emulate_launch``."""
     if GXX is None:
         pytest.skip("g++ not found: cannot run the CUDA source on the CPU")
-    folder = tmp_path_factory.mktemp("cuda_emulator")
+    return build_emulator(tmp_path_factory.mktemp("cuda_emulator"),
+                          EMULATOR.replace("KERNEL_SOURCE", str(KERNELS / "nearest_code.cu")))
+
+
+def build_emulator(folder, text):
+    """The C++ ``text`` (an emulator with its kernels included) built into ``folder`` and loaded;
+    skipped where g++ lacks C++20's <barrier>."""
     source = folder / "emulator.cpp"
-    source.write_text(EMULATOR.replace("KERNEL_SOURCE", str(KERNELS / "nearest_code.cu")))
+    source.write_text(text)
     library = folder / "emulator.so"
     build = subprocess.run([GXX, "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", str(source), "-o", str(library)],
                            capture_output=True, text=True)

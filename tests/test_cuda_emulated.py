@@ -7,9 +7,7 @@ the reference adds them, and Adam's kernel repeats optim.Adam's operations one b
 contracts no multiply-add here, as --fmad=false stops NVRTC from doing on the GPU). What this
 cannot check (NVRTC itself, speed) is left to tests/test_kernels_gpu.py on a GPU.
 """
-import ctypes
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -19,7 +17,7 @@ import minivq as mv
 from minivq import optim
 from minivq.kernels import adam_cuda, cuda_modules, windows_cuda, windows_numpy
 
-from test_cuda_compile import EMULATOR, GXX, KERNELS, fake_cupy
+from test_cuda_compile import EMULATOR, GXX, KERNELS, build_emulator, fake_cupy
 
 PRELUDE, _, rest = EMULATOR.partition('#include "KERNEL_SOURCE"')
 LAUNCHER = rest.split('extern "C" int emulate_launch')[0]
@@ -59,17 +57,9 @@ extern "C" int emulate_launch(const char* name, unsigned grid_x, unsigned grid_y
 def library(tmp_path_factory):
     if GXX is None:
         pytest.skip("g++ not found: cannot run the CUDA source on the CPU")
-    folder = tmp_path_factory.mktemp("cuda_emulator_small")
-    source = folder / "emulator.cpp"
-    source.write_text(PRELUDE + f'#include "{KERNELS / "windows.cu"}"\n#include "{KERNELS / "adam.cu"}"\n'
-                      + LAUNCHER + DISPATCH)
-    build = subprocess.run([GXX, "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", str(source), "-o",
-                            str(folder / "emulator.so")], capture_output=True, text=True)
-    if build.returncode != 0:
-        if "barrier" in build.stderr:
-            pytest.skip("g++ without C++20 <barrier>: cannot run the CUDA source on the CPU")
-        raise AssertionError(build.stderr)
-    return ctypes.CDLL(str(folder / "emulator.so"))
+    return build_emulator(tmp_path_factory.mktemp("cuda_emulator_small"),
+                          PRELUDE + f'#include "{KERNELS / "windows.cu"}"\n#include "{KERNELS / "adam.cu"}"\n'
+                          + LAUNCHER + DISPATCH)
 
 
 @pytest.fixture
