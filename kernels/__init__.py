@@ -212,7 +212,8 @@ def window_backend(a, backend="auto"):
     if backend == "cupy" and not on_gpu:
         raise TypeError("backend 'cupy' copies windows of CuPy arrays, got NumPy arrays; use 'numba' or 'auto'")
     if backend != "numpy" and isinstance(_load(name[backend]), str):
-        raise ValueError(f"backend {backend!r} is not available here ({_load(name[backend])})")
+        raise ValueError(f"backend {backend!r} is not available here ({_load(name[backend])}); install it with "
+                         f"`{_INSTALL[backend]}`, or use 'numpy' or 'auto'")
     return backend
 
 

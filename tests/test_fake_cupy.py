@@ -62,6 +62,9 @@ def fake_cupy(monkeypatch):
         monkeypatch.setattr(backend, "_cupy_error", None)
         # the fake cannot run the CUDA nearest-code kernel: "auto" on device arrays gets the GEMM reference
         monkeypatch.setitem(kernels._loaded, "cupy", types.SimpleNamespace(nearest_code_cupy=nearest_code_numpy))
+        # nor compile the window copies and Adam: they take their array-op references, as where NVRTC fails
+        for name in ("cuda-windows", "cuda-adam"):
+            monkeypatch.setitem(kernels._loaded, name, "the fake CuPy compiles no CUDA")
         cupy.reset_stats()
         yield cupy
     finally:
@@ -465,3 +468,21 @@ def test_conv_workspace_default_is_per_device(fake_cupy):
     per_image = 8 * 8 * 9 * 64 * 4
     assert g.images_per_chunk(np.zeros(1, np.float32)) == backend.CPU_WORKSPACE_BYTES // per_image
     assert g.images_per_chunk(fake_cupy.zeros(1, np.float32)) == backend.GPU_WORKSPACE_BYTES // per_image
+
+
+def test_cuda_sources_that_do_not_compile_leave_the_array_ops(fake_cupy, monkeypatch):
+    """Where a CUDA source does not compile (here: the fake's RawModule), "auto" takes the references."""
+    cp = fake_cupy
+    for name in ("cuda-windows", "cuda-adam"):
+        monkeypatch.delitem(kernels._loaded, name)
+        assert "NotImplementedError" in kernels._load(name)
+    image = cp.asarray(np.arange(8.0).reshape(1, 2, 2, 2))
+    assert kernels.window_backend(image) == "numpy"
+    np.testing.assert_array_equal(cp.asnumpy(kernels.im2col(image, (1, 1), (1, 1), (0, 0))),
+                                  np.arange(8.0).reshape(4, 2))
+    with pytest.raises(ValueError, match="NotImplementedError"):
+        kernels.im2col(image, (1, 1), (1, 1), (0, 0), backend="cupy")
+    p, g = cp.ones(3, np.float32), cp.ones(3, np.float32)
+    assert not kernels.adam_step(p, g, cp.zeros(3, np.float32), cp.zeros(3, np.float32), 1e-3, (0.9, 0.999), 1e-8,
+                                 0.0, 1)
+

@@ -74,3 +74,14 @@ def test_numba_col2im_equals_the_reference(seed):
 def test_unknown_window_backend_is_refused():
     with pytest.raises(ValueError, match="unknown backend 'gpu' for the window copies"):
         kernels.im2col(np.zeros((1, 2, 2, 1)), (1, 1), (1, 1), (0, 0), backend="gpu")
+
+
+def test_window_backends_that_cannot_run_here_are_clear_errors(monkeypatch):
+    image = np.zeros((1, 2, 2, 1))
+    with pytest.raises(TypeError, match="'cupy' copies windows of CuPy arrays"):
+        kernels.im2col(image, (1, 1), (1, 1), (0, 0), backend="cupy")
+    monkeypatch.setitem(kernels._loaded, "numba-windows", "ImportError: no numba here")
+    assert kernels.window_backend(image) == "numpy"                 # auto falls back to the reference
+    with pytest.raises(ValueError, match=r"no numba here.*pip install -e \.\[numba\]"):
+        kernels.im2col(image, (1, 1), (1, 1), (0, 0), backend="numba")
+    np.testing.assert_array_equal(kernels.im2col(image + 1, (1, 1), (1, 1), (0, 0)), np.ones((4, 1)))
