@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from minivq import kernels
-from minivq.kernels import nearest_cuda, nearest_numpy
+from minivq.kernels import cuda_modules, nearest_cuda, nearest_numpy
 
 CPU_BACKENDS = [b for b in kernels.available_backends() if b != "cupy"]
 DTYPES = [np.float32, np.float64]
@@ -141,7 +141,7 @@ def emulate(emulator_library, monkeypatch):  # noqa: F811
         cp = cuda_stand_in(emulator_library, sm_count)
         cp.zeros = lambda shape, dtype: np.zeros(shape, dtype=dtype).view(cp.ndarray)
         monkeypatch.setitem(sys.modules, "cupy", cp)
-        monkeypatch.setattr(nearest_cuda, "_modules", {})
+        monkeypatch.setattr(cuda_modules, "_modules", {})
         return np.asarray(nearest_cuda.nearest_code_cupy(cp.ascontiguousarray(x), cp.ascontiguousarray(codebook),
                                                          metric="ip"))
     return run
