@@ -129,7 +129,8 @@ def train_one(variant, seed, steps):
             continue
         resume = os.path.exists(os.path.join(folder, "checkpoint.npz"))
         config = TrainConfig(out=folder, steps=end, seed=seed, resume=resume, center_output=center,
-                             lr_anneal=anneal, planned_steps=steps, eval_every=10 ** 9, eval_size=USAGE_IMAGES, checkpoint_every=10 ** 9, progress=False)
+                             lr_anneal=anneal, planned_steps=steps, eval_every=10 ** 9, eval_size=USAGE_IMAGES,
+                             checkpoint_every=10 ** 9, progress=False)
         t0 = time.perf_counter()
         train_vqvae(config, model if not resume else None)
         seconds = time.perf_counter() - t0
