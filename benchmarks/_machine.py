@@ -86,7 +86,7 @@ def describe_machine():
         "numpy": numpy_version,
         "blas": _blas(),
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                                              "MKL_NUM_THREADS", "OMP_WAIT_POLICY")},
+                                              "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")},
         "torch": _version("torch"),
         "numba": _version("numba"),
         "faiss": _version("faiss-cpu", "faiss-gpu", "faiss"),
