@@ -52,22 +52,20 @@ def _load(name):
     ``"cuda-adam"``), or a string saying why it is unusable."""
     if name not in _loaded:
         try:
+            if name not in ("numba", "numba-windows") and not _backend.cuda_available():
+                raise ImportError("CuPy is not importable or sees no CUDA GPU")
             if name == "numba":
                 from . import nearest_numba as module
             elif name == "numba-windows":
                 from . import windows_numba as module
-            elif name in ("cuda-windows", "cuda-adam"):
-                if not _backend.cuda_available():
-                    raise ImportError("CuPy is not importable or sees no CUDA GPU")
+            elif name == "cupy":
+                from . import nearest_cuda as module
+            else:
                 if name == "cuda-windows":
                     from . import windows_cuda as module
                 else:
                     from . import adam_cuda as module
                 module.compile()        # usable only where its source compiles (not on the tests' fake CuPy)
-            else:
-                if not _backend.cuda_available():
-                    raise ImportError("CuPy is not importable or sees no CUDA GPU")
-                from . import nearest_cuda as module
             _loaded[name] = module
         except Exception as exc:  # ImportError, or a broken install raising anything
             _loaded[name] = f"{type(exc).__name__}: {exc}"
