@@ -491,6 +491,28 @@ def test_im2col_buffers_respect_the_limit(monkeypatch):
     assert sizes == [16 * one_image * 3 // 4]        # no windows of x; those of gy, once, for both gradients
 
 
+def test_a_chunked_square_conv_copies_the_windows_of_gy_once_for_both_gradients(monkeypatch):
+    """4 -> 4 channels at stride 1: the input gradient reads the windows of gy (as large as x's), and
+    so does the weight gradient, from the same copy, instead of copying the windows of x again."""
+    calls = []
+    original = conv_module._im2col
+    monkeypatch.setattr(conv_module, "_im2col", lambda image, g: calls.append(image.shape) or original(image, g))
+    gen = np.random.default_rng(9)
+    x = mv.tensor(gen.standard_normal((16, 4, 9, 9)), requires_grad=True)
+    w = mv.tensor(gen.standard_normal((4, 4, 3, 3)), requires_grad=True)
+    with workspace_limit(3 * 9 * 9 * 4 * 9 * 8):     # three images' windows per chunk: 6 chunks
+        y = conv2d(x, w, padding=1)
+        assert len(calls) == 6
+        gy = gen.standard_normal(y.shape)
+        y.backward(gy)
+    assert len(calls) == 12                          # 6 in forward, 6 in backward (not 12: x's again)
+    grads = x.grad.copy(), w.grad.copy()
+    x.grad = w.grad = None
+    conv2d(x, w, padding=1).backward(gy)             # one chunk: x's windows kept from forward, gy's for dx
+    np.testing.assert_allclose(grads[0], x.grad, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grads[1], w.grad, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------- the layers
 def test_conv2d_layer_init_and_forward():
     mv.manual_seed(123)

@@ -32,7 +32,8 @@ Which side's windows. At stride 1 a conv's products can read the windows of eith
 side (``_mirror``), so the narrower side is copied: a conv2d whose output is the
 narrow side runs as the transposed conv of its mirror (``_narrow_grid_geometry``),
 and an input gradient reads the windows of gy when that copy is the smaller
-(``_flipped_geometry``). Strided convs always copy the image's windows.
+(``_flipped_geometry``); the weight gradient then reads the same copy rather than
+copying the windows of x again. Strided convs always copy the image's windows.
 
 Memory and cache: one im2col (or col2im) buffer holds at most ``workspace_limit``
 bytes (or one image's windows, if more); a batch whose buffer would be larger is
@@ -271,6 +272,7 @@ class Conv2d(Function):
         self.weight_shape = weight.shape
         self.wmat = _weight_matrix(weight)
         self.mirror = _narrow_grid_geometry(self.g)
+        self.mirror_wmat = self.x_rows = self.cols = self.x = None
         if self.mirror is not None:     # as the transposed conv of the mirror geometry (see there)
             self.x_rows = _rows(x) if need_w else None
             self.mirror_wmat = _flip_matrix(self.wmat, self.g)      # the mirror's weight, for backward too
@@ -285,13 +287,20 @@ class Conv2d(Function):
         need_b = len(self.needs_input_grad) > 2 and self.needs_input_grad[2]
         gx = gw = gb = None
         gy_rows = _rows(gy)
-        if self.mirror is not None and (need_x or need_w):
+        mirror, mirror_wmat, x_rows = self.mirror, self.mirror_wmat, self.x_rows
+        if mirror is None and need_x and need_w and self.cols is None:
+            # the input gradient copies the windows of gy when that is the smaller copy (_flipped_geometry);
+            # the weight gradient would then copy the windows of x again: one copy of gy's serves both
+            mirror = _flipped_geometry(self.g)
+            if mirror is not None:
+                mirror_wmat, x_rows = _flip_matrix(self.wmat, self.g), _rows(self.x)
+        if mirror is not None and (need_x or need_w):
             # both gradients read the windows of gy in the mirror geometry: dx = im2col'(gy) W'.T,
             # dW' = x_rows.T im2col'(gy), and dW is dW' with its taps flipped back
-            gx, dwmat, _ = _im2col_pass(gy, self.mirror, wmat=self.mirror_wmat if need_x else None,
-                                        grid_rows=self.x_rows if need_w else None)
+            gx, dwmat, _ = _im2col_pass(gy, mirror, wmat=mirror_wmat if need_x else None,
+                                        grid_rows=x_rows if need_w else None)
             if need_w:
-                gw = _weight_from_matrix(_flip_matrix(dwmat, self.mirror), self.weight_shape)
+                gw = _weight_from_matrix(_flip_matrix(dwmat, mirror), self.weight_shape)
         else:
             if need_x:      # dL/dx = col2im(gy W)
                 gx = _col2im_pass(gy, self.wmat, self.g, grid_rows=gy_rows)
