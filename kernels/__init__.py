@@ -28,7 +28,9 @@ NumPy reference that also runs on CuPy, one compiled Numba version):
 ``im2col(image, kernel, stride, padding)`` and ``col2im(cols, out, kernel,
 stride, padding)`` on channels-last images (windows_numpy.py,
 windows_numba.py, windows_cuda.py); "auto" takes Numba for NumPy arrays when
-it imports and the CUDA kernels for CuPy arrays when they compile. And on a
+it imports and the CUDA kernels for CuPy arrays when they compile. ReLU's
+gradient ``relu_grad(g, y)`` is one compiled pass on the CPU when Numba
+imports (relu_numba.py), the expression ``g * (y > 0)`` elsewhere. And on a
 GPU, Adam's update as one launch per parameter (``adam_step``, adam_cuda.py):
 a training step there is bound by kernel launches, not arithmetic.
 
@@ -48,16 +50,18 @@ _loaded = {}
 
 
 def _load(name):
-    """The backend module for ``name`` (``"numba"``, ``"cupy"``, ``"numba-windows"``, ``"cuda-windows"``,
-    ``"cuda-adam"``), or a string saying why it is unusable."""
+    """The backend module for ``name`` (``"numba"``, ``"cupy"``, ``"numba-windows"``, ``"numba-relu"``,
+    ``"cuda-windows"``, ``"cuda-adam"``), or a string saying why it is unusable."""
     if name not in _loaded:
         try:
-            if name not in ("numba", "numba-windows") and not _backend.cuda_available():
+            if name not in ("numba", "numba-windows", "numba-relu") and not _backend.cuda_available():
                 raise ImportError("CuPy is not importable or sees no CUDA GPU")
             if name == "numba":
                 from . import nearest_numba as module
             elif name == "numba-windows":
                 from . import windows_numba as module
+            elif name == "numba-relu":
+                from . import relu_numba as module
             elif name == "cupy":
                 from . import nearest_cuda as module
             else:
@@ -247,6 +251,21 @@ def col2im(cols, out, kernel, stride, padding, backend="auto"):
     return col2im_numpy(cols, out, kernel, stride, padding)
 
 
+# ---------------------------------------------------------------- ReLU's gradient
+def relu_grad(g, y):
+    """dL/dx of ``y = relu(x)`` from dL/dy = ``g``: the reference ``g * (y > 0)``.
+
+    For NumPy arrays of one dense layout, when Numba imports, it is one compiled pass instead of
+    two (relu_numba.py), equal to the reference to the bit; elsewhere (CuPy arrays, no Numba,
+    mixed or strided layouts) the reference itself.
+    """
+    if _backend.get_array_module(g) is np and not isinstance(_load("numba-relu"), str):
+        out = _load("numba-relu").relu_grad_numba(g, y)
+        if out is not None:
+            return out
+    return g * (y > 0)
+
+
 # ---------------------------------------------------------------- Adam's step
 def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, step):
     """Adam's update of one parameter in place as one fused CUDA launch (adam.cu), where it can run:
@@ -265,5 +284,5 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, st
     return True
 
 
-__all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "adam_step", "BACKENDS",
+__all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "relu_grad", "adam_step", "BACKENDS",
            "METRICS", "WINDOW_BACKENDS", "NonFiniteError"]

@@ -5,7 +5,7 @@ that was broadcast is summed over the axes it was stretched along.
 """
 import numpy as np
 
-from .. import backend
+from .. import backend, kernels
 from ..autograd import Function, Tensor
 from ..backend import get_array_module
 
@@ -184,7 +184,7 @@ class ReLU(Function):
         return self.y
 
     def backward(self, g):
-        return g * (self.y > 0)                        # dy/dx = 1 where x > 0, else 0
+        return kernels.relu_grad(g, self.y)            # g * (y > 0): dy/dx = 1 where x > 0, else 0
 
 
 class Sigmoid(Function):
