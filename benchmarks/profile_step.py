@@ -35,6 +35,9 @@ def op_label(fn, inputs):
     return f"ConvTranspose2d {g.kh}x{g.kw}/{g.sh} {g.c_grid}->{g.c_img} at {g.h}x{g.w}"
 
 
+SEARCH = "nearest code (kernels.nearest_code)"
+
+
 def conv_flops(fn):
     """Multiply-adds x 2 of one pass (forward, or each of the two backward GEMMs) of a convolution."""
     g = getattr(fn, "g", None)
@@ -85,11 +88,24 @@ class Recorder:
                 recorder.flops[label] += flops
             return out
 
+        # the nearest-code search is no graph node (its indices carry no gradient): a row of its own
+        from minivq.functional import quantize
+        search = quantize.nearest_code
+
+        def timed_search(x, codebook, **options):
+            t0 = time.perf_counter()
+            out = search(x, codebook, **options)
+            recorder.fwd[SEARCH] += time.perf_counter() - t0
+            recorder.flops[SEARCH] += 2.0 * x.shape[0] * codebook.shape[0] * codebook.shape[1]
+            return out
+
         def undo():
             Function.__call__ = original
+            quantize.nearest_code = search
             for cls, backward in patched.items():
                 cls.backward = backward
         Function.__call__ = timed_call
+        quantize.nearest_code = timed_search
         return undo
 
     def reset(self):

@@ -21,6 +21,8 @@ def test_profile_step_times_every_op_and_names_the_convolutions(tmp_path, model)
     assert convs and all(row["gflops"] and row["gflops"] > 0 for row in convs)
     expected = "Conv2d 3x3/1 128->32 at 8x8" if model == "vqvae" else "Conv2d 3x5/1 32->64 at 8x8"
     assert expected in ops and ops[expected]["backward_ms"] > 0
+    search = "nearest code (kernels.nearest_code)"       # no graph node, but a row of its own
+    assert (search in ops and ops[search]["forward_ms"] > 0) == (model == "vqvae")
     listed = sum(row["forward_ms"] + row["backward_ms"] for row in result["rows"]) + result["adam_ms"]
     assert 0 < listed <= result["step_ms"] * 1.05        # the rows are parts of the step, not more
     assert "outside the rows" in done.stdout
@@ -33,15 +35,16 @@ def test_the_profiler_puts_the_ops_back(monkeypatch):
     finally:
         sys.path.remove(BENCH)
     from minivq.autograd import Function
+    from minivq.functional import quantize
     from minivq.functional.basic import ReLU
-    call, backward = Function.__call__, ReLU.backward
+    call, backward, search = Function.__call__, ReLU.backward, quantize.nearest_code
     undo = profile_step.Recorder().install()
     import minivq as mv
     from minivq import functional as F
     F.relu(mv.tensor([1.0, -1.0], requires_grad=True)).sum().backward()
     assert ReLU.backward is not backward
     undo()
-    assert Function.__call__ is call and ReLU.backward is backward
+    assert Function.__call__ is call and ReLU.backward is backward and quantize.nearest_code is search
 
 
 def test_bench_train_step_times_the_prior(tmp_path):
