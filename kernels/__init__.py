@@ -284,5 +284,5 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, st
     return True
 
 
-__all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "relu_grad", "adam_step", "BACKENDS",
-           "METRICS", "WINDOW_BACKENDS", "NonFiniteError"]
+__all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "relu_grad", "adam_step",
+           "BACKENDS", "METRICS", "WINDOW_BACKENDS", "NonFiniteError"]
