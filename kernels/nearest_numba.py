@@ -44,9 +44,10 @@ Epilogue (argmin, per lane, then per row)
 
 Blocking and threads
     ``prange`` hands out blocks of ``ROW_BLOCK`` = 64 rows. Inside a block the
-    codebook is swept in blocks of tiles that fit in L2 (``CODE_BLOCK_BYTES``)
-    and every micro-tile of the block runs over them before the next code
-    block, so large codebooks are read from L2, not from memory.
+    codebook is swept in blocks of tiles (``CODE_BLOCK_BYTES``: 32 KiB, what
+    fits L1, with the wide tile; 128 KiB, L2, with the AVX2 one) and every
+    micro-tile of the block runs over them before the next code block, so the
+    codes come from cache, not from memory, however large the codebook.
 
 Why ``fastmath={"contract"}`` and nothing more
     Contraction turns ``acc + x * e`` into one FMA. It changes the rounding
@@ -84,7 +85,10 @@ _CACHE = "MINIVQ_NUMBA_WIDE" not in os.environ
 ROWS = 8 if WIDE else 4         # rows of x per micro-tile
 CODES = 32 if WIDE else 16      # codes per tile: two float32 registers per row (zmm with AVX-512, else ymm)
 ROW_BLOCK = 64                  # rows per parallel task (a multiple of ROWS)
-CODE_BLOCK_BYTES = 128 * 1024   # packed codes a row block sweeps while they sit in L2
+# packed codes a row block sweeps before the next: with the wide tile, what fits L1 (measured best of 16-128 KiB
+# on an AVX-512 Xeon: 7-13 % faster than 128 KiB, benchmarks/NOTES.md round 4); the AVX2 tile keeps the L2-sized
+# block measured on an AVX2 EPYC (not re-measured there since)
+CODE_BLOCK_BYTES = 32 * 1024 if WIDE else 128 * 1024
 _ACC_SLOTS = ROWS * CODES       # stack buffer sizes must be plain constants for _stack_buffer
 _LANE_SLOTS = (ROW_BLOCK + ROWS) * CODES
 
@@ -197,7 +201,7 @@ def _nearest_kernel(x, packed, norms, tiles_per_block, out):
 
 
 def tiles_per_block(dim, itemsize):
-    """How many packed tiles make one L2-sized code block."""
+    """How many packed tiles make one code block (``CODE_BLOCK_BYTES``; at least one tile)."""
     return max(1, CODE_BLOCK_BYTES // (max(1, dim) * CODES * itemsize))
 
 
