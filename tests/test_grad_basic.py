@@ -7,6 +7,7 @@ import pytest
 import minivq as mv
 from minivq import functional as F
 from minivq.autograd import Function
+from minivq.functional.basic import GetItem
 
 
 def T(a):
@@ -92,10 +93,17 @@ def test_shape_ops():
     (np.array([0, 1, 1, 0]),), (slice(None), np.array([2, 2, 0])), (np.array([1, 0, 1]), np.array([0, 2, 2])),
     np.array([True, False]),
 ])
-def test_indexing_and_slicing(key):
+@pytest.mark.parametrize("last_axis_first", [False, True], ids=["C order", "last axis outermost in memory"])
+def test_indexing_and_slicing(key, last_axis_first):
     rng = np.random.default_rng(3)
-    x = T(rng.standard_normal((2, 3, 4)))
+    data = rng.standard_normal((2, 3, 4))
+    if last_axis_first:         # laid out (4, 2, 3) in memory, as channels-last activations are
+        data = np.ascontiguousarray(data.transpose(2, 0, 1)).transpose(1, 2, 0)
+    x = T(data)
     assert mv.gradcheck(lambda t: t[key], [x])
+    op = GetItem(key)
+    y = op(x)
+    assert op.backward(np.ones(y.shape)).strides == x.data.strides     # the gradient is made in x's layout
 
 
 def test_indexing_repeated_indices_accumulate():

@@ -234,3 +234,30 @@ def test_center_output_makes_the_mean_reconstruction_the_batch_mean(channels):
         if key != "decoder.conv_trans_2.bias":
             np.testing.assert_array_equal(after[key], value, err_msg=key)
     np.testing.assert_allclose(after["decoder.conv_trans_2.bias"] - before["decoder.conv_trans_2.bias"], shift)
+
+
+@pytest.mark.parametrize("which", ["prior", "vqvae", "paper vqvae"])
+def test_a_training_step_hands_every_convolution_channels_last_arrays(monkeypatch, which):
+    """Activations and their gradients stay channels-last through the whole step (functional/conv.py),
+    so no convolution pays a transposing copy of its input or of the gradient it receives."""
+    from minivq.functional import conv as conv_module
+    strays = []
+    for name in ("_rows", "_im2col"):
+        original = getattr(conv_module, name)
+
+        def spy(a, *rest, original=original, name=name):
+            if not a.transpose(0, 2, 3, 1).flags.c_contiguous:
+                strays.append((name, a.shape, a.strides))
+            return original(a, *rest)
+        monkeypatch.setattr(conv_module, name, spy)
+    gen = np.random.default_rng(0)
+    if which == "prior":
+        loss = GatedPixelCNN(16, num_layers=2).loss(gen.integers(0, 16, (3, 6, 6)))
+    else:
+        model = VQVAE(num_hiddens=8, num_residual_hiddens=4, embedding_dim=4, num_embeddings=16,
+                      **({"decay": 0.0, "quantizer": PAPER_QUANTIZER} if which == "paper vqvae" else {}))
+        x = mv.tensor(gen.random((2, 1, 16, 16)).astype(np.float32))
+        x_recon, vq = model(x)
+        loss = F.mse_loss(x_recon, x) + vq.loss
+    loss.backward()
+    assert strays == []

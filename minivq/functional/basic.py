@@ -313,16 +313,28 @@ class GetItem(Function):
 
     def forward(self, x):
         self.in_shape = x.shape
-        return x[self.key]
+        self.in_order = _memory_order(x)     # the gradient is made in x's layout: channels-last stays so,
+        return x[self.key]                   # and the convolutions it reaches read it without a copy
 
     def backward(self, g):
         xp = get_array_module(g)
-        gx = xp.zeros(self.in_shape, dtype=g.dtype)
+        gx = _zeros_in_order(xp, self.in_shape, g.dtype, self.in_order)
         if _is_basic_index(self.key):
             gx[self.key] = g                     # basic indexing never repeats an element
         else:
             backend.add_at(gx, self.key, g)      # advanced indexing may: scatter-add
         return gx
+
+
+def _memory_order(a):
+    """The axes of ``a`` from the slowest-varying in memory to the fastest ((0, 1, ..., n-1) for C order)."""
+    return tuple(sorted(range(a.ndim), key=lambda axis: -a.strides[axis]))
+
+
+def _zeros_in_order(xp, shape, dtype, order):
+    """Zeros of ``shape`` whose memory holds the axes in ``order`` (``_memory_order``), as a view in shape's order."""
+    stored = xp.zeros(tuple(shape[axis] for axis in order), dtype=dtype)
+    return stored.transpose(tuple(order.index(axis) for axis in range(len(order))))
 
 
 def _is_basic_index(key):
