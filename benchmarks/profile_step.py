@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py [--batch 128] [--steps 5] [--threads N] [--json out.json]
     python benchmarks/profile_step.py --model prior [--batch 64]          # the gated PixelCNN prior
+    python benchmarks/profile_step.py --torch                             # then the PyTorch twin's profile
 
 Every graph node (``autograd.Function``) is timed as it runs forward and as it
 runs backward; convolutions are named by their geometry (kernel/stride,
@@ -123,6 +124,8 @@ def main():
     ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
                     help="keep (as the minivq CLI does): the C library keeps freed host memory for the next step")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--torch", action="store_true",
+                    help="then profile the PyTorch twin's step too (torch.profiler: self CPU time per op)")
     args = ap.parse_args()
     if args.threads:
         try:
@@ -205,12 +208,45 @@ def main():
         print(f"{r['op']:<{width}}  {r['forward_ms']:10.1f}  {r['backward_ms']:11.1f}  {share:6.1%}  {rate}")
     print(f"{'Adam (all parameters)':<{width}}  {adam_ms:10.1f}  {'':11}  {adam_ms / step_ms:6.1%}")
     print(f"{'outside the rows (graph walk, Python)':<{width}}  {step_ms - listed:10.1f}")
+    peer = profile_torch(args) if args.torch else None
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "profile_step", "model": args.model, "batch": args.batch, "steps": args.steps,
                        "step_ms": step_ms, "adam_ms": adam_ms, "host_memory_kept": memory_kept, "rows": rows,
-                       "machine": describe_machine()}, f, indent=1)
+                       "torch": peer, "machine": describe_machine()}, f, indent=1)
         print(f"wrote {args.json}")
+
+
+def profile_torch(args, top=12):
+    """The PyTorch twin's step under torch.profiler: self CPU ms per step of its ops, the convolutions summed."""
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        raise SystemExit("profile_step.py: --torch needs PyTorch (pip install torch)")
+    from bench_train_step import load_images, random_codes, torch_prior_step, torch_step
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model == "prior":
+        step = torch_prior_step("cpu", random_codes(args.batch))
+    else:
+        x_host, variance, _ = load_images(args.batch)
+        step = torch_step("cpu", x_host, variance)
+    step()                                    # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            time.sleep(0.2)                   # as bench_train_step.py rests between steps
+            step()
+    ops = sorted(((e.key, e.self_cpu_time_total / 1e3 / args.steps) for e in prof.key_averages()),
+                 key=lambda op: -op[1])
+    total = sum(ms for _, ms in ops)
+    convolutions = sum(ms for name, ms in ops if "convolution" in name)
+    print(f"\nPyTorch twin, torch.profiler, self CPU time per step: {total:.1f} ms, "
+          f"of which its convolutions (names with 'convolution') {convolutions:.1f} ms")
+    for name, ms in ops[:top]:
+        print(f"  {name:<45} {ms:8.1f} ms")
+    return {"step_self_cpu_ms": total, "convolutions_ms": convolutions,
+            "ops": [{"op": name, "self_cpu_ms": ms} for name, ms in ops[:top]]}
 
 
 if __name__ == "__main__":

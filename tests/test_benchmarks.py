@@ -28,6 +28,19 @@ def test_profile_step_times_every_op_and_names_the_convolutions(tmp_path, model)
     assert "outside the rows" in done.stdout
 
 
+def test_profile_step_profiles_the_pytorch_twin_too(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "profile_step.py"), "--batch", "2", "--steps", "1",
+                           "--threads", "1", "--torch", "--json", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    peer = json.loads(out.read_text())["torch"]
+    assert 0 < peer["convolutions_ms"] < peer["step_self_cpu_ms"]
+    assert any("convolution" in op["op"] for op in peer["ops"])
+    assert "PyTorch twin, torch.profiler" in done.stdout
+
+
 def test_the_profiler_puts_the_ops_back(monkeypatch):
     sys.path.insert(0, BENCH)
     try:
