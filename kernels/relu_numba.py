@@ -23,8 +23,9 @@ def _masked(g, y, out):
 
 
 def relu_grad_numba(g, y):
-    """``g * (y > 0)`` for NumPy arrays of one shape, dtype and dense layout; ``None`` for anything else."""
-    if g.shape != y.shape or g.dtype != y.dtype or g.dtype.kind != "f":
+    """``g * (y > 0)`` for NumPy float32/float64 arrays of one shape, dtype and dense layout; ``None`` for
+    anything else (float16 among them: Numba does no float16 arithmetic on the CPU)."""
+    if g.shape != y.shape or g.dtype != y.dtype or g.dtype not in (np.float32, np.float64):
         return None
     order = sorted(range(g.ndim), key=lambda axis: -g.strides[axis])     # g's axes, slowest first
     out = np.empty_like(g)                                               # g's layout

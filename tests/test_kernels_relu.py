@@ -45,7 +45,8 @@ def test_layouts_it_cannot_take_go_to_the_reference():
     y = np.maximum(gen.standard_normal((4, 6, 5)).astype(np.float32), 0)
     cases = [(g[:, ::2], y[:, ::2]),                      # strided: not dense
              (g, np.asfortranarray(y)),                   # dense, but in another order than g
-             (g, y.astype(np.float64))]                   # mixed dtypes
+             (g, y.astype(np.float64)),                   # mixed dtypes
+             (g.astype(np.float16), y.astype(np.float16))]  # no float16 arithmetic in Numba
     for a, b in cases:
         assert relu_numba.relu_grad_numba(a, b) is None
         assert same_bits(kernels.relu_grad(a, b), a * (b > 0))
