@@ -30,7 +30,9 @@ def test_the_compiled_pass_equals_the_reference_to_the_bit(dtype, seed):
     gen = np.random.default_rng(seed)
     shape = tuple(int(v) for v in gen.integers(1, 7, int(gen.integers(0, 5))))
     order = tuple(gen.permutation(len(shape)))          # a dense layout in some order of axes
-    make = lambda: np.ascontiguousarray(awkward(gen, shape, dtype).transpose(order)).transpose(np.argsort(order))
+
+    def make():
+        return np.ascontiguousarray(awkward(gen, shape, dtype).transpose(order)).transpose(np.argsort(order))
     g, y = make(), np.maximum(make(), 0)                  # y = relu(x): NaN stays NaN, zeros stay
     mine = relu_numba.relu_grad_numba(g, y)
     assert mine is not None
