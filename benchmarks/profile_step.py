@@ -149,11 +149,13 @@ def main():
     if args.model == "prior":
         model = mv.models.GatedPixelCNN(**PRIOR)
         codes = random_codes(args.batch)
+        inputs = (codes,)
 
         def compute_loss():
             return model.loss(codes)
     else:
         x_host, variance, _ = load_images(args.batch)
+        inputs = (x_host, variance)
         model = VQVAE(decay=0.0, quantizer=PAPER_QUANTIZER)
         x = mv.tensor(x_host)
 
@@ -208,7 +210,7 @@ def main():
         print(f"{r['op']:<{width}}  {r['forward_ms']:10.1f}  {r['backward_ms']:11.1f}  {share:6.1%}  {rate}")
     print(f"{'Adam (all parameters)':<{width}}  {adam_ms:10.1f}  {'':11}  {adam_ms / step_ms:6.1%}")
     print(f"{'outside the rows (graph walk, Python)':<{width}}  {step_ms - listed:10.1f}")
-    peer = profile_torch(args) if args.torch else None
+    peer = profile_torch(args, inputs) if args.torch else None
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "profile_step", "model": args.model, "batch": args.batch, "steps": args.steps,
@@ -217,21 +219,18 @@ def main():
         print(f"wrote {args.json}")
 
 
-def profile_torch(args, top=12):
-    """The PyTorch twin's step under torch.profiler: self CPU ms per step of its ops, the convolutions summed."""
+def profile_torch(args, inputs, top=12):
+    """The PyTorch twin's step on the same ``inputs`` (codes, or images and their variance) under
+    torch.profiler: self CPU ms per step of its ops, the convolutions summed."""
     try:
         import torch
         from torch.profiler import ProfilerActivity, profile
     except ImportError:
         raise SystemExit("profile_step.py: --torch needs PyTorch (pip install torch)")
-    from bench_train_step import load_images, random_codes, torch_prior_step, torch_step
+    from bench_train_step import torch_prior_step, torch_step
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model == "prior":
-        step = torch_prior_step("cpu", random_codes(args.batch))
-    else:
-        x_host, variance, _ = load_images(args.batch)
-        step = torch_step("cpu", x_host, variance)
+    step = (torch_prior_step if args.model == "prior" else torch_step)("cpu", *inputs)
     step()                                    # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):

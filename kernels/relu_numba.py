@@ -15,6 +15,8 @@ else gets ``None`` back, and the caller uses the reference.
 import numpy as np
 from numba import njit
 
+from minivq.backend import memory_order
+
 
 @njit(nogil=True, cache=True)
 def _masked(g, y, out):
@@ -27,8 +29,8 @@ def relu_grad_numba(g, y):
     anything else (float16 among them: Numba does no float16 arithmetic on the CPU)."""
     if g.shape != y.shape or g.dtype != y.dtype or g.dtype not in (np.float32, np.float64):
         return None
-    order = sorted(range(g.ndim), key=lambda axis: -g.strides[axis])     # g's axes, slowest first
-    out = np.empty_like(g)                                               # g's layout
+    order = memory_order(g)                      # g's axes, slowest first
+    out = np.empty_like(g)                       # g's layout
     flat = [a.transpose(order) for a in (g, y, out)]
     if not all(a.flags.c_contiguous for a in flat):
         return None

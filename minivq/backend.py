@@ -186,6 +186,12 @@ def to_numpy(a):
     return a.get() if _is_cupy_array(a) else np.asarray(a)
 
 
+def memory_order(a):
+    """The axes of ``a`` (NumPy or CuPy) from the slowest-varying in memory to the fastest: (0, 1, ..., n-1)
+    for C order, (0, 2, 3, 1) for the channels-last activations of functional/conv.py."""
+    return tuple(sorted(range(a.ndim), key=lambda axis: -a.strides[axis]))
+
+
 def min_max(a):
     """``(min, max)`` of a non-empty array as Python numbers, read from the GPU in one copy.
 

@@ -313,8 +313,8 @@ class GetItem(Function):
 
     def forward(self, x):
         self.in_shape = x.shape
-        self.in_order = _memory_order(x)     # the gradient is made in x's layout: channels-last stays so,
-        return x[self.key]                   # and the convolutions it reaches read it without a copy
+        self.in_order = backend.memory_order(x)     # the gradient is made in x's layout: channels-last
+        return x[self.key]                          # stays so, and the convolutions it reaches need no copy
 
     def backward(self, g):
         xp = get_array_module(g)
@@ -326,13 +326,9 @@ class GetItem(Function):
         return gx
 
 
-def _memory_order(a):
-    """The axes of ``a`` from the slowest-varying in memory to the fastest ((0, 1, ..., n-1) for C order)."""
-    return tuple(sorted(range(a.ndim), key=lambda axis: -a.strides[axis]))
-
-
 def _zeros_in_order(xp, shape, dtype, order):
-    """Zeros of ``shape`` whose memory holds the axes in ``order`` (``_memory_order``), as a view in shape's order."""
+    """Zeros of ``shape`` whose memory holds the axes in ``order`` (``backend.memory_order``), viewed in
+    shape's order."""
     stored = xp.zeros(tuple(shape[axis] for axis in order), dtype=dtype)
     return stored.transpose(tuple(order.index(axis) for axis in range(len(order))))
 
