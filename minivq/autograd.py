@@ -14,6 +14,7 @@ gradient it receives is already complete.
 """
 import heapq
 import itertools
+import threading
 import weakref
 
 import numpy as np
@@ -21,14 +22,21 @@ import numpy as np
 from . import backend
 
 
-# ---------------------------------------------------------------- grad mode
-class _GradMode:
-    enabled = True          # the one piece of global mutable state (besides the RNG)
+# ---------------------------------------------------------------- grad mode and hook
+class _ThreadState(threading.local):
+    """The grad mode and the backward hook, one of each per thread (as in PyTorch): a thread that
+    turns recording off, or inspects its backward, changes nothing for the data-parallel workers
+    beside it (``minivq.workers``). A new thread starts with recording on and no hook."""
+    grad_enabled = True
+    backward_hook = None
+
+
+_state = _ThreadState()
 
 
 def set_grad_enabled(mode):
-    """Turn graph recording on or off; returns the previous mode."""
-    previous, _GradMode.enabled = _GradMode.enabled, bool(mode)
+    """Turn graph recording on or off in this thread; returns the previous mode."""
+    previous, _state.grad_enabled = _state.grad_enabled, bool(mode)
     return previous
 
 
@@ -43,28 +51,23 @@ def enable_grad():
 
 
 def is_grad_enabled():
-    return _GradMode.enabled
+    return _state.grad_enabled
 
 
-# ---------------------------------------------------------------- backward hook
 # An opt-in inspection hook: ``fn(function, grads_out)`` is called once per
 # Function during backward, after its ``backward`` ran, with the gradients of
 # its outputs. None by default, so backward pays one ``is None`` test per node.
 # ``minivq.graph.record_grad_norms`` is built on it; autograd knows nothing of graph.
-_backward_hook = None
-
-
 def get_backward_hook():
-    """The hook backward calls for each Function, or None."""
-    return _backward_hook
+    """The hook backward calls for each Function in this thread, or None."""
+    return _state.backward_hook
 
 
 def set_backward_hook(fn):
-    """Make ``fn(function, grads_out)`` (or None) the backward hook; returns the previous one."""
-    global _backward_hook
+    """Make ``fn(function, grads_out)`` (or None) this thread's backward hook; returns the previous one."""
     if fn is not None and not callable(fn):
         raise TypeError(f"a backward hook must be callable or None, got {fn!r}")
-    previous, _backward_hook = _backward_hook, fn
+    previous, _state.backward_hook = _state.backward_hook, fn
     return previous
 
 
@@ -234,6 +237,7 @@ def run_backward(root, grad):
             heapq.heappush(heap, (-t.creator.generation, next(tie), t.creator))
 
     reach(root)
+    hook = _state.backward_hook
     while heap:
         fn = heapq.heappop(heap)[2]
         grads_out = []
@@ -254,8 +258,8 @@ def run_backward(root, grad):
         grads_in = fn.backward(*grads_out)
         if not isinstance(grads_in, tuple):
             grads_in = (grads_in,)
-        if _backward_hook is not None:
-            _backward_hook(fn, grads_out)
+        if hook is not None:
+            hook(fn, grads_out)
         for x, gx in zip(fn.inputs, grads_in):
             if gx is None or not x.requires_grad:
                 continue
@@ -296,7 +300,7 @@ class Function:
 
     def __call__(self, *inputs):
         inputs = [x if isinstance(x, Tensor) else Tensor(x) for x in inputs]
-        record = _GradMode.enabled and any(x.requires_grad for x in inputs)
+        record = _state.grad_enabled and any(x.requires_grad for x in inputs)
         self.needs_input_grad = tuple(record and x.requires_grad for x in inputs)
         ys = self.forward(*[x.data for x in inputs])
         single = not isinstance(ys, tuple)

@@ -7,6 +7,7 @@ NumPy alone.
 """
 import contextlib
 import ctypes
+import threading
 
 import numpy as np
 
@@ -204,31 +205,53 @@ def min_max(a):
 
 # ---------------------------------------------------------------- random state
 # minivq draws every random number (initialisation, shuffling, restarts,
-# sampling) from this one NumPy generator, on CPU and GPU runs alike, and moves
+# sampling) from one NumPy generator, on CPU and GPU runs alike, and moves
 # the result to the device: so a seed gives the same initial weights on both.
-_rng = np.random.default_rng()
+# There is one generator per thread (a NumPy generator is not safe to share
+# between threads): the data-parallel workers of ``minivq.workers`` each seed
+# their own and draw what one process would draw. A new thread's generator is
+# unseeded until that thread calls ``manual_seed``.
+class _RandomState(threading.local):
+    def __init__(self):
+        self.generator = np.random.default_rng()
+
+
+_random = _RandomState()
 
 
 def manual_seed(seed):
-    """Seed every random draw minivq makes."""
-    global _rng
+    """Seed every random draw minivq makes in this thread."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    _rng = np.random.default_rng(int(seed))
+    _random.generator = np.random.default_rng(int(seed))
 
 
 def rng():
-    """The generator behind every random draw minivq makes."""
-    return _rng
+    """The generator behind every random draw minivq makes in this thread."""
+    return _random.generator
 
 
 def get_rng_state():
     """The generator's state as a JSON-able dict (for checkpoints)."""
-    return _rng.bit_generator.state
+    return _random.generator.bit_generator.state
 
 
 def set_rng_state(state):
-    _rng.bit_generator.state = state
+    _random.generator.bit_generator.state = state
+
+
+# ---------------------------------------------------------------- threads
+def blas_threads(count):
+    """Within this block the BLAS library (NumPy's: OpenBLAS, MKL, ...) runs ``count`` threads, process-wide.
+
+    Through threadpoolctl (``pip install -e .[threads]``); an ImportError naming
+    that fix where it is missing.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        raise ImportError("threadpoolctl is not installed (install it with `pip install -e .[threads]`)") from None
+    return threadpool_limits(count, user_api="blas")
 
 
 # ---------------------------------------------------------------- scatter-add
@@ -318,8 +341,8 @@ def setting(set_value, value):
     """Within this block a global setting holds ``value``; the previous value comes back after, even on error.
 
     ``set_value(v)`` sets the setting and returns the value it had. The few global
-    settings minivq has (the grad mode, the backward hook, the conv workspace
-    limit) are each a setter plus this context manager.
+    settings minivq has (the grad mode and the backward hook, both per thread; the
+    conv workspace limit) are each a setter plus this context manager.
     """
     previous = set_value(value)
     try:
