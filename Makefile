@@ -29,7 +29,7 @@ dataset:
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 
 install: dataset $(if $(filter .venv/bin/python,$(PYTHON)),.venv/bin/python)
-	$(PIP) install -q -e ".[numba,test,mpi]"
+	$(PIP) install -q -e ".[numba,test,mpi,threads]"
 
 train: install
 	$(PYTHON) -m minivq train --steps $(STEPS) --out $(OUT) --overwrite

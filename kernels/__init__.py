@@ -266,6 +266,20 @@ def relu_grad(g, y):
     return g * (y > 0)
 
 
+# ---------------------------------------------------------------- threads
+def set_cpu_threads(count):
+    """Let the parallel CPU kernel (Numba's nearest-code search) use ``count`` threads when this thread calls it.
+
+    Numba's thread count belongs to the calling thread, so each data-parallel worker thread
+    (``minivq.workers``) sets its own. Does nothing where Numba does not import. Capped at the
+    threads Numba started with.
+    """
+    if isinstance(_load("numba"), str):
+        return
+    import numba
+    numba.set_num_threads(max(1, min(int(count), numba.config.NUMBA_NUM_THREADS)))
+
+
 # ---------------------------------------------------------------- Adam's step
 def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, step):
     """Adam's update of one parameter in place as one fused CUDA launch (adam.cu), where it can run:
@@ -285,4 +299,4 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, st
 
 
 __all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "relu_grad", "adam_step",
-           "BACKENDS", "METRICS", "WINDOW_BACKENDS", "NonFiniteError"]
+           "set_cpu_threads", "BACKENDS", "METRICS", "WINDOW_BACKENDS", "NonFiniteError"]

@@ -18,7 +18,8 @@ restart and k-means choices (through the quantiser's injected reducer), the
 gradients (one allreduce of one flat buffer) and the logged metrics are
 combined over the ranks, so every rank makes the same update a single process
 would make with the whole batch. Only rank 0 writes the run folder, and a
-checkpoint does not depend on the number of ranks.
+checkpoint does not depend on the number of ranks. ``--workers N`` runs the
+same ranks as N threads of this process instead (``minivq.workers``).
 """
 import hashlib
 import math
@@ -29,6 +30,7 @@ import numpy as np
 from . import backend
 from . import distributed
 from . import functional as F
+from . import workers
 from .autograd import Tensor
 from .checkpoint import VQVAE_KIND, open_run, restore, resume_settings, save_checkpoint
 from .config import ModelConfig, TrainConfig
@@ -211,7 +213,8 @@ def train_vqvae(config=None, model=None, comm=None, explicit=None):
     or a dict of the model settings chosen explicitly (checked against the
     checkpoint on resume), or None. ``comm``: a ``minivq.distributed``
     communicator for data-parallel training (default: this process alone);
-    ``config.batch_size`` is then the global batch, split evenly over the ranks.
+    ``config.batch_size`` is then the global batch, split evenly over the ranks;
+    ``config.workers`` > 1 makes the ranks threads of this process (``minivq.workers``).
     ``explicit``: the names of the settings the user chose (the CLI's flags given);
     on resume those of ``TrainConfig.FROM_CHECKPOINT`` must equal the checkpoint's
     (default: the ones that differ from their defaults).
@@ -220,6 +223,15 @@ def train_vqvae(config=None, model=None, comm=None, explicit=None):
     """
     config = config if config is not None else TrainConfig()
     comm = comm if comm is not None else distributed.SingleProcess()
+    if config.workers > 1:
+        if comm.size > 1:
+            raise distributed.CollectiveError(f"--workers {config.workers} under mpiexec: start one worker per "
+                                              f"process (drop --workers) and as many processes as workers")
+        return workers.run(lambda rank: _train_rank(config, model, rank, explicit), config.workers)
+    return _train_rank(config, model, comm, explicit)
+
+
+def _train_rank(config, model, comm, explicit):
     config, device, folder, meta, sections = _setup(config, comm, explicit)
     try:
         return _train(config, model, comm, device, folder, meta, sections)
