@@ -12,6 +12,11 @@ are reported.
     python benchmarks/bench_train_step.py [--batches 32 128] [--repeats 15] [--device cpu|cuda]
     python benchmarks/bench_train_step.py --model prior [--batches 64]     # the gated PixelCNN prior
 
+``--workers N`` also times minivq's step with the batch split over N data-parallel worker
+threads of one process (``minivq.workers``, as ``minivq train --workers N`` trains: each
+worker a replica of the model with one BLAS thread, gradients averaged), interleaved with
+the rest; the same update as the whole batch in one thread (the tests hold the two equal).
+
 ``--model prior`` times the prior's training step (minivq's default GatedPixelCNN, K = 512, on
 8x8 grids of random codes) against its PyTorch twin (benchmarks/torch_pixelcnn.py, same layout
 and size), the same way.
@@ -59,6 +64,40 @@ def minivq_step(device, x_host, variance):
         loss.backward()
         opt.step()
         sync()
+    return step
+
+
+def minivq_workers_step(device, x_host, variance, count):
+    """minivq's step with the batch split over ``count`` worker threads, as ``minivq train --workers`` takes it.
+
+    Each worker holds a replica of the model (the same seed) and its own Adam, and takes
+    1/count of the batch; after backward the gradients are averaged over the workers, the
+    quantiser's statistics reduced through them (``minivq.distributed``). Threads are started
+    (and BLAS held to one thread) for each step here, once per run in training: ~0.5 ms more.
+    """
+    from minivq import distributed, workers
+    if device != "cpu" or len(x_host) % count:
+        raise SystemExit(f"--workers {count}: the CPU only, and a batch that splits evenly")
+    local = len(x_host) // count
+    replicas = []
+    for rank in range(count):
+        mv.manual_seed(0)
+        model = VQVAE(decay=0.0, quantizer=PAPER_QUANTIZER)
+        replicas.append((model, mv.optim.Adam(model.parameters(), lr=1e-3),
+                         mv.tensor(np.ascontiguousarray(x_host[rank * local:(rank + 1) * local]))))
+
+    def rank_step(comm):
+        model, opt, x = replicas[comm.rank]
+        model.vq.reducer = distributed.BatchReducer(comm)
+        x_recon, vq = model(x)
+        loss = F.mse_loss(x_recon, x) / variance + vq.loss
+        opt.zero_grad()
+        loss.backward()
+        distributed.GradientAverager(comm, opt.params)()
+        opt.step()
+
+    def step():
+        workers.run(rank_step, count)
     return step
 
 
@@ -191,6 +230,8 @@ def main():
     ap.add_argument("--array-ops-too", action="store_true",
                     help="on a GPU, also time minivq with its CUDA kernels for the window copies and Adam turned "
                          "off (their array-op versions), interleaved with the rest")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="also time minivq's step split over this many worker threads (the VQ-VAE, on the CPU)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train-step-...)")
     args = ap.parse_args()
     memory_kept = args.malloc == "keep" and backend.keep_freed_host_memory()
@@ -229,6 +270,8 @@ def main():
         else:
             x, variance, source = load_images(batch)
             impls = {"minivq": minivq_step(args.device, x, variance)}
+            if args.workers:
+                impls["minivq_workers"] = minivq_workers_step(args.device, x, variance, args.workers)
             if args.array_ops_too:
                 impls["minivq_array_ops"] = without_cuda_kernels(minivq_step(args.device, x, variance))
             if have_torch:
@@ -248,6 +291,8 @@ def main():
             row[f"{name}_gflops"] = row["flops"] / float(np.median(ts)) / 1e9
         if have_torch:
             row["ratio"] = row["minivq_ms"] / row["pytorch_ms"]
+            if "minivq_workers_ms" in row:
+                row["workers_ratio"] = row["minivq_workers_ms"] / row["pytorch_ms"]
         if "minivq_array_ops_ms" in row:
             row["array_ops_over_kernels"] = row["minivq_array_ops_ms"] / row["minivq_ms"]
         rows.append(row)
@@ -258,11 +303,16 @@ def main():
               f"{r.get('pytorch_ms', float('nan')):>11.1f} {r.get('pytorch_gflops', float('nan')):>6.1f} "
               f"{r.get('ratio', float('nan')):>6.2f}")
     for r in rows:
+        if "minivq_workers_ms" in r:
+            print(f"batch {r['batch']}: minivq over {args.workers} worker threads (--workers) "
+                  f"{r['minivq_workers_ms']:.1f} ms, {r.get('workers_ratio', float('nan')):.2f}x PyTorch's step")
+    for r in rows:
         if "array_ops_over_kernels" in r:
             print(f"batch {r['batch']}: minivq with its CUDA kernels off {r['minivq_array_ops_ms']:.1f} ms "
                   f"({r['array_ops_over_kernels']:.2f}x the step with them)")
     machine = describe_machine()
     result = {"benchmark": "train_step", "model": args.model, "device": args.device, "threads": threads,
+              "workers": args.workers,
               "pause_s": args.pause, "repeats": args.repeats,
               "host_memory_kept": memory_kept,
               "machine": machine, "rows": rows}

@@ -72,6 +72,19 @@ def test_bench_train_step_times_the_prior(tmp_path):
     assert row["batch"] == 2 and row["minivq_ms"] > 0 and row["flops"] > 0
 
 
+def test_bench_train_step_times_the_workers_step_too(tmp_path):
+    pytest.importorskip("threadpoolctl")
+    out = tmp_path / "workers.json"
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "bench_train_step.py"), "--workers", "2",
+                           "--batches", "4", "--repeats", "1", "--warmup", "0", "--pause", "0", "--threads", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["workers"] == 2 and row["minivq_workers_ms"] > 0 and row["minivq_ms"] > 0
+    assert "over 2 worker threads" in done.stdout
+
+
 @pytest.mark.parametrize("probe, last_lr", [("control", 1e-3), ("cosine", 0.0), ("anneal", 0.0), ("lr5e-4", 5e-4)])
 def test_optimizer_probe_trains_the_defaults_with_its_setting(tmp_path, monkeypatch, probe, last_lr):
     from conftest import write_blobs
