@@ -197,3 +197,27 @@ def test_workers_without_threadpoolctl_is_one_line(blobs, tmp_path, capsys, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install -e .[threads]" in err[0] and "2 workers" in err[0], err
     assert not (tmp_path / "checkpoint.npz").exists()
+
+
+@needs_threadpoolctl
+def test_ctrl_c_stops_every_worker_and_keeps_the_checkpoint(blobs, tmp_path):  # noqa: F811
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    argv = [sys.executable, "-m", "minivq", *_train_args(blobs, tmp_path, 100000, "--workers", "2")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while proc.poll() is None and not (tmp_path / "checkpoint.npz").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minivq train: interrupted at step "), err
+    assert "continue with --resume" in lines[0] and out == ""
+    meta, _ = read_checkpoint(str(tmp_path / "checkpoint.npz"), "minivq-vqvae")
+    assert meta["step"] % 3 == 0 and f"the checkpoint of step {meta['step']}" in lines[0]
