@@ -8,10 +8,12 @@ runs without mpiexec). Every rank trains the paper's VQ-VAE on its slice of the 
 (which includes waiting for the slower rank). After training, each multi-rank worker also times
 bare allreduces of a buffer the size of the gradients (after a barrier): the transfer alone.
 
-On the CPU the BLAS, OpenMP and Numba thread counts are set explicitly per rank. Three
+On the CPU the BLAS, OpenMP and Numba thread counts are set explicitly per rank. Four
 configurations: 1 rank x T threads, 1 rank x 1 thread, P ranks x 1 thread (T = P = 2 by default, for
 this 2-core machine), so the scaling efficiency (per-rank throughput of P ranks over that of one
-rank with the same single core) and the speed-up over one process using every core can both be read.
+rank with the same single core) and the speed-up over one process using every core can both be read;
+and P workers in one process (``minivq train --workers P``: the same ranks as threads, each with one
+BLAS thread), against the MPI ranks and the one process with T threads.
 
     python benchmarks/bench_data_parallel.py [--ranks 2] [--steps 12] [--warmup 2] [--batch 128]
     python benchmarks/bench_data_parallel.py --device cuda     # a multi-GPU node: NCCL, 1 and N GPUs
@@ -47,7 +49,7 @@ def worker(args):
         comm.timing = True      # synchronise around NCCL calls so their time is counted
     train_vqvae(TrainConfig(out=args.out, data=args.data, steps=args.warmup + args.steps, batch_size=args.batch,
                             device=args.device, eval_every=10 ** 9, eval_size=args.batch, checkpoint_every=10 ** 9,
-                            log_every=1, progress=False, dtype="float32",
+                            log_every=1, progress=False, dtype="float32", workers=args.workers,
                             comm_backend="nccl" if args.device != "cpu" else "auto"), comm=comm)
     bare = []
     if comm.size > 1:           # the transfer alone: allreduces of a gradient-sized buffer, after a barrier
@@ -71,14 +73,14 @@ def worker(args):
     comm.close()
 
 
-def run_configuration(args, ranks, threads, out):
+def run_configuration(args, ranks, threads, workers, out):
     """One run of one configuration: its timed steps' seconds, comm seconds and bare allreduce seconds."""
     env = dict(os.environ, **{k: str(threads) for k in THREAD_VARIABLES})
     for k in ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MINIVQ_DISTRIBUTED"):
         env.pop(k, None)
     me = [sys.executable, os.path.abspath(__file__), "--worker", "--out", out, "--steps", str(args.steps),
           "--warmup", str(args.warmup), "--batch", str(args.batch), "--device", args.device,
-          "--allreduces", str(args.allreduces)] + (["--data", args.data] if args.data else [])
+          "--allreduces", str(args.allreduces), "--workers", str(workers)] + (["--data", args.data] if args.data else [])
     cmd = me if ranks == 1 else [args.mpiexec, "-n", str(ranks)] + me
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
@@ -93,14 +95,14 @@ def run_configuration(args, ranks, threads, out):
     return times, comm, bare, wall
 
 
-def summarise(args, ranks, threads, runs):
+def summarise(args, ranks, threads, workers, runs):
     """Medians over the timed steps of every repeat of one configuration."""
     times = [t for run in runs for t in run[0]]
     comm = [c for run in runs for c in run[1]]
     bare = {"seconds": [b for run in runs for b in run[2]["seconds"]], "gradient_floats": runs[0][2]["gradient_floats"]}
     step = statistics.median(times)
-    result = {"ranks": ranks, "threads_per_rank": threads, "global_batch": args.batch,
-              "local_batch": args.batch // ranks, "timed_steps": len(times),
+    result = {"ranks": ranks, "threads_per_rank": threads, "workers": workers, "global_batch": args.batch,
+              "local_batch": args.batch // (ranks * workers), "timed_steps": len(times),
               "step_seconds_median": step, "step_seconds_min": min(times), "step_seconds": times,
               "samples_per_second": args.batch / step,
               "comm_seconds_median": statistics.median(comm),
@@ -110,7 +112,8 @@ def summarise(args, ranks, threads, runs):
         result.update(bare_allreduce_seconds_median=statistics.median(bare["seconds"]),
                       bare_allreduce_bytes=4 * bare["gradient_floats"],
                       bare_allreduce_share_of_step=statistics.median(bare["seconds"]) / step)
-    print(f"{ranks} rank(s) x {threads} thread(s): step {step:.3f} s (median of {len(times)}), "
+    what = f"{workers} workers in one process" if workers > 1 else f"{ranks} rank(s) x {threads} thread(s)"
+    print(f"{what}: step {step:.3f} s (median of {len(times)}), "
           f"{args.batch / step:.1f} samples/s, communication {100 * result['comm_share_median']:.1f}% of a step"
           + (f", bare allreduce {1e3 * result['bare_allreduce_seconds_median']:.2f} ms" if bare["seconds"] else ""),
           file=sys.stderr)
@@ -130,6 +133,7 @@ def main():
     p.add_argument("--data", default=None)
     p.add_argument("--mpiexec", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -141,25 +145,28 @@ def main():
         sys.exit("bench_data_parallel: no mpiexec found; pip install -e .[mpi]")
     if args.device == "cpu":
         threads = args.threads or args.ranks
-        plan = [(1, threads), (1, 1), (args.ranks, 1)]
+        plan = [(1, threads, 1), (1, 1, 1), (args.ranks, 1, 1), (1, 1, args.ranks)]
     else:
-        plan = [(1, 1), (args.ranks, 1)]
+        plan = [(1, 1, 1), (args.ranks, 1, 1)]
     machine = describe_machine()
     runs = {config: [] for config in plan}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):     # interleaved, so a burst of load elsewhere hits all alike
-            for i, (ranks, threads) in enumerate(plan):
+            for i, config in enumerate(plan):
                 out = os.path.join(tmp, f"run{repeat}-{i}")
-                runs[(ranks, threads)].append(run_configuration(args, ranks, threads, out))
-    results = [summarise(args, ranks, threads, runs[(ranks, threads)]) for ranks, threads in plan]
-    by = {(r["ranks"], r["threads_per_rank"]): r for r in results}
-    one = by[(1, 1)]["samples_per_second"]
-    many = by[(args.ranks, 1)]["samples_per_second"]
+                runs[config].append(run_configuration(args, *config, out))
+    results = [summarise(args, *config, runs[config]) for config in plan]
+    by = {(r["ranks"], r["threads_per_rank"], r["workers"]): r for r in results}
+    one = by[(1, 1, 1)]["samples_per_second"]
+    many = by[(args.ranks, 1, 1)]["samples_per_second"]
     summary = {"scaling_efficiency": many / (args.ranks * one),
                "speedup_over_one_rank_one_thread": many / one}
     if args.device == "cpu":
-        summary["speedup_over_one_process_all_threads"] = many / by[(1, args.threads or args.ranks)][
-            "samples_per_second"]
+        all_threads = by[(1, args.threads or args.ranks, 1)]["samples_per_second"]
+        in_process = by[(1, 1, args.ranks)]["samples_per_second"]
+        summary["speedup_over_one_process_all_threads"] = many / all_threads
+        summary["workers_speedup_over_one_process_all_threads"] = in_process / all_threads
+        summary["workers_over_mpi_ranks"] = in_process / many
     record = {"benchmark": "data-parallel", "device": args.device,
               "transport": "MPI (mpi4py, host buffers)" if args.device == "cpu" else "NCCL (cupy.cuda.nccl)",
               "model": "VQVAE() defaults (h=128, K=512, D=64), Adam, float32", "dataset": "Fashion-MNIST (train)",
