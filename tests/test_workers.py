@@ -221,3 +221,21 @@ def test_ctrl_c_stops_every_worker_and_keeps_the_checkpoint(blobs, tmp_path):  #
     assert "continue with --resume" in lines[0] and out == ""
     meta, _ = read_checkpoint(str(tmp_path / "checkpoint.npz"), "minivq-vqvae")
     assert meta["step"] % 3 == 0 and f"the checkpoint of step {meta['step']}" in lines[0]
+
+
+@needs_threadpoolctl
+def test_gradient_logging_runs_under_workers(blobs, tmp_path):  # noqa: F811
+    # the logged step's report is a collective (the global batch's code counts): every worker must take part
+    assert main(_train_args(blobs, tmp_path, 3, "--workers", "2", "--log-grads", "--compare-estimators")) == 0
+    logged = [r for r in _log(tmp_path) if r["split"] == "train"]
+    assert len(logged) == 3 and all({"grad_norms", "z_e_grad", "code_counts", "estimator_cosine"} <= set(r) for r in logged), logged[0]
+
+
+def test_workers_under_mpiexec_is_one_line(blobs, tmp_path):  # noqa: F811
+    from test_distributed import HAVE_MPI4PY, MPIEXEC, _one_error_line, mpirun
+    if not (MPIEXEC and HAVE_MPI4PY):
+        pytest.skip("needs mpi4py and mpiexec: pip install -e .[mpi]")
+    proc = mpirun(2, _train_args(blobs, tmp_path, 2, "--workers", "2"))
+    assert proc.returncode == 2
+    assert "--workers 2 under mpiexec" in _one_error_line(proc)
+    assert not (tmp_path / "checkpoint.npz").exists()
