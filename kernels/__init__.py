@@ -30,9 +30,11 @@ stride, padding)`` on channels-last images (windows_numpy.py,
 windows_numba.py, windows_cuda.py); "auto" takes Numba for NumPy arrays when
 it imports and the CUDA kernels for CuPy arrays when they compile. ReLU's
 gradient ``relu_grad(g, y)`` is one compiled pass on the CPU when Numba
-imports (relu_numba.py), the expression ``g * (y > 0)`` elsewhere. And on a
-GPU, Adam's update as one launch per parameter (``adam_step``, adam_cuda.py):
-a training step there is bound by kernel launches, not arithmetic.
+imports (relu_numba.py), the expression ``g * (y > 0)`` elsewhere. And Adam's
+update of a parameter as one pass (``adam_step``): a Numba loop on the CPU
+(adam_numba.py; the array ops' dozen passes cost ~2 ms a step), one launch on a
+GPU (adam_cuda.py; a training step there is bound by kernel launches, not
+arithmetic). Both equal the array ops of ``optim.Adam`` to the bit.
 
 Numba and CuPy are imported on first use only, so ``import minivq.kernels``
 needs NumPy alone. This package and ``minivq.backend`` are the only places
@@ -51,10 +53,10 @@ _loaded = {}
 
 def _load(name):
     """The backend module for ``name`` (``"numba"``, ``"cupy"``, ``"numba-windows"``, ``"numba-relu"``,
-    ``"cuda-windows"``, ``"cuda-adam"``), or a string saying why it is unusable."""
+    ``"numba-adam"``, ``"cuda-windows"``, ``"cuda-adam"``), or a string saying why it is unusable."""
     if name not in _loaded:
         try:
-            if name not in ("numba", "numba-windows", "numba-relu") and not _backend.cuda_available():
+            if name not in ("numba", "numba-windows", "numba-relu", "numba-adam") and not _backend.cuda_available():
                 raise ImportError("CuPy is not importable or sees no CUDA GPU")
             if name == "numba":
                 from . import nearest_numba as module
@@ -62,6 +64,8 @@ def _load(name):
                 from . import windows_numba as module
             elif name == "numba-relu":
                 from . import relu_numba as module
+            elif name == "numba-adam":
+                from . import adam_numba as module
             elif name == "cupy":
                 from . import nearest_cuda as module
             else:
@@ -282,14 +286,16 @@ def set_cpu_threads(count):
 
 # ---------------------------------------------------------------- Adam's step
 def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, step):
-    """Adam's update of one parameter in place as one fused CUDA launch (adam.cu), where it can run:
-    CuPy arrays, the kernel compiled, param and moments contiguous and of one float dtype.
+    """Adam's update of one parameter in place as one pass, where it can run: for NumPy arrays a Numba
+    loop (adam_numba.py, when Numba imports), for CuPy arrays one CUDA launch (adam.cu, where it
+    compiles); param and moments contiguous and of one float dtype.
 
     Returns whether it ran; where it did not, the caller's array operations (optim.Adam, the
-    reference, whose arithmetic the kernel repeats to the bit) do the update.
+    reference, whose arithmetic both kernels repeat to the bit) do the update.
     """
     if _backend.get_array_module(param) is np:
-        return False
+        return not isinstance(_load("numba-adam"), str) and \
+            _load("numba-adam").adam_numba(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, step)
     updated = (param, exp_avg, exp_avg_sq)          # written in place: they must be contiguous
     if param.dtype not in (np.float32, np.float64) or any(a.dtype != param.dtype for a in updated + (grad,)) \
             or not all(a.flags.c_contiguous for a in updated) or isinstance(_load("cuda-adam"), str):

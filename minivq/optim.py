@@ -125,7 +125,7 @@ class Adam(Optimizer):
         state["step"] += 1
         t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
         if kernels.adam_step(param, grad, m, v, self.lr, self.betas, self.eps, self.weight_decay, t):
-            return          # on a GPU: the lines below as one fused launch (kernels/adam.cu), to the bit
+            return          # the lines below as one pass (Numba on the CPU, CUDA on a GPU), to the bit
         if self.weight_decay:
             grad = grad + self.weight_decay * param
         m += (1 - b1) * (grad - m)                # m <- lerp(m, g, 1 - b1)
