@@ -13,7 +13,8 @@ are reported.
     python benchmarks/bench_train_step.py --model prior [--batches 64]     # the gated PixelCNN prior
 
 ``--workers N`` also times minivq's step with the batch split over N data-parallel worker
-threads of one process (``minivq.workers``, as ``minivq train --workers N`` trains: each
+threads of one process (``minivq.workers``, as ``minivq train --workers N`` and
+``minivq train-prior --workers N`` train: each
 worker a replica of the model with one BLAS thread, gradients averaged), interleaved with
 the rest; the same update as the whole batch in one thread (the tests hold the two equal).
 
@@ -67,30 +68,29 @@ def minivq_step(device, x_host, variance):
     return step
 
 
-def minivq_workers_step(device, x_host, variance, count):
-    """minivq's step with the batch split over ``count`` worker threads, as ``minivq train --workers`` takes it.
+def workers_step(device, batch, count, replica, loss_of):
+    """minivq's step with the batch split over ``count`` worker threads, as ``--workers`` trains.
 
-    Each worker holds a replica of the model (the same seed) and its own Adam, and takes
-    1/count of the batch; after backward the gradients are averaged over the workers, the
-    quantiser's statistics reduced through them (``minivq.distributed``). Threads are started
-    (and BLAS held to one thread) for each step here, once per run in training: ~0.5 ms more.
+    Each worker holds a replica of the model (``replica()``, the same seed) and its own Adam, and
+    takes 1/count of the batch (``batch``, an array); ``loss_of(model, part, comm)`` is its loss.
+    After backward the gradients are averaged over the workers (``minivq.distributed``). Threads
+    are started (and BLAS held to one thread) for each step here, once per run in training:
+    ~0.5 ms more.
     """
     from minivq import distributed, workers
-    if device != "cpu" or len(x_host) % count:
+    if device != "cpu" or len(batch) % count:
         raise SystemExit(f"--workers {count}: the CPU only, and a batch that splits evenly")
-    local = len(x_host) // count
+    local = len(batch) // count
     replicas = []
     for rank in range(count):
         mv.manual_seed(0)
-        model = VQVAE(decay=0.0, quantizer=PAPER_QUANTIZER)
+        model = replica()
         replicas.append((model, mv.optim.Adam(model.parameters(), lr=1e-3),
-                         mv.tensor(np.ascontiguousarray(x_host[rank * local:(rank + 1) * local]))))
+                         np.ascontiguousarray(batch[rank * local:(rank + 1) * local])))
 
     def rank_step(comm):
-        model, opt, x = replicas[comm.rank]
-        model.vq.reducer = distributed.BatchReducer(comm)
-        x_recon, vq = model(x)
-        loss = F.mse_loss(x_recon, x) / variance + vq.loss
+        model, opt, part = replicas[comm.rank]
+        loss = loss_of(model, part, comm)
         opt.zero_grad()
         loss.backward()
         distributed.GradientAverager(comm, opt.params)()
@@ -99,6 +99,24 @@ def minivq_workers_step(device, x_host, variance, count):
     def step():
         workers.run(rank_step, count)
     return step
+
+
+def minivq_workers_step(device, x_host, variance, count):
+    """The VQ-VAE's step over ``count`` workers; the quantiser's statistics reduced through them."""
+    from minivq import distributed
+
+    def loss_of(model, part, comm):
+        model.vq.reducer = distributed.BatchReducer(comm)
+        x = mv.tensor(part)
+        x_recon, vq = model(x)
+        return F.mse_loss(x_recon, x) / variance + vq.loss
+    return workers_step(device, x_host, count, lambda: VQVAE(decay=0.0, quantizer=PAPER_QUANTIZER), loss_of)
+
+
+def minivq_prior_workers_step(device, codes, count):
+    """The prior's step over ``count`` workers, as ``minivq train-prior --workers`` takes it."""
+    return workers_step(device, codes, count, lambda: mv.models.GatedPixelCNN(**PRIOR),
+                        lambda model, part, comm: model.loss(part))
 
 
 def torch_float32(dev):
@@ -231,7 +249,7 @@ def main():
                     help="on a GPU, also time minivq with its CUDA kernels for the window copies and Adam turned "
                          "off (their array-op versions), interleaved with the rest")
     ap.add_argument("--workers", type=int, default=None,
-                    help="also time minivq's step split over this many worker threads (the VQ-VAE, on the CPU)")
+                    help="also time minivq's step split over this many worker threads (on the CPU)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train-step-...)")
     args = ap.parse_args()
     memory_kept = args.malloc == "keep" and backend.keep_freed_host_memory()
@@ -263,6 +281,8 @@ def main():
         if args.model == "prior":
             codes, source = random_codes(batch), "random codes"
             impls = {"minivq": minivq_prior_step(args.device, codes)}
+            if args.workers:
+                impls["minivq_workers"] = minivq_prior_workers_step(args.device, codes, args.workers)
             if args.array_ops_too:
                 impls["minivq_array_ops"] = without_cuda_kernels(minivq_prior_step(args.device, codes))
             if have_torch:

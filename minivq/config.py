@@ -293,8 +293,22 @@ class _RunConfig(_Config):
     skip_nonfinite: bool = option(False, "--skip-nonfinite", "skip steps whose loss is NaN/inf (counted in the "
                                                              "log)", boolean, group="logging")
     progress: bool = option(True, None, "show a progress bar (the CLI's --no-progress turns it off)", boolean)
+    workers: int = option(1, "--workers", "data-parallel workers in this process: N threads, each training on "
+                                          "1/N of every batch with one BLAS thread, the step one process takes "
+                                          "(CPU only; as many as cores is fastest: docs/distributed.md)",
+                          positive_int)
 
     BEFORE_RECORDED = {}        # see TrainConfig
+
+    def validate(self):
+        super().validate()
+        if self.workers > 1 and not str(self.device).startswith("cpu"):
+            raise ValueError(f"--workers {self.workers} runs threads on the CPU, not on --device {self.device}: "
+                             f"drop --workers (for several GPUs, start one process per GPU with mpiexec)")
+        if self.workers > 1 and self.batch_size % self.workers:
+            raise ValueError(f"--batch {self.batch_size} does not split evenly over --workers {self.workers}; "
+                             f"choose a multiple of {self.workers}")
+        return self
 
 
 @dataclass
@@ -306,10 +320,6 @@ class TrainConfig(_RunConfig):
     comm_backend: str = option("auto", "--comm", "under mpiexec with --device cuda: collectives through NCCL "
                                                  "(auto: where usable) or through MPI via host memory",
                                choices=COMM_BACKENDS)
-    workers: int = option(1, "--workers", "data-parallel workers in this process: N threads, each training on "
-                                          "1/N of every batch with one BLAS thread, the step one process takes "
-                                          "(CPU only; as many as cores is fastest: docs/distributed.md)",
-                          positive_int)
     kernel: str = option("auto", "--kernel", "nearest-code backend", choices=KERNELS, group="model")
     lr_anneal: float = option(0.25, "--lr-anneal", "fraction of the planned run over which the learning rate "
                                                    "falls from --lr to 0 along a half cosine (0: --lr "
@@ -332,16 +342,6 @@ class TrainConfig(_RunConfig):
     FROM_CHECKPOINT = ("seed", "batch_size", "lr", "dtype", "lr_anneal")
     # what a checkpoint written before a setting was recorded ran with (not today's default)
     BEFORE_RECORDED = {"dtype": DTYPES[0], "lr_anneal": 0.0}
-
-    def validate(self):
-        super().validate()
-        if self.workers > 1 and not str(self.device).startswith("cpu"):
-            raise ValueError(f"--workers {self.workers} runs threads on the CPU, not on --device {self.device}: "
-                             f"drop --workers (for several GPUs, start one process per GPU with mpiexec)")
-        if self.workers > 1 and self.batch_size % self.workers:
-            raise ValueError(f"--batch {self.batch_size} does not split evenly over --workers {self.workers}; "
-                             f"choose a multiple of {self.workers}")
-        return self
 
     def record(self):
         """The part of these settings a checkpoint keeps (its meta record's ``train``)."""

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from . import backend
+from . import backend, workers
 from .autograd import no_grad
 from .checkpoint import (MAX_LATENT_POSITIONS, PRIOR_KIND, load_prior, load_vqvae, open_run, restore,
                          resume_settings, save_checkpoint)
@@ -110,19 +110,25 @@ def check_codes(codes, k, where):
     return codes
 
 
-def prior_nll_bits(prior, codes, labels, device="cpu", batch_size=256, limit=None):
+def prior_nll_bits(prior, codes, labels, device="cpu", batch_size=256, limit=None, comm=None):
     """Mean negative log-likelihood of index grids under the prior, in bits per latent.
 
     ``limit``: the first ``limit`` grids only (``--eval-size``), each counted once.
+    With a communicator of several ranks (a collective call), each rank scores its
+    share of the grids and the sums are added up: every rank returns the same value.
     """
     n = len(codes) if limit is None else min(limit, len(codes))
+    rank, size = (0, 1) if comm is None else (comm.rank, comm.size)
+    first, last = n * rank // size, n * (rank + 1) // size       # this rank's grids
     total = 0.0
     with prior.evaluating(), no_grad():
-        for lo in range(0, n, batch_size):
-            hi = min(lo + batch_size, n)        # the last batch stops at n, not at lo + batch_size
+        for lo in range(first, last, batch_size):
+            hi = min(lo + batch_size, last)     # the last batch stops at the share's end
             idx = backend.to_device(codes[lo:hi].astype(np.int64), device)
             lab = None if labels is None else backend.to_device(labels[lo:hi], device)
             total += float(prior.loss(idx, lab).item()) * idx.shape[0]
+    if size > 1:
+        total = float(comm.allreduce_sum(np.array([total]))[0])
     return total / n / math.log(2)
 
 
@@ -219,42 +225,50 @@ def _train_prior(vqvae_path, config, device, folder, vqvae, vq_meta, meta, secti
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1 if config.conditional else None
         prior_config = dict(config.model(), num_embeddings=k, num_classes=num_classes)
         check_parameter_count(prior_parameter_count(**prior_config), "this prior")
-    backend.manual_seed(config.seed)
-    prior = GatedPixelCNN(**prior_config)
-    optimizer = Adam(prior.parameters(), lr=config.lr)
-    start = restore(prior, optimizer, meta, sections, device)
-
     record_meta = {"prior": prior_config, "vqvae": vq_meta["model"], "vqvae_checkpoint": os.path.abspath(vqvae_path),
                    "latent_shape": list(train_codes.shape[1:]), "codes_cache": cache,
                    "train": config.record(), "uniform_bits": math.log2(k)}
     vqvae_state = {f"vqvae.{key}": v for key, v in vqvae.state_dict().items()}
-    sampler = BatchSampler(len(train_codes), config.batch_size, config.seed)
     ckpt_path = os.path.join(config.out, CHECKPOINT)
-
-    def checkpoint(step):
-        save_checkpoint(ckpt_path, PRIOR_KIND, step, prior, optimizer, record_meta, vqvae_state)
-
-    def compute(step):
-        rows = sampler.indices(step - 1)
-        idx = backend.to_device(train_codes[rows].astype(np.int64), device)
-        lab = None if train_labels is None else backend.to_device(train_labels[rows], device)
-        loss = prior.loss(idx, lab)
-        nats = float(loss.item())
-        return loss, {"loss": nats}, {"bits_per_latent": nats / math.log(2)}, \
-            f"nll {nats / math.log(2):.3f} bits/latent"
-
     # the context-free references, on the test grids the NLL is measured on (the first --eval-size)
     references = context_free_references(train_codes, test_codes[:config.eval_size], k)
 
-    def evaluate_now():
-        nll = prior_nll_bits(prior, test_codes, test_labels, device, limit=config.eval_size)
-        return dict({"nll_bits": nll, "uniform_bits": math.log2(k)}, **references,
-                    nll_over_position_unigram=nll / references["position_unigram_bits"])
+    def fit(comm):
+        """The training itself, on one rank: the whole of it in one process, or one of --workers N
+        threads (``minivq.workers``), each with its replica of the prior and 1/N of every batch."""
+        backend.manual_seed(config.seed)
+        prior = GatedPixelCNN(**prior_config)
+        optimizer = Adam(prior.parameters(), lr=config.lr)
+        start = restore(prior, optimizer, meta, sections, device)
+        sampler = BatchSampler(len(train_codes), config.batch_size, config.seed)
+        local = config.batch_size // comm.size
+
+        def checkpoint(step):
+            if comm.rank == 0:
+                save_checkpoint(ckpt_path, PRIOR_KIND, step, prior, optimizer, record_meta, vqvae_state)
+
+        def compute(step):
+            rows = sampler.indices(step - 1)[comm.rank * local:(comm.rank + 1) * local]
+            idx = backend.to_device(train_codes[rows].astype(np.int64), device)
+            lab = None if train_labels is None else backend.to_device(train_labels[rows], device)
+            loss = prior.loss(idx, lab)
+            nats = float(loss.item())
+            if comm.size > 1:       # the global batch's mean: every rank logs and checks the same value
+                nats = float(comm.allreduce_sum(np.array([nats]))[0]) / comm.size
+            return loss, {"loss": nats}, {"bits_per_latent": nats / math.log(2)}, \
+                f"nll {nats / math.log(2):.3f} bits/latent"
+
+        def evaluate_now():
+            nll = prior_nll_bits(prior, test_codes, test_labels, device, limit=config.eval_size, comm=comm)
+            return dict({"nll_bits": nll, "uniform_bits": math.log2(k)}, **references,
+                        nll_over_position_unigram=nll / references["position_unigram_bits"])
+
+        return run_steps(compute, optimizer, start, config, config.out, checkpoint, evaluate_now, comm=comm,
+                         model_state=prior.state_dict)
 
     if config.overwrite:
         folder.clear()
-    return run_steps(compute, optimizer, start, config, config.out, checkpoint, evaluate_now,
-                     model_state=prior.state_dict)
+    return workers.run(fit, config.workers)
 
 
 SAMPLE_CHUNK = 256      # grids drawn at a time, so memory does not grow with n

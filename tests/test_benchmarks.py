@@ -72,12 +72,13 @@ def test_bench_train_step_times_the_prior(tmp_path):
     assert row["batch"] == 2 and row["minivq_ms"] > 0 and row["flops"] > 0
 
 
-def test_bench_train_step_times_the_workers_step_too(tmp_path):
+@pytest.mark.parametrize("model", ["vqvae", "prior"])
+def test_bench_train_step_times_the_workers_step_too(tmp_path, model):
     pytest.importorskip("threadpoolctl")
     out = tmp_path / "workers.json"
     done = subprocess.run([sys.executable, os.path.join(BENCH, "bench_train_step.py"), "--workers", "2",
-                           "--batches", "4", "--repeats", "1", "--warmup", "0", "--pause", "0", "--threads", "2",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--model", model, "--batches", "4", "--repeats", "1", "--warmup", "0", "--pause", "0",
+                           "--threads", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     (row,) = result["rows"]

@@ -239,3 +239,45 @@ def test_workers_under_mpiexec_is_one_line(blobs, tmp_path):  # noqa: F811
     assert proc.returncode == 2
     assert "--workers 2 under mpiexec" in _one_error_line(proc)
     assert not (tmp_path / "checkpoint.npz").exists()
+
+
+# ---------------------------------------------------------------- the prior
+PRIOR = ["--batch", "8", "--channels", "4", "--layers", "2", "--kernel-size", "3", "--no-progress",
+         "--eval-every", "2", "--checkpoint-every", "3", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def vqvae_checkpoint(blobs, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("vqvae")
+    assert main(_train_args(blobs, out, 2)) == 0
+    return str(out / "checkpoint.npz")
+
+
+@needs_threadpoolctl
+def test_the_prior_on_two_workers_equals_one_process(vqvae_checkpoint, tmp_path, capsys, monkeypatch):
+    from minivq.models import GatedPixelCNN
+    assert main(["train-prior", vqvae_checkpoint, "--steps", "4", "--out", str(tmp_path / "one"), *PRIOR]) == 0
+    seen, loss = set(), GatedPixelCNN.loss
+
+    def counting(self, indices, labels=None):      # which worker scores how many grids in a training step
+        if self.training:
+            seen.add((threading.current_thread().name, indices.shape[0]))
+        return loss(self, indices, labels)
+    monkeypatch.setattr(GatedPixelCNN, "loss", counting)
+    assert main(["train-prior", vqvae_checkpoint, "--steps", "4", "--out", str(tmp_path / "two"), "--workers", "2",
+                 *PRIOR]) == 0
+    assert seen == {("minivq-worker-0", 4), ("minivq-worker-1", 4)}     # each its half of the batch of 8
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2                                        # one final record per run
+    a, b = (read_checkpoint(str(tmp_path / name / "checkpoint.npz"), "minivq-prior") for name in ("one", "two"))
+    assert a[0]["step"] == b[0]["step"] == 4 and a[0]["rng_state"] == b[0]["rng_state"]
+    for part in ("model", "optim"):      # float32: the same updates, the sums taken in another order
+        for key, value in a[1][part].items():
+            np.testing.assert_allclose(b[1][part][key], value, rtol=1e-4, atol=1e-6, err_msg=f"{part}.{key}")
+    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert [(r["step"], r["split"]) for r in one] == [(r["step"], r["split"]) for r in two]
+    for r, s in zip(one, two):
+        for key in ("loss", "nll_bits"):
+            if key in r:
+                assert s[key] == pytest.approx(r[key], rel=1e-5), (r["step"], key)
+    assert all("comm_seconds" in r for r in two if r["split"] == "train")
