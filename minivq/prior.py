@@ -195,7 +195,8 @@ def train_prior(vqvae_path, config=None, explicit=None):
     checkpoint's seed, batch, learning rate and conditioning are used, and those
     of them named in ``explicit`` (the settings the user chose; default: those
     that differ from their defaults) must equal the checkpoint's. The run folder
-    is locked for the whole run.
+    is locked for the whole run. ``config.workers`` > 1 trains on that many
+    data-parallel worker threads (``minivq.workers``), each with 1/N of every batch.
     """
     config, device, folder, vqvae, vq_meta, meta, sections = _setup(vqvae_path, config or PriorConfig(), explicit)
     with folder:

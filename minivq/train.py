@@ -227,7 +227,7 @@ def train_vqvae(config=None, model=None, comm=None, explicit=None):
         if comm.size > 1:
             raise distributed.CollectiveError(f"--workers {config.workers} under mpiexec: start one worker per "
                                               f"process (drop --workers) and as many processes as workers")
-        return workers.run(lambda rank: _train_rank(config, model, rank, explicit), config.workers)
+        return workers.run(lambda rank_comm: _train_rank(config, model, rank_comm, explicit), config.workers)
     return _train_rank(config, model, comm, explicit)
 
 
