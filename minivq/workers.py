@@ -142,6 +142,7 @@ def run(fn, size):
         return fn(distributed.SingleProcess())
     group = _Group(size)
     results, errors = [None] * size, [None] * size
+    finished = [threading.Event() for _ in range(size)]
 
     def body(rank):
         set_cpu_threads(1)
@@ -150,6 +151,15 @@ def run(fn, size):
         except BaseException as exc:     # KeyboardInterrupt and SystemExit too: the main thread re-raises it
             errors[rank] = exc
             group.abort(Stopped)
+        finally:
+            finished[rank].set()
+
+    def wait_for_all():
+        # Events, not Thread.join: a join interrupted by Ctrl-C can mark a running thread as finished
+        # (CPython's bpo-45274 fix releases the lock the running thread holds), and the next join
+        # then returns at once, ending the process while rank 0 may still be writing a checkpoint
+        for event in finished:
+            event.wait()
 
     threads = [threading.Thread(target=body, args=(rank,), name=f"minivq-worker-{rank}", daemon=True)
                for rank in range(size)]
@@ -161,12 +171,10 @@ def run(fn, size):
         for thread in threads:
             thread.start()
         try:
-            for thread in threads:
-                thread.join()
+            wait_for_all()
         except KeyboardInterrupt:
             group.abort(KeyboardInterrupt)
-            for thread in threads:
-                thread.join()
+            wait_for_all()
     failed = [exc for exc in errors if exc is not None and not isinstance(exc, Stopped)]
     if failed:
         raise failed[0]
