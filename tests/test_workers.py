@@ -273,7 +273,7 @@ def test_the_prior_on_two_workers_equals_one_process(vqvae_checkpoint, tmp_path,
     assert a[0]["step"] == b[0]["step"] == 4 and a[0]["rng_state"] == b[0]["rng_state"]
     for part in ("model", "optim"):      # float32: the same updates, the sums taken in another order
         for key, value in a[1][part].items():
-            np.testing.assert_allclose(b[1][part][key], value, rtol=1e-4, atol=1e-6, err_msg=f"{part}.{key}")
+            np.testing.assert_allclose(b[1][part][key], value, rtol=1e-5, atol=1e-7, err_msg=f"{part}.{key}")
     one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
     assert [(r["step"], r["split"]) for r in one] == [(r["step"], r["split"]) for r in two]
     for r, s in zip(one, two):
