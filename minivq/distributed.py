@@ -221,6 +221,11 @@ class Communicator:
     def fail(self, line, code):
         raise NotImplementedError
 
+    def shared(self, key, make):
+        """A read-only value every rank of this process uses, made once: here, by ``make()`` (ranks in
+        processes of their own each make their own; threads of one process share it, ``minivq.workers``)."""
+        return make()
+
     def close(self):
         pass
 

@@ -243,8 +243,9 @@ def _train_rank(config, model, comm, explicit):
 def _train(config, model, comm, device, folder, meta, sections):
     with distributed.agreement(comm) as agreed:
         model_config = resolve_model(model, meta)
-        train_set = load_dataset(config.data, split="train")
-        test_set = load_dataset(config.data, split="test")
+        # one copy of the (read-only) images for all the workers of this process
+        train_set = comm.shared(("dataset", config.data, "train"), lambda: load_dataset(config.data, split="train"))
+        test_set = comm.shared(("dataset", config.data, "test"), lambda: load_dataset(config.data, split="test"))
         if config.batch_size > len(train_set):
             raise ValueError(f"batch size {config.batch_size} is larger than the training set "
                              f"({len(train_set)} images)")

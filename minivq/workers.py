@@ -54,6 +54,7 @@ class _Group:
         self.slots = [None] * size
         self.barrier = threading.Barrier(size)
         self.reason = Stopped
+        self.values, self.values_lock = {}, threading.Lock()     # ``ThreadCommunicator.shared``
 
     def abort(self, reason):
         if not self.barrier.broken:
@@ -123,6 +124,15 @@ class ThreadCommunicator(distributed.Communicator):
         every = [obj if r == self.rank else copy.deepcopy(o) for r, o in enumerate(self._exchange(obj))]
         self._release()
         return every
+
+    def shared(self, key, make):
+        """The one value under ``key`` for every worker: the first to ask makes it (``make()``), the others
+        get the same object, so it must be read-only (the datasets: one copy in memory, not one per
+        worker). Where ``make()`` raises, nothing is kept and the next worker tries again."""
+        with self.group.values_lock:
+            if key not in self.group.values:
+                self.group.values[key] = make()
+            return self.group.values[key]
 
     def fail(self, line, code):
         """End the whole run: the line on stderr, the other ranks stopped, ``SystemExit(code)`` raised by ``run``."""

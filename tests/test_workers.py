@@ -137,6 +137,19 @@ def test_two_workers_equal_one_process(blobs, tmp_path, capsys, case):  # noqa: 
 
 
 @needs_threadpoolctl
+def test_the_workers_share_one_copy_of_the_dataset(blobs, tmp_path, monkeypatch):  # noqa: F811
+    import minivq.train
+    loads, real = [], minivq.train.load_dataset
+
+    def counted(*args, **kwargs):
+        loads.append(kwargs.get("split"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(minivq.train, "load_dataset", counted)
+    assert main(_train_args(blobs, tmp_path, 2, "--workers", "2")) == 0
+    assert sorted(loads) == ["test", "train"]           # once per split, not once per worker
+
+
+@needs_threadpoolctl
 def test_resume_with_another_number_of_workers(blobs, tmp_path):  # noqa: F811
     assert main(_train_args(blobs, tmp_path / "one", 6)) == 0
     assert main(_train_args(blobs, tmp_path / "mixed", 3, "--plan-steps", "6", "--workers", "2")) == 0
