@@ -13,6 +13,7 @@ CuPy arrays; each returns its result (in the given array where it can):
     allgather(a)          every rank's array, concatenated along axis 0 (equal shapes)
     bcast_object(o), allgather_object(o)   small Python objects, during setup only
     fail(line, code)      end the whole job after an error only this rank may have seen
+    shared(key, make)     a read-only value made once per process (the threads of minivq.workers share it)
 
 ``SingleProcess`` does nothing (the ordinary run); ``MPICommunicator`` uses
 mpi4py (host buffers; CuPy arrays are staged through host memory, the
