@@ -40,6 +40,8 @@ Numba and CuPy are imported on first use only, so ``import minivq.kernels``
 needs NumPy alone. This package and ``minivq.backend`` are the only places
 that look at whether arrays are NumPy or CuPy.
 """
+import math
+
 import numpy as np
 
 from minivq import backend as _backend
@@ -285,6 +287,23 @@ def set_cpu_threads(count):
 
 
 # ---------------------------------------------------------------- Adam's step
+def adam_fits(param, grad, exp_avg, exp_avg_sq):
+    """Whether a fused Adam kernel can update these arrays: float32 or float64, one shape and dtype,
+    param and moments contiguous (they are written in place through flat views; ``grad`` is made
+    contiguous by the kernel if it is not)."""
+    updated = (param, exp_avg, exp_avg_sq)
+    return param.dtype in (np.float32, np.float64) \
+        and all(a.dtype == param.dtype and a.shape == param.shape for a in updated + (grad,)) \
+        and all(a.flags.c_contiguous for a in updated)
+
+
+def adam_scalars(lr, betas, eps, weight_decay, step):
+    """The per-step scalars both fused kernels take, in double precision as NumPy forms them: 1 - b1, b2,
+    1 - b2, step_size = lr / (1 - b1^t), bias2_root = sqrt(1 - b2^t), eps, weight decay."""
+    b1, b2 = betas
+    return (1 - b1, b2, 1 - b2, lr / (1 - b1 ** step), math.sqrt(1 - b2 ** step), eps, weight_decay)
+
+
 def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, step):
     """Adam's update of one parameter in place as one pass, where it can run: for NumPy arrays a Numba
     loop (adam_numba.py, when Numba imports), for CuPy arrays one CUDA launch (adam.cu, where it
@@ -293,14 +312,11 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, st
     Returns whether it ran; where it did not, the caller's array operations (optim.Adam, the
     reference, whose arithmetic both kernels repeat to the bit) do the update.
     """
-    if _backend.get_array_module(param) is np:
-        return not isinstance(_load("numba-adam"), str) and \
-            _load("numba-adam").adam_numba(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, step)
-    updated = (param, exp_avg, exp_avg_sq)          # written in place: they must be contiguous
-    if param.dtype not in (np.float32, np.float64) or any(a.dtype != param.dtype for a in updated + (grad,)) \
-            or not all(a.flags.c_contiguous for a in updated) or isinstance(_load("cuda-adam"), str):
+    name = "numba-adam" if _backend.get_array_module(param) is np else "cuda-adam"
+    if not adam_fits(param, grad, exp_avg, exp_avg_sq) or isinstance(_load(name), str):
         return False
-    _load("cuda-adam").adam_cupy(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, step)
+    update = _load(name).adam_numba if name == "numba-adam" else _load(name).adam_cupy
+    update(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, step)
     return True
 
 

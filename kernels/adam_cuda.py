@@ -5,10 +5,9 @@ each costs the host more time than the GPU spends on it (a training step of the 
 bound by launches, not arithmetic). This one is one launch, and the same arithmetic to the bit
 (adam.cu says how).
 """
-import math
-
 import numpy as np
 
+from . import adam_scalars
 from .cuda_modules import SUFFIX, THREADS, blocks, module
 
 SOURCE = "adam.cu"
@@ -24,11 +23,10 @@ def adam_cupy(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, st
     """Update ``param``, ``exp_avg`` and ``exp_avg_sq`` in place (contiguous CuPy arrays of one float
     dtype; ``grad`` is made contiguous if it is not) for Adam's step number ``step`` (1-based)."""
     import cupy as cp
-    b1, b2 = betas
     dtype = np.dtype(param.dtype).type
     with param.device:
         grad = cp.ascontiguousarray(grad)
-        scalars = (1 - b1, b2, 1 - b2, lr / (1 - b1 ** step), math.sqrt(1 - b2 ** step), eps, weight_decay)
+        scalars = adam_scalars(lr, betas, eps, weight_decay, step)
         module(SOURCE, OPTIONS).get_function("adam_" + SUFFIX[np.dtype(dtype)])(
             blocks(param.size), (THREADS,),
             (param, grad, exp_avg, exp_avg_sq, np.int64(param.size), *(dtype(s) for s in scalars)))

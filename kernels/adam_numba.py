@@ -19,10 +19,10 @@ computed in double precision and rounded to the parameter's dtype as NumPy does:
 Numba contracts no multiply and add into one fused operation unless asked to
 (``fastmath``), so every operation rounds as NumPy's does and the two agree to the bit.
 """
-import math
-
 import numpy as np
 from numba import njit
+
+from . import adam_fits, adam_scalars
 
 
 # error_model="numpy": a division by zero gives inf or NaN as in NumPy instead of raising, which also
@@ -46,14 +46,10 @@ def adam_numba(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, s
     """Update ``param``, ``exp_avg`` and ``exp_avg_sq`` in place for Adam's step ``step`` (1-based); returns
     whether it ran: float32/float64 NumPy arrays of one shape and dtype, the three updated ones
     C-contiguous (``grad`` is copied to that layout if it is not in it)."""
-    updated = (param, exp_avg, exp_avg_sq)
-    if param.dtype not in (np.float32, np.float64) or grad.shape != param.shape \
-            or any(a.dtype != param.dtype or a.shape != param.shape or not a.flags.c_contiguous for a in updated) \
-            or grad.dtype != param.dtype:
+    if not adam_fits(param, grad, exp_avg, exp_avg_sq):
         return False
-    b1, b2 = betas
     dtype = param.dtype.type
-    scalars = (1 - b1, b2, 1 - b2, lr / (1 - b1 ** step), math.sqrt(1 - b2 ** step), eps, weight_decay)
+    scalars = adam_scalars(lr, betas, eps, weight_decay, step)
     _adam(param.reshape(-1), np.ascontiguousarray(grad).reshape(-1), exp_avg.reshape(-1), exp_avg_sq.reshape(-1),
           *(dtype(s) for s in scalars))
     return True
