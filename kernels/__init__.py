@@ -55,10 +55,10 @@ _loaded = {}
 
 def _load(name):
     """The backend module for ``name`` (``"numba"``, ``"cupy"``, ``"numba-windows"``, ``"numba-relu"``,
-    ``"numba-adam"``, ``"cuda-windows"``, ``"cuda-adam"``), or a string saying why it is unusable."""
+    ``"numba-adam"``, ``"numba-conv"``, ``"cuda-windows"``, ``"cuda-adam"``), or a string saying why it is unusable."""
     if name not in _loaded:
         try:
-            if name not in ("numba", "numba-windows", "numba-relu", "numba-adam") and not _backend.cuda_available():
+            if name not in ("numba", "numba-windows", "numba-relu", "numba-adam", "numba-conv") and not _backend.cuda_available():
                 raise ImportError("CuPy is not importable or sees no CUDA GPU")
             if name == "numba":
                 from . import nearest_numba as module
@@ -68,6 +68,8 @@ def _load(name):
                 from . import relu_numba as module
             elif name == "numba-adam":
                 from . import adam_numba as module
+            elif name == "numba-conv":
+                from . import conv_numba as module
             elif name == "cupy":
                 from . import nearest_cuda as module
             else:
@@ -257,6 +259,43 @@ def col2im(cols, out, kernel, stride, padding, backend="auto"):
     return col2im_numpy(cols, out, kernel, stride, padding)
 
 
+# ---------------------------------------------------------------- the product without the windows
+def direct_correlation(a):
+    """Whether ``correlate`` has a compiled kernel for arrays like ``a`` (NumPy float32/float64, Numba importable).
+
+    Where it has not, a caller should rather copy the windows a few images at a time and
+    multiply each chunk (functional/conv.py does), which is what the reference does in one piece.
+    """
+    return (_backend.get_array_module(a) is np and a.dtype in (np.float32, np.float64)
+            and not isinstance(_load("numba-conv"), str))
+
+
+def correlate(image, wmat, kernel, stride, padding, bias=None, backend="auto"):
+    """``im2col(image) @ wmat.T`` (+ ``bias``) as new contiguous rows (n*OH*OW, C_grid), for a channels-last
+    ``image`` (n, H, W, C) and ``wmat`` (C_grid, kH*kW*C) with columns ordered as im2col's.
+
+    ``"numba"`` (what ``"auto"`` takes where ``direct_correlation`` says so) never writes the
+    windows: its micro-kernel reads them from a padded copy of the image (conv_numba.py);
+    ``"numpy"``, the reference, is the product as written (NumPy or CuPy arrays).
+    """
+    if backend not in ("auto", "numpy", "numba"):
+        raise ValueError(f"unknown backend {backend!r} for correlate: use 'auto', 'numpy' or 'numba'")
+    if backend == "numba" and not direct_correlation(image):
+        raise ValueError("backend 'numba' for correlate needs NumPy float32/float64 arrays and Numba "
+                         f"(`{_INSTALL['numba']}`); use 'numpy' or 'auto'")
+    xp = _backend.get_array_module(image)
+    n, h, w, _ = image.shape
+    oh = (h + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    ow = (w + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    if backend != "numpy" and direct_correlation(image):
+        out = xp.empty((n * oh * ow, wmat.shape[0]), dtype=image.dtype)
+        return _load("numba-conv").correlate_numba(image, wmat, kernel, stride, padding, bias, out)
+    out = im2col(image, kernel, stride, padding, backend="numpy") @ wmat.T
+    if bias is not None:
+        out += bias
+    return out
+
+
 # ---------------------------------------------------------------- ReLU's gradient
 def relu_grad(g, y):
     """dL/dx of ``y = relu(x)`` from dL/dy = ``g``: the reference ``g * (y > 0)``.
@@ -321,4 +360,4 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, st
 
 
 __all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "relu_grad", "adam_step",
-           "set_cpu_threads", "BACKENDS", "METRICS", "WINDOW_BACKENDS", "NonFiniteError"]
+           "set_cpu_threads", "correlate", "direct_correlation", "BACKENDS", "METRICS", "WINDOW_BACKENDS", "NonFiniteError"]

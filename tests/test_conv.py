@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import minivq as mv
-from minivq import backend
+from minivq import backend, kernels
 from minivq.functional import conv as conv_module
 from minivq.functional.conv import conv2d, conv_transpose2d, workspace_limit, get_workspace_limit
 from minivq.functional.conv_reference import conv2d_reference, conv_transpose2d_reference
@@ -445,7 +445,6 @@ def test_both_window_copies_give_the_reference(monkeypatch, transposed):
     """The convolutions and their gradients through the NumPy window copies (in blocks of one image)
     and through Numba's: the same numbers, and the loop reference's output."""
     pytest.importorskip("numba")
-    from minivq import kernels
     from minivq.kernels import windows_numpy
     monkeypatch.setattr(windows_numpy, "COL2IM_BLOCK_BYTES", 1)
     gen = np.random.default_rng(9)
@@ -464,6 +463,8 @@ def test_both_window_copies_give_the_reference(monkeypatch, transposed):
 
 
 def test_im2col_buffers_respect_the_limit(monkeypatch):
+    """The im2col path (CuPy arrays, or no Numba; with Numba the forward product copies no windows at all)."""
+    monkeypatch.setattr(kernels, "direct_correlation", lambda a: False)
     sizes = []
     original = conv_module._im2col
 
@@ -494,6 +495,7 @@ def test_im2col_buffers_respect_the_limit(monkeypatch):
 def test_a_chunked_square_conv_copies_the_windows_of_gy_once_for_both_gradients(monkeypatch):
     """4 -> 4 channels at stride 1: the input gradient reads the windows of gy (as large as x's), and
     so does the weight gradient, from the same copy, instead of copying the windows of x again."""
+    monkeypatch.setattr(kernels, "direct_correlation", lambda a: False)    # the im2col path, as above
     calls = []
     original = conv_module._im2col
     monkeypatch.setattr(conv_module, "_im2col", lambda image, g: calls.append(image.shape) or original(image, g))

@@ -1,0 +1,158 @@
+"""The product without the windows (minivq.kernels.correlate): the compiled Numba kernel against the
+reference ``im2col(image) @ wmat.T + bias``, on random geometries and on the models' own; and the
+convolutions take it for their forward product where it runs, with the same results."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minivq as mv
+from minivq import kernels
+from minivq.functional import conv as conv_module
+
+needs_numba = pytest.mark.skipif("numba" not in kernels.available_backends(), reason="numba is not installed")
+
+
+def random_case(gen, dtype):
+    kernel = tuple(int(v) for v in gen.integers(1, 6, 2))
+    stride = tuple(int(v) for v in gen.integers(1, 4, 2))
+    padding = tuple(int(gen.integers(0, k)) for k in kernel)
+    h, w = (int(gen.integers(k, k + 9)) for k in kernel)
+    n, c, c_grid = int(gen.integers(1, 6)), int(gen.integers(1, 40)), int(gen.integers(1, 75))
+    image = gen.standard_normal((n, h, w, c)).astype(dtype)
+    wmat = gen.standard_normal((c_grid, kernel[0] * kernel[1] * c)).astype(dtype)
+    bias = gen.standard_normal(c_grid).astype(dtype) if gen.integers(2) else None
+    return image, wmat, kernel, stride, padding, bias
+
+
+def reference(image, wmat, kernel, stride, padding, bias):
+    return kernels.correlate(image, wmat, kernel, stride, padding, bias, backend="numpy")
+
+
+def close(got, ref, dtype):
+    scale = np.abs(ref).max() if ref.size else 1.0
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * scale)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(10))
+def test_the_kernel_matches_the_reference_on_random_geometries(seed, dtype):
+    """Strides, paddings and kernels of every shape, channel counts that fill no tile exactly, pixel
+    counts that are no multiple of a tile's rows, with and without a bias."""
+    image, wmat, kernel, stride, padding, bias = random_case(np.random.default_rng(seed), dtype)
+    got = kernels.correlate(image, wmat, kernel, stride, padding, bias, backend="numba")
+    ref = reference(image, wmat, kernel, stride, padding, bias)
+    assert got.shape == ref.shape and got.dtype == dtype and got.flags.c_contiguous
+    close(got, ref, dtype)
+
+
+@needs_numba
+@pytest.mark.parametrize("shape", [
+    ((6, 8, 8, 128), 128, (3, 3), (1, 1), (1, 1)),      # the VQ-VAE's residual 3x3 convolutions
+    ((6, 8, 8, 64), 128, (3, 3), (1, 1), (1, 1)),
+    ((6, 16, 16, 64), 128, (4, 4), (2, 2), (1, 1)),     # its strided 4x4 convolutions
+    ((6, 32, 32, 1), 64, (4, 4), (2, 2), (1, 1)),       # its 1-channel edge
+    ((4, 8, 8, 32), 64, (3, 5), (1, 1), (1, 2)),        # the prior's padded masked convolution
+], ids=["3x3-128", "3x3-64", "4x4s2-64", "4x4s2-1", "3x5-32"])
+def test_the_kernel_matches_the_reference_on_the_models_geometries(shape):
+    (n, h, w, c), c_grid, kernel, stride, padding = shape
+    gen = np.random.default_rng(3)
+    image = gen.standard_normal((n, h, w, c)).astype(np.float32)
+    wmat = gen.standard_normal((c_grid, kernel[0] * kernel[1] * c)).astype(np.float32)
+    bias = gen.standard_normal(c_grid).astype(np.float32)
+    close(kernels.correlate(image, wmat, kernel, stride, padding, bias),
+          reference(image, wmat, kernel, stride, padding, bias), np.float32)
+
+
+@needs_numba
+def test_the_kernel_takes_any_image_layout_and_an_empty_batch():
+    gen = np.random.default_rng(4)
+    nchw = gen.standard_normal((3, 5, 7, 6))                       # a channels-first array seen channels-last
+    image = nchw.transpose(0, 2, 3, 1)
+    wmat = gen.standard_normal((9, 2 * 3 * 5))
+    got = kernels.correlate(image, wmat, (2, 3), (1, 2), (1, 0))
+    close(got, reference(image, wmat, (2, 3), (1, 2), (1, 0), None), np.float64)
+    empty = kernels.correlate(image[:0], wmat, (2, 3), (1, 2), (1, 0))
+    assert empty.shape == (0, 9)
+
+
+@needs_numba
+def test_the_kernel_sums_every_tap_in_order_so_a_pixel_does_not_depend_on_its_tile():
+    """The same window gives bitwise the same output wherever it lies: the pixel's row in a tile and
+    its parallel block do not change its rounding."""
+    gen = np.random.default_rng(5)
+    window = gen.standard_normal((1, 3, 3, 20)).astype(np.float32)
+    image = np.tile(window, (1, 7, 11, 1))                          # the same 3x3 window everywhere, stride 3
+    wmat = gen.standard_normal((40, 3 * 3 * 20)).astype(np.float32)
+    out = kernels.correlate(image, wmat, (3, 3), (3, 3), (0, 0))
+    assert (out == out[0]).all()
+
+
+def test_correlate_refuses_what_it_cannot_run():
+    image, wmat = np.zeros((1, 3, 3, 2)), np.zeros((4, 18))
+    with pytest.raises(ValueError, match="unknown backend"):
+        kernels.correlate(image, wmat, (3, 3), (1, 1), (0, 0), backend="cuda")
+    with pytest.raises(ValueError, match="'numba' for correlate needs"):
+        kernels.correlate(image.astype(np.float16), wmat.astype(np.float16), (3, 3), (1, 1), (0, 0), backend="numba")
+    assert not kernels.direct_correlation(image.astype(np.float16))
+
+
+@needs_numba
+def test_the_avx2_tile_also_matches_the_reference():
+    """MINIVQ_NUMBA_WIDE=0 forces the 4 x 16 tile that AVX2 machines use; on any machine it must agree."""
+    check = ("import numpy as np; from minivq import kernels; from minivq.kernels import conv_numba as k; "
+             "assert (k.ROWS, k.LANES) == (4, 16); g = np.random.default_rng(0); "
+             "x = g.standard_normal((3, 7, 6, 19)); w = g.standard_normal((21, 3 * 3 * 19)); b = g.standard_normal(21); "
+             "got = kernels.correlate(x, w, (3, 3), (1, 2), (1, 1), b, backend='numba'); "
+             "ref = kernels.correlate(x, w, (3, 3), (1, 2), (1, 1), b, backend='numpy'); "
+             "np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)")
+    subprocess.run([sys.executable, "-c", check], check=True, env=dict(os.environ, MINIVQ_NUMBA_WIDE="0"),
+                   cwd=str(Path(__file__).parents[1]))
+
+
+@needs_numba
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+def test_the_convolutions_give_the_same_with_and_without_the_kernel(monkeypatch, transposed):
+    """The forward product through the kernel, against the im2col path it replaces: outputs and all
+    three gradients, float64."""
+    gen = np.random.default_rng(6)
+    if transposed:
+        # stride 1 and fewer channels in than out: its forward reads the windows of its input (_flipped_geometry)
+        x0, w0 = gen.standard_normal((4, 4, 5, 5)), gen.standard_normal((4, 6, 3, 4))
+        op = lambda x, w, b: mv.functional.conv_transpose2d(x, w, b, stride=1, padding=1)  # noqa: E731
+    else:
+        x0, w0 = gen.standard_normal((4, 6, 9, 9)), gen.standard_normal((7, 6, 3, 3))
+        op = lambda x, w, b: mv.functional.conv2d(x, w, b, stride=1, padding=1)  # noqa: E731
+    b0 = gen.standard_normal(w0.shape[1] if transposed else w0.shape[0])
+    calls = []
+    real = kernels.correlate
+    monkeypatch.setattr(kernels, "correlate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = {}
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(kernels, "direct_correlation", lambda a: False)
+        x, w, b = (mv.tensor(v, requires_grad=True) for v in (x0, w0, b0))
+        y = op(x, w, b)
+        (y * mv.tensor(np.cos(np.arange(y.data.size)).reshape(y.shape))).sum().backward()
+        results[direct] = [y.data, x.grad, w.grad, b.grad]
+        if direct:
+            assert calls, "the kernel was not used"
+    for got, ref in zip(results[True], results[False]):
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+
+
+@needs_numba
+def test_a_forward_with_the_kernel_copies_no_windows(monkeypatch):
+    copies = []
+    original = conv_module._im2col
+    monkeypatch.setattr(conv_module, "_im2col", lambda image, g: copies.append(image.shape) or original(image, g))
+    gen = np.random.default_rng(7)
+    with mv.no_grad():
+        mv.functional.conv2d(mv.tensor(gen.standard_normal((3, 4, 9, 9))), mv.tensor(gen.standard_normal((6, 4, 3, 3))),
+                             padding=1)
+    assert copies == []
