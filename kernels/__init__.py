@@ -34,7 +34,11 @@ imports (relu_numba.py), the expression ``g * (y > 0)`` elsewhere. And Adam's
 update of a parameter as one pass (``adam_step``): a Numba loop on the CPU
 (adam_numba.py; the array ops' dozen passes cost ~2 ms a step), one launch on a
 GPU (adam_cuda.py; a training step there is bound by kernel launches, not
-arithmetic). Both equal the array ops of ``optim.Adam`` to the bit.
+arithmetic). Both equal the array ops of ``optim.Adam`` to the bit. And a
+convolution's product without its windows (``correlate``): a Numba
+micro-kernel that reads every window in place from a padded copy of the
+image, where im2col would copy them all first (conv_numba.py; the reference
+is ``im2col(image) @ wmat.T``, which also runs on CuPy).
 
 Numba and CuPy are imported on first use only, so ``import minivq.kernels``
 needs NumPy alone. This package and ``minivq.backend`` are the only places

@@ -35,12 +35,13 @@ reference with float tolerances, and every op's float64 gradcheck runs
 through this kernel.
 
 Threads: ``prange`` over blocks of ``ROW_BLOCK`` pixels, Numba's thread count
-(``kernels.set_cpu_threads``; one per data-parallel worker).
+(``kernels.set_cpu_threads``); with one thread (each data-parallel worker) the same loops compiled
+serially (``nearest_numba.one_thread``).
 """
 import numpy as np
 from numba import njit, prange
 
-from .nearest_numba import _CACHE, WIDE, _stack_buffer, _vector_width_hint
+from .nearest_numba import _CACHE, WIDE, _stack_buffer, _vector_width_hint, one_thread
 
 ROWS = 8 if WIDE else 4         # output pixels per micro-tile
 LANES = 32 if WIDE else 16      # output channels per micro-tile: two vector registers per pixel
@@ -65,48 +66,54 @@ def _pad(image, ph, pw, out):
                         out[b, y, x, ch] = 0
 
 
-@njit(parallel=True, nogil=True, cache=_CACHE, fastmath={"contract"})
-def _correlate(flat, padded_shape, window, packed, bias, out):
-    # flat: the padded image (n, hp, wp, c) as one contiguous run; window: (kh, kw, sh, sw, oh, ow);
-    # out: (n*oh*ow, C_grid) rows
-    n, hp, wp, c = padded_shape
-    kh, kw, sh, sw, oh, ow = window
-    total = n * oh * ow
-    per_image = oh * ow
-    run = kw * c
-    c_grid = out.shape[1]
-    for block in prange((total + ROW_BLOCK - 1) // ROW_BLOCK):
-        _vector_width_hint()
-        base = _stack_buffer(ROWS, np.uint64)       # where each pixel's window starts in ``flat``
-        xd = _stack_buffer(ROWS, flat.dtype)
-        first = block * ROW_BLOCK
-        for q in range(first, min(first + ROW_BLOCK, total), ROWS):
-            for r in range(ROWS):
-                p = min(q + r, total - 1)            # past the end: repeat the last pixel, never stored
-                b = p // per_image
-                i = (p - b * per_image) // ow
-                j = p - b * per_image - i * ow
-                base[r] = np.uint64(((b * hp + i * sh) * wp + j * sw) * c)
-            for t in range(packed.shape[0]):
-                acc = _stack_buffer(_ACC_SLOTS, flat.dtype)     # acc[r * LANES + l]: pixel r, channel l
+def _correlate_loops(blocks):
+    """The kernel, its pixel blocks handed out by ``blocks``: ``prange`` (parallel) or ``range`` (serial, see one_thread)."""
+    def kernel(flat, padded_shape, window, packed, bias, out):
+        # flat: the padded image (n, hp, wp, c) as one contiguous run; window: (kh, kw, sh, sw, oh, ow);
+        # out: (n*oh*ow, C_grid) rows
+        n, hp, wp, c = padded_shape
+        kh, kw, sh, sw, oh, ow = window
+        total = n * oh * ow
+        per_image = oh * ow
+        run = kw * c
+        c_grid = out.shape[1]
+        for block in blocks((total + ROW_BLOCK - 1) // ROW_BLOCK):
+            _vector_width_hint()
+            base = _stack_buffer(ROWS, np.uint64)       # where each pixel's window starts in ``flat``
+            xd = _stack_buffer(ROWS, flat.dtype)
+            first = block * ROW_BLOCK
+            for q in range(first, min(first + ROW_BLOCK, total), ROWS):
                 for r in range(ROWS):
-                    for lane in range(LANES):
-                        acc[r * LANES + lane] = bias[t * LANES + lane]
-                for a in range(kh):         # a window row (kw, c) is one contiguous run of the padded image
-                    row = np.uint64(a * wp * c)
-                    k0 = a * run
-                    for u in range(run):
-                        at = row + np.uint64(u)
-                        for r in range(ROWS):
-                            xd[r] = flat[base[r] + at]
+                    p = min(q + r, total - 1)            # past the end: repeat the last pixel, never stored
+                    b = p // per_image
+                    i = (p - b * per_image) // ow
+                    j = p - b * per_image - i * ow
+                    base[r] = np.uint64(((b * hp + i * sh) * wp + j * sw) * c)
+                for t in range(packed.shape[0]):
+                    acc = _stack_buffer(_ACC_SLOTS, flat.dtype)     # acc[r * LANES + l]: pixel r, channel l
+                    for r in range(ROWS):
                         for lane in range(LANES):
-                            e = packed[t, k0 + u, lane]
+                            acc[r * LANES + lane] = bias[t * LANES + lane]
+                    for a in range(kh):         # a window row (kw, c) is one contiguous run of the padded image
+                        row = np.uint64(a * wp * c)
+                        k0 = a * run
+                        for u in range(run):
+                            at = row + np.uint64(u)
                             for r in range(ROWS):
-                                acc[r * LANES + lane] += xd[r] * e
-                c0 = t * LANES
-                for r in range(min(ROWS, total - q)):
-                    for lane in range(min(LANES, c_grid - c0)):
-                        out[q + r, c0 + lane] = acc[r * LANES + lane]
+                                xd[r] = flat[base[r] + at]
+                            for lane in range(LANES):
+                                e = packed[t, k0 + u, lane]
+                                for r in range(ROWS):
+                                    acc[r * LANES + lane] += xd[r] * e
+                    c0 = t * LANES
+                    for r in range(min(ROWS, total - q)):
+                        for lane in range(min(LANES, c_grid - c0)):
+                            out[q + r, c0 + lane] = acc[r * LANES + lane]
+    return kernel
+
+
+_correlate = njit(parallel=True, nogil=True, cache=_CACHE, fastmath={"contract"})(_correlate_loops(prange))
+_correlate_serial = njit(nogil=True, cache=_CACHE, fastmath={"contract"})(_correlate_loops(range))   # one thread: no threading layer
 
 
 def pack_weight(wmat):
@@ -138,5 +145,6 @@ def correlate_numba(image, wmat, kernel, stride, padding, bias, out):
     if bias is not None:
         lanes[:wmat.shape[0]] = bias
     if out.size:
-        _correlate(flat, (n, hp, wp, c), (kernel[0], kernel[1], stride[0], stride[1], oh, ow), packed, lanes, out)
+        compiled = _correlate_serial if one_thread() else _correlate
+        compiled(flat, (n, hp, wp, c), (kernel[0], kernel[1], stride[0], stride[1], oh, ow), packed, lanes, out)
     return out

@@ -43,7 +43,8 @@ Epilogue (argmin, per lane, then per row)
     smaller index: ties go to the lowest index overall.
 
 Blocking and threads
-    ``prange`` hands out blocks of ``ROW_BLOCK`` = 64 rows. Inside a block the
+    ``prange`` hands out blocks of ``ROW_BLOCK`` = 64 rows (one thread: the same loops
+    compiled serially, ``one_thread``). Inside a block the
     codebook is swept in blocks of tiles (``CODE_BLOCK_BYTES``: 32 KiB, what
     fits L1, with the wide tile; 128 KiB, L2, with the AVX2 one) and every
     micro-tile of the block runs over them before the next code block, so the
@@ -64,7 +65,7 @@ Compiled on first use per dtype and cached on disk (unless the tile is forced).
 import os
 
 import numpy as np
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.core.errors import RequireLiteralValue
 from numba.extending import intrinsic
@@ -131,6 +132,14 @@ def _vector_width_hint(typingctx):
     return types.none(), codegen
 
 
+def one_thread():
+    """Whether the calling thread's Numba count is 1 (``--threads 1``, a data-parallel worker): the
+    parallel kernels then run their serial compile, which never enters Numba's threading layer. Beyond
+    saving a launch, that keeps ``minivq train --workers N`` alive where Numba has neither OpenMP nor
+    TBB: its fallback layer, ``workqueue``, aborts the process when two threads enter it at once."""
+    return get_num_threads() == 1
+
+
 def pack_codebook(codebook, metric="l2"):
     """``(packed, norms)``: the codebook in tiles of CODES codes, transposed and scaled by -2 (see the module doc).
 
@@ -147,57 +156,63 @@ def pack_codebook(codebook, metric="l2"):
     return packed, norms.reshape(tiles, CODES)
 
 
-@njit(parallel=True, nogil=True, cache=_CACHE, fastmath={"contract"})
-def _nearest_kernel(x, packed, norms, tiles_per_block, out):
-    n, dim = x.shape
-    num_tiles = packed.shape[0]
-    for block in prange((n + ROW_BLOCK - 1) // ROW_BLOCK):
-        _vector_width_hint()
-        first = block * ROW_BLOCK
-        rows = min(ROW_BLOCK, n - first)
-        best = _stack_buffer(_LANE_SLOTS, x.dtype)       # best score so far, per row of the block and lane
-        best_index = _stack_buffer(_LANE_SLOTS, np.int32)
-        for r in range(_LANE_SLOTS):
-            best[r] = np.inf
-            best_index[r] = 0
-        for tile_start in range(0, num_tiles, tiles_per_block):
-            tile_stop = min(num_tiles, tile_start + tiles_per_block)
-            for q in range(0, rows, ROWS):
-                row = _stack_buffer(ROWS, np.int64)              # the micro-tile's rows; past the end, repeat the last
-                for r in range(ROWS):
-                    row[r] = min(first + q + r, n - 1)
-                for t in range(tile_start, tile_stop):
-                    acc = _stack_buffer(_ACC_SLOTS, x.dtype)   # acc[r * CODES + c]: score of row r, code c
-                    xd = _stack_buffer(ROWS, x.dtype)
+def _nearest_loops(blocks):
+    """The kernel, its row blocks handed out by ``blocks``: ``prange`` (parallel) or ``range`` (serial, see one_thread)."""
+    def kernel(x, packed, norms, tiles_per_block, out):
+        n, dim = x.shape
+        num_tiles = packed.shape[0]
+        for block in blocks((n + ROW_BLOCK - 1) // ROW_BLOCK):
+            _vector_width_hint()
+            first = block * ROW_BLOCK
+            rows = min(ROW_BLOCK, n - first)
+            best = _stack_buffer(_LANE_SLOTS, x.dtype)       # best score so far, per row of the block and lane
+            best_index = _stack_buffer(_LANE_SLOTS, np.int32)
+            for r in range(_LANE_SLOTS):
+                best[r] = np.inf
+                best_index[r] = 0
+            for tile_start in range(0, num_tiles, tiles_per_block):
+                tile_stop = min(num_tiles, tile_start + tiles_per_block)
+                for q in range(0, rows, ROWS):
+                    row = _stack_buffer(ROWS, np.int64)              # the micro-tile's rows; past the end, repeat the last
                     for r in range(ROWS):
-                        for c in range(CODES):
-                            acc[r * CODES + c] = norms[t, c]
-                    for d in range(dim):
+                        row[r] = min(first + q + r, n - 1)
+                    for t in range(tile_start, tile_stop):
+                        acc = _stack_buffer(_ACC_SLOTS, x.dtype)   # acc[r * CODES + c]: score of row r, code c
+                        xd = _stack_buffer(ROWS, x.dtype)
                         for r in range(ROWS):
-                            xd[r] = x[row[r], d]
-                        for c in range(CODES):
-                            e = packed[t, d, c]
+                            for c in range(CODES):
+                                acc[r * CODES + c] = norms[t, c]
+                        for d in range(dim):
                             for r in range(ROWS):
-                                acc[r * CODES + c] += xd[r] * e
-                    base = t * CODES
-                    for r in range(ROWS):
-                        lane0 = (q + r) * CODES
-                        for c in range(CODES):
-                            v = acc[r * CODES + c]
-                            if v < best[lane0 + c]:
-                                best[lane0 + c] = v
-                                best_index[lane0 + c] = base + c
-        for r in range(rows):
-            lane0 = r * CODES
-            low = best[lane0]
-            index = best_index[lane0]
-            for c in range(1, CODES):
-                v = best[lane0 + c]
-                i = best_index[lane0 + c]
-                if v < low or (v == low and i < index):
-                    low = v
-                    index = i
-            out[first + r] = index
+                                xd[r] = x[row[r], d]
+                            for c in range(CODES):
+                                e = packed[t, d, c]
+                                for r in range(ROWS):
+                                    acc[r * CODES + c] += xd[r] * e
+                        base = t * CODES
+                        for r in range(ROWS):
+                            lane0 = (q + r) * CODES
+                            for c in range(CODES):
+                                v = acc[r * CODES + c]
+                                if v < best[lane0 + c]:
+                                    best[lane0 + c] = v
+                                    best_index[lane0 + c] = base + c
+            for r in range(rows):
+                lane0 = r * CODES
+                low = best[lane0]
+                index = best_index[lane0]
+                for c in range(1, CODES):
+                    v = best[lane0 + c]
+                    i = best_index[lane0 + c]
+                    if v < low or (v == low and i < index):
+                        low = v
+                        index = i
+                out[first + r] = index
+    return kernel
+
+
+_nearest_kernel = njit(parallel=True, nogil=True, cache=_CACHE, fastmath={"contract"})(_nearest_loops(prange))
+_nearest_kernel_serial = njit(nogil=True, cache=_CACHE, fastmath={"contract"})(_nearest_loops(range))   # one thread: no threading layer
 
 
 def tiles_per_block(dim, itemsize):
@@ -214,5 +229,6 @@ def nearest_code_numba(x, codebook, metric="l2"):
     packed, norms = pack_codebook(codebook, metric)
     out = np.empty(x.shape[0], dtype=np.int64)
     if x.shape[0]:
-        _nearest_kernel(x, packed, norms, tiles_per_block(x.shape[1], x.dtype.itemsize), out)
+        compiled = _nearest_kernel_serial if one_thread() else _nearest_kernel
+        compiled(x, packed, norms, tiles_per_block(x.shape[1], x.dtype.itemsize), out)
     return out

@@ -156,3 +156,32 @@ def test_a_forward_with_the_kernel_copies_no_windows(monkeypatch):
         mv.functional.conv2d(mv.tensor(gen.standard_normal((3, 4, 9, 9))), mv.tensor(gen.standard_normal((6, 4, 3, 3))),
                              padding=1)
     assert copies == []
+
+
+@needs_numba
+def test_worker_threads_never_enter_numbas_threading_layer_together():
+    """Data-parallel workers (one Numba thread each) call the parallel kernels at once. Numba's
+    fallback threading layer, workqueue, aborts the process when two threads enter it together; at
+    one thread the kernels run their serial compile and never enter it."""
+    check = """
+import threading
+import numpy as np
+from minivq import kernels
+def work(seed):
+    kernels.set_cpu_threads(1)
+    g = np.random.default_rng(seed)
+    for _ in range(30):
+        x = g.standard_normal((512, 16)).astype(np.float32)
+        kernels.nearest_code(x, x[:64], backend="numba")
+        kernels.correlate(g.standard_normal((4, 8, 8, 16)), g.standard_normal((32, 144)), (3, 3), (1, 1), (1, 1),
+                          backend="numba")
+threads = [threading.Thread(target=work, args=(s,)) for s in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    done = subprocess.run([sys.executable, "-c", check], env=env, cwd=str(Path(__file__).parents[1]),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
