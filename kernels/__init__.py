@@ -35,10 +35,12 @@ update of a parameter as one pass (``adam_step``): a Numba loop on the CPU
 (adam_numba.py; the array ops' dozen passes cost ~2 ms a step), one launch on a
 GPU (adam_cuda.py; a training step there is bound by kernel launches, not
 arithmetic). Both equal the array ops of ``optim.Adam`` to the bit. And a
-convolution's product without its windows (``correlate``): a Numba
-micro-kernel that reads every window in place from a padded copy of the
-image, where im2col would copy them all first (conv_numba.py; the reference
-is ``im2col(image) @ wmat.T``, which also runs on CuPy).
+convolution's products without its windows (``correlate`` and
+``correlate_weight_grad``): Numba micro-kernels that read every window in
+place from a padded copy of the image, where im2col would copy them all
+first (conv_numba.py; the references are ``im2col(image) @ wmat.T`` and
+``grid_rows.T @ im2col(image)``, which also run on CuPy). They are serial and
+taken by ``"auto"`` where the calling thread has one Numba thread.
 
 Numba and CuPy are imported on first use only, so ``import minivq.kernels``
 needs NumPy alone. This package and ``minivq.backend`` are the only places
@@ -264,14 +266,36 @@ def col2im(cols, out, kernel, stride, padding, backend="auto"):
 
 
 # ---------------------------------------------------------------- the product without the windows
-def direct_correlation(a):
-    """Whether ``correlate`` has a compiled kernel for arrays like ``a`` (NumPy float32/float64, Numba importable).
+def _conv_kernels(a):
+    """conv_numba where its kernels can run on arrays like ``a`` (NumPy float32/float64, Numba importable), else None."""
+    if _backend.get_array_module(a) is not np or a.dtype not in (np.float32, np.float64):
+        return None
+    module = _load("numba-conv")
+    return None if isinstance(module, str) else module
 
-    Where it has not, a caller should rather copy the windows a few images at a time and
+
+def direct_correlation(a, window_row=None):
+    """Whether ``"auto"`` runs ``correlate``'s compiled kernel for arrays like ``a``: NumPy float32/float64,
+    Numba importable, and one Numba thread in the calling thread (the kernels are serial; with more
+    threads OpenBLAS's threaded GEMMs are as fast: conv_numba.py). With ``window_row`` (kW*C of the
+    image), whether ``correlate_weight_grad``'s is worth running too: its vector lanes run along a
+    window row, so a row shorter than one tile of lanes (a 1-channel image) would leave most idle.
+
+    Where it says no, a caller should rather copy the windows a few images at a time and
     multiply each chunk (functional/conv.py does), which is what the reference does in one piece.
     """
-    return (_backend.get_array_module(a) is np and a.dtype in (np.float32, np.float64)
-            and not isinstance(_load("numba-conv"), str))
+    module = _conv_kernels(a)
+    return module is not None and module.usable_here() and (window_row is None or window_row >= module.LANES)
+
+
+def _correlate_backend(name, image, backend, window_row=None):
+    if backend not in ("auto", "numpy", "numba"):
+        raise ValueError(f"unknown backend {backend!r} for {name}: use 'auto', 'numpy' or 'numba'")
+    if backend == "numba" and _conv_kernels(image) is None:
+        raise ValueError(f"backend 'numba' for {name} needs NumPy float32/float64 arrays and Numba "
+                         f"(`{_INSTALL['numba']}`); use 'numpy' or 'auto'")
+    auto = backend == "auto" and direct_correlation(image, window_row)
+    return "numba" if backend == "numba" or auto else "numpy"
 
 
 def correlate(image, wmat, kernel, stride, padding, bias=None, backend="auto"):
@@ -282,22 +306,29 @@ def correlate(image, wmat, kernel, stride, padding, bias=None, backend="auto"):
     windows: its micro-kernel reads them from a padded copy of the image (conv_numba.py);
     ``"numpy"``, the reference, is the product as written (NumPy or CuPy arrays).
     """
-    if backend not in ("auto", "numpy", "numba"):
-        raise ValueError(f"unknown backend {backend!r} for correlate: use 'auto', 'numpy' or 'numba'")
-    if backend == "numba" and not direct_correlation(image):
-        raise ValueError("backend 'numba' for correlate needs NumPy float32/float64 arrays and Numba "
-                         f"(`{_INSTALL['numba']}`); use 'numpy' or 'auto'")
-    xp = _backend.get_array_module(image)
-    n, h, w, _ = image.shape
-    oh = (h + 2 * padding[0] - kernel[0]) // stride[0] + 1
-    ow = (w + 2 * padding[1] - kernel[1]) // stride[1] + 1
-    if backend != "numpy" and direct_correlation(image):
-        out = xp.empty((n * oh * ow, wmat.shape[0]), dtype=image.dtype)
+    if _correlate_backend("correlate", image, backend) == "numba":
+        n, h, w, _ = image.shape
+        oh = (h + 2 * padding[0] - kernel[0]) // stride[0] + 1
+        ow = (w + 2 * padding[1] - kernel[1]) // stride[1] + 1
+        out = np.empty((n * oh * ow, wmat.shape[0]), dtype=image.dtype)
         return _load("numba-conv").correlate_numba(image, wmat, kernel, stride, padding, bias, out)
     out = im2col(image, kernel, stride, padding, backend="numpy") @ wmat.T
     if bias is not None:
         out += bias
     return out
+
+
+def correlate_weight_grad(image, grid_rows, kernel, stride, padding, backend="auto"):
+    """``grid_rows.T @ im2col(image)`` (C_grid, kH*kW*C): a convolution's weight gradient, for a channels-last
+    ``image`` (n, H, W, C) and ``grid_rows`` (n*OH*OW, C_grid).
+
+    ``"numba"`` (what ``"auto"`` takes where ``direct_correlation`` says so) reads the windows in
+    place, as ``correlate`` does, summing over the pixels in blocks (conv_numba.py); ``"numpy"``,
+    the reference, is the product as written.
+    """
+    if _correlate_backend("correlate_weight_grad", image, backend, window_row=kernel[1] * image.shape[3]) == "numba":
+        return _load("numba-conv").correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding)
+    return (im2col(image, kernel, stride, padding, backend="numpy").T @ grid_rows).T
 
 
 # ---------------------------------------------------------------- ReLU's gradient
@@ -364,4 +395,5 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, st
 
 
 __all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "relu_grad", "adam_step",
-           "set_cpu_threads", "correlate", "direct_correlation", "BACKENDS", "METRICS", "WINDOW_BACKENDS", "NonFiniteError"]
+           "set_cpu_threads", "correlate", "correlate_weight_grad", "direct_correlation",
+           "BACKENDS", "METRICS", "WINDOW_BACKENDS", "NonFiniteError"]

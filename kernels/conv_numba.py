@@ -1,52 +1,61 @@
-"""A convolution's forward product without the im2col copy, compiled with Numba (the reference: im2col + GEMM).
+"""A convolution's products without the im2col copy, compiled with Numba (the reference: im2col + GEMM).
 
-``correlate_numba`` computes ``im2col(image) @ wmat.T + bias`` for a channels-last
-image, the product behind conv2d's forward and (on the mirror geometry)
-the input gradient of a stride-1 conv, but never writes the windows: the
-micro-kernel reads each window straight from a zero-padded copy of the image.
-Measured on one core of an AVX-512 Xeon, caches cold as in a training step
-(benchmarks/NOTES.md, round 6): a 3x3 conv 128->128 at 8x8, batch 128,
-27.7 ms with im2col and OpenBLAS's SGEMM, 21.2 ms here; 64->128 14.7 -> 9.1 ms.
-The windows of a 3x3 conv are 9x its input, written and read back from beyond
-the caches; the padded copy is 1.6x at 8x8, written once.
+``correlate_numba`` computes ``im2col(image) @ wmat.T + bias`` (conv2d's forward, and the
+input gradient of a stride-1 conv read from the windows of gy) and ``correlate_weight_grad_numba``
+``grid_rows.T @ im2col(image)`` (the weight gradient of both ops) for a channels-last image,
+without ever writing the windows: the micro-kernels read each window in place from a zero-padded
+copy of the image (1.6x the input at 8x8, written once, where a 3x3 conv's windows are 9x).
+Measured on one core of an AVX-512 Xeon, caches cold as in a training step (benchmarks/NOTES.md,
+round 6): a 3x3 conv 128->128 at 8x8, batch 128, forward 27.7 ms with im2col and OpenBLAS's SGEMM,
+21.2 ms here; its weight gradient 32.6 -> 22.2 ms.
 
-Micro-kernel (the nearest-code kernel's, nearest_numba.py, with gathered rows)
-    ``ROWS`` output pixels against ``LANES`` output channels: the running sums
-    sit in a stack buffer that LLVM keeps in vector registers (with AVX-512 8
-    pixels x 32 channels, 16 zmm; otherwise 4 x 16, 8 ymm). For every tap
-    (kh, kw) and input channel, it broadcasts one number of each pixel's
-    window and does 2 * ROWS FMAs against LANES packed weights. The pixels of
-    a tile may lie in different rows or images: each has its own base offset
-    into the padded image, and a tap adds the same offset to all of them.
-    Offsets are unsigned, so Numba emits no negative-index wraparound (it
-    did, and it cost a fifth of the speed).
+The forward micro-kernel (the nearest-code kernel's, nearest_numba.py, with gathered rows)
+    ``ROWS`` output pixels against ``LANES`` output channels: the running sums sit in a stack
+    buffer that LLVM keeps in vector registers (with AVX-512 8 pixels x 32 channels, 16 zmm;
+    otherwise 4 x 16, 8 ymm). For every number of a window row (a row (kw, c) is one contiguous
+    run of the padded image) it broadcasts that number of each pixel's window and does 2 * ROWS
+    FMAs against LANES packed weights. The pixels of a tile may lie in different rows or images:
+    each has its own base offset into the padded image, and a window row adds the same offset to
+    all of them. ``wmat`` is packed in tiles of LANES output channels, transposed
+    (``pack_weight``), the last tile padded with zero channels that are never stored.
 
-Layout (``pack_weight``)
-    ``wmat`` (C_grid, kH*kW*C) is cut into tiles of LANES output channels,
-    each stored transposed, ``packed[t, k, l] = wmat[LANES t + l, k]``, so a
-    step of the inner loop reads LANES contiguous weights; the last tile is
-    padded with zero channels and only the real ones are stored.
+The weight gradient's micro-kernel
+    ``ROWS`` grid channels (broadcast) against ``LANES`` consecutive numbers of a window row
+    (two vectors read straight from the padded image), summed over a block of ``CHUNK`` pixels
+    (their rows stay in L2 while every tile sweeps them); the grid's channels are padded to
+    whole tiles, and the numbers a last tile reads past a window row land in lanes that are dropped.
 
-Rounding. Each output is a sum over (kh, kw, c) in that order, one FMA per
-term (``fastmath={"contract"}`` and nothing more), started from the bias, so
-it is deterministic and independent of the tile a pixel falls in, but not
-bit-equal to a BLAS GEMM (which sums in blocks): the tests compare to the
-reference with float tolerances, and every op's float64 gradcheck runs
-through this kernel.
+Unsigned offsets everywhere in the hot loops: with signed ones Numba emits a negative-index
+wraparound per load (it cost a fifth of the forward's speed), and 2-D indexing of the output kept
+LLVM from unrolling the tile's loads and stores, so the accumulators went to memory every step
+(3x slower).
 
-Threads: ``prange`` over blocks of ``ROW_BLOCK`` pixels, Numba's thread count
-(``kernels.set_cpu_threads``); with one thread (each data-parallel worker) the same loops compiled
-serially (``nearest_numba.one_thread``).
+Rounding. Each forward output is a sum over (kh, kw, c) in that order, one FMA per term
+(``fastmath={"contract"}`` and nothing more), started from the bias; each weight-gradient entry
+a sum over the pixels in order. Deterministic, independent of where a pixel falls in a tile, but
+not bit-equal to a BLAS GEMM (which sums in blocks): the tests compare to the reference with
+float tolerances, and every op's float64 gradcheck runs through these kernels.
+
+One thread, on purpose. ``functional/conv.py`` uses them where the calling thread's Numba count is
+1 (``usable_here``: a ``--workers`` worker, a one-thread run): there they make the training step 2-11 %
+faster. With two threads, OpenBLAS's threaded GEMMs on the windows were as fast, and a parallel
+version of these loops fought OpenBLAS's spinning threads for the cores (the weight gradient
+split in two shares made the step 1.4-1.6x slower).
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .nearest_numba import _CACHE, WIDE, _stack_buffer, _vector_width_hint, one_thread
 
 ROWS = 8 if WIDE else 4         # output pixels per micro-tile
 LANES = 32 if WIDE else 16      # output channels per micro-tile: two vector registers per pixel
-ROW_BLOCK = 64                  # pixels per parallel task (a multiple of ROWS)
+CHUNK = 256                     # pixels per block of the weight gradient: their rows stay in L2 while it sweeps them
 _ACC_SLOTS = ROWS * LANES
+
+
+def usable_here():
+    """Whether these serial kernels are the faster way for the calling thread: its Numba count is 1."""
+    return one_thread()
 
 
 @njit(nogil=True, cache=_CACHE)
@@ -66,54 +75,88 @@ def _pad(image, ph, pw, out):
                         out[b, y, x, ch] = 0
 
 
-def _correlate_loops(blocks):
-    """The kernel, its pixel blocks handed out by ``blocks``: ``prange`` (parallel) or ``range`` (serial, see one_thread)."""
-    def kernel(flat, padded_shape, window, packed, bias, out):
-        # flat: the padded image (n, hp, wp, c) as one contiguous run; window: (kh, kw, sh, sw, oh, ow);
-        # out: (n*oh*ow, C_grid) rows
-        n, hp, wp, c = padded_shape
-        kh, kw, sh, sw, oh, ow = window
-        total = n * oh * ow
-        per_image = oh * ow
-        run = kw * c
-        c_grid = out.shape[1]
-        for block in blocks((total + ROW_BLOCK - 1) // ROW_BLOCK):
-            _vector_width_hint()
-            base = _stack_buffer(ROWS, np.uint64)       # where each pixel's window starts in ``flat``
-            xd = _stack_buffer(ROWS, flat.dtype)
-            first = block * ROW_BLOCK
-            for q in range(first, min(first + ROW_BLOCK, total), ROWS):
-                for r in range(ROWS):
-                    p = min(q + r, total - 1)            # past the end: repeat the last pixel, never stored
-                    b = p // per_image
-                    i = (p - b * per_image) // ow
-                    j = p - b * per_image - i * ow
-                    base[r] = np.uint64(((b * hp + i * sh) * wp + j * sw) * c)
-                for t in range(packed.shape[0]):
-                    acc = _stack_buffer(_ACC_SLOTS, flat.dtype)     # acc[r * LANES + l]: pixel r, channel l
+@njit(nogil=True, cache=_CACHE, fastmath={"contract"})
+def _correlate(flat, padded_shape, window, packed, bias, out):
+    # flat: the padded image (n, hp, wp, c) as one contiguous run; window: (kh, kw, sh, sw, oh, ow);
+    # out: (n*oh*ow, C_grid) rows
+    n, hp, wp, c = padded_shape
+    kh, kw, sh, sw, oh, ow = window
+    _vector_width_hint()
+    total = n * oh * ow
+    per_image = oh * ow
+    run = kw * c
+    c_grid = out.shape[1]
+    base = _stack_buffer(ROWS, np.uint64)       # where each pixel's window starts in ``flat``
+    xd = _stack_buffer(ROWS, flat.dtype)
+    for q in range(0, total, ROWS):
+        for r in range(ROWS):
+            p = min(q + r, total - 1)            # past the end: repeat the last pixel, never stored
+            b = p // per_image
+            i = (p - b * per_image) // ow
+            j = p - b * per_image - i * ow
+            base[r] = np.uint64(((b * hp + i * sh) * wp + j * sw) * c)
+        for t in range(packed.shape[0]):
+            acc = _stack_buffer(_ACC_SLOTS, flat.dtype)     # acc[r * LANES + l]: pixel r, channel l
+            for r in range(ROWS):
+                for lane in range(LANES):
+                    acc[r * LANES + lane] = bias[t * LANES + lane]
+            for a in range(kh):         # a window row (kw, c) is one contiguous run of the padded image
+                row = np.uint64(a * wp * c)
+                k0 = a * run
+                for u in range(run):
+                    at = row + np.uint64(u)
+                    for r in range(ROWS):
+                        xd[r] = flat[base[r] + at]
+                    for lane in range(LANES):
+                        e = packed[t, k0 + u, lane]
+                        for r in range(ROWS):
+                            acc[r * LANES + lane] += xd[r] * e
+            c0 = t * LANES
+            for r in range(min(ROWS, total - q)):
+                for lane in range(min(LANES, c_grid - c0)):
+                    out[q + r, c0 + lane] = acc[r * LANES + lane]
+
+
+@njit(nogil=True, cache=_CACHE, fastmath={"contract"})
+def _weight_grad(flat, bases, grid, kh, row_stride, out):
+    # out (co_tiles*ROWS, kh * u_tiles*LANES), zeros: for every pixel p and window row a,
+    # out[o, a*u_tiles*LANES + u] += grid[p, o] * flat[bases[p] + a*row_stride + u]
+    _vector_width_hint()
+    total = bases.shape[0]
+    c_grid = grid.shape[1]                  # a multiple of ROWS (padded by the caller)
+    width = out.shape[1]
+    u_tiles = width // (kh * LANES)
+    gflat = grid.reshape(-1)
+    # flat arrays and unsigned offsets: with 2-D indexing (its negative-index checks) the tile's loads and
+    # stores were not unrolled, and the accumulators went back to memory on every step (3x slower)
+    oflat = out.reshape(-1)
+    stride = np.uint64(width)
+    gd = _stack_buffer(ROWS, flat.dtype)
+    for chunk in range(0, total, CHUNK):
+        p0, p1 = np.uint64(chunk), np.uint64(min(chunk + CHUNK, total))
+        for a in range(kh):
+            for ut in range(u_tiles):
+                off = np.uint64(a * row_stride + ut * LANES)
+                col = np.uint64((a * u_tiles + ut) * LANES)
+                for ct in range(c_grid // ROWS):
+                    c0 = np.uint64(ct * ROWS)
+                    o0 = c0 * stride + col
+                    acc = _stack_buffer(_ACC_SLOTS, flat.dtype)     # acc[r * LANES + l]: channel r, lane l
                     for r in range(ROWS):
                         for lane in range(LANES):
-                            acc[r * LANES + lane] = bias[t * LANES + lane]
-                    for a in range(kh):         # a window row (kw, c) is one contiguous run of the padded image
-                        row = np.uint64(a * wp * c)
-                        k0 = a * run
-                        for u in range(run):
-                            at = row + np.uint64(u)
+                            acc[r * LANES + lane] = oflat[o0 + np.uint64(r) * stride + np.uint64(lane)]
+                    for p in range(p0, p1):
+                        at = bases[p] + off
+                        row = p * np.uint64(c_grid) + c0
+                        for r in range(ROWS):
+                            gd[r] = gflat[row + np.uint64(r)]
+                        for lane in range(LANES):
+                            e = flat[at + np.uint64(lane)]
                             for r in range(ROWS):
-                                xd[r] = flat[base[r] + at]
-                            for lane in range(LANES):
-                                e = packed[t, k0 + u, lane]
-                                for r in range(ROWS):
-                                    acc[r * LANES + lane] += xd[r] * e
-                    c0 = t * LANES
-                    for r in range(min(ROWS, total - q)):
-                        for lane in range(min(LANES, c_grid - c0)):
-                            out[q + r, c0 + lane] = acc[r * LANES + lane]
-    return kernel
-
-
-_correlate = njit(parallel=True, nogil=True, cache=_CACHE, fastmath={"contract"})(_correlate_loops(prange))
-_correlate_serial = njit(nogil=True, cache=_CACHE, fastmath={"contract"})(_correlate_loops(range))   # one thread: no threading layer
+                                acc[r * LANES + lane] += gd[r] * e
+                    for r in range(ROWS):
+                        for lane in range(LANES):
+                            oflat[o0 + np.uint64(r) * stride + np.uint64(lane)] = acc[r * LANES + lane]
 
 
 def pack_weight(wmat):
@@ -125,13 +168,15 @@ def pack_weight(wmat):
     return np.ascontiguousarray(padded.reshape(tiles, LANES, k).transpose(0, 2, 1))
 
 
-def _padded(image, kernel, stride, padding):
-    """The image zero-padded as one flat run, its padded height and width, and the grid's size (OH, OW)."""
+def _padded(image, kernel, stride, padding, slack=0):
+    """The image zero-padded as one flat run (``slack`` zeros after it), its padded height and width, and the
+    grid's size (OH, OW)."""
     n, h, w, c = image.shape
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     hp, wp = h + 2 * ph, w + 2 * pw
-    flat = np.empty(n * hp * wp * c, dtype=image.dtype)
-    _pad(image, ph, pw, flat.reshape(n, hp, wp, c))
+    flat = np.empty(n * hp * wp * c + slack, dtype=image.dtype)
+    flat[n * hp * wp * c:] = 0
+    _pad(image, ph, pw, flat[:n * hp * wp * c].reshape(n, hp, wp, c))
     return flat, hp, wp, ((hp - kh) // sh + 1, (wp - kw) // sw + 1)
 
 
@@ -145,6 +190,27 @@ def correlate_numba(image, wmat, kernel, stride, padding, bias, out):
     if bias is not None:
         lanes[:wmat.shape[0]] = bias
     if out.size:
-        compiled = _correlate_serial if one_thread() else _correlate
-        compiled(flat, (n, hp, wp, c), (kernel[0], kernel[1], stride[0], stride[1], oh, ow), packed, lanes, out)
+        _correlate(flat, (n, hp, wp, c), (kernel[0], kernel[1], stride[0], stride[1], oh, ow), packed, lanes, out)
     return out
+
+
+def correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding):
+    """``grid_rows.T @ im2col(image)`` (C_grid, kH*kW*C) for a channels-last NumPy ``image`` (n, H, W, C) and
+    ``grid_rows`` (n*OH*OW, C_grid) of its dtype: the weight gradient, without the windows (module doc)."""
+    n, _, _, c = image.shape
+    (kh, kw), (sh, sw) = kernel, stride
+    run = kw * c
+    u_tiles = -(-run // LANES)
+    # the last lane tile of a window row reads up to LANES numbers past it (those lanes are dropped)
+    flat, hp, wp, (oh, ow) = _padded(image, kernel, stride, padding, slack=LANES)
+    b, i, j = np.meshgrid(np.arange(n), np.arange(oh), np.arange(ow), indexing="ij")
+    bases = (((b * hp + i * sh) * wp + j * sw) * c).reshape(-1).astype(np.uint64)
+    c_grid = grid_rows.shape[1]
+    grid = grid_rows
+    if c_grid % ROWS or not grid.flags.c_contiguous or grid.dtype != image.dtype:
+        grid = np.zeros((grid_rows.shape[0], -(-c_grid // ROWS) * ROWS), dtype=image.dtype)
+        grid[:, :c_grid] = grid_rows        # channels padded to whole tiles, rows contiguous
+    out = np.zeros((grid.shape[1], kh * u_tiles * LANES), dtype=image.dtype)
+    if bases.size:
+        _weight_grad(flat, bases, grid, kh, wp * c, out)
+    return np.ascontiguousarray(out[:c_grid].reshape(c_grid, kh, u_tiles * LANES)[:, :, :run]).reshape(c_grid, -1)

@@ -1,6 +1,7 @@
-"""The product without the windows (minivq.kernels.correlate): the compiled Numba kernel against the
-reference ``im2col(image) @ wmat.T + bias``, on random geometries and on the models' own; and the
-convolutions take it for their forward product where it runs, with the same results."""
+"""The products without the windows (minivq.kernels.correlate, correlate_weight_grad): the compiled
+Numba kernels against the references ``im2col(image) @ wmat.T + bias`` and ``grid_rows.T @ im2col(image)``,
+on random geometries and on the models' own; the convolutions take them where the calling thread
+has one Numba thread, with the same results and gradients."""
 import os
 import subprocess
 import sys
@@ -14,6 +15,16 @@ from minivq import kernels
 from minivq.functional import conv as conv_module
 
 needs_numba = pytest.mark.skipif("numba" not in kernels.available_backends(), reason="numba is not installed")
+
+
+@pytest.fixture
+def one_numba_thread():
+    """The calling thread at one Numba thread (as a --workers worker), put back afterwards."""
+    import numba
+    before = numba.get_num_threads()
+    kernels.set_cpu_threads(1)
+    yield
+    numba.set_num_threads(before)
 
 
 def random_case(gen, dtype):
@@ -52,6 +63,20 @@ def test_the_kernel_matches_the_reference_on_random_geometries(seed, dtype):
 
 
 @needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(10))
+def test_the_weight_gradient_kernel_matches_the_reference_on_random_geometries(seed, dtype):
+    """Grid channel counts that fill no tile, window rows shorter and longer than a tile of lanes."""
+    image, wmat, kernel, stride, padding, _ = random_case(np.random.default_rng(100 + seed), dtype)
+    rows = kernels.correlate(image, wmat, kernel, stride, padding, backend="numpy").shape[0]
+    grid_rows = np.random.default_rng(seed).standard_normal((rows, wmat.shape[0])).astype(dtype)
+    got = kernels.correlate_weight_grad(image, grid_rows, kernel, stride, padding, backend="numba")
+    ref = kernels.correlate_weight_grad(image, grid_rows, kernel, stride, padding, backend="numpy")
+    assert got.shape == ref.shape == wmat.shape and got.dtype == dtype
+    close(got, ref, dtype)
+
+
+@needs_numba
 @pytest.mark.parametrize("shape", [
     ((6, 8, 8, 128), 128, (3, 3), (1, 1), (1, 1)),      # the VQ-VAE's residual 3x3 convolutions
     ((6, 8, 8, 64), 128, (3, 3), (1, 1), (1, 1)),
@@ -65,8 +90,17 @@ def test_the_kernel_matches_the_reference_on_the_models_geometries(shape):
     image = gen.standard_normal((n, h, w, c)).astype(np.float32)
     wmat = gen.standard_normal((c_grid, kernel[0] * kernel[1] * c)).astype(np.float32)
     bias = gen.standard_normal(c_grid).astype(np.float32)
-    close(kernels.correlate(image, wmat, kernel, stride, padding, bias),
+    close(kernels.correlate(image, wmat, kernel, stride, padding, bias, backend="numba"),
           reference(image, wmat, kernel, stride, padding, bias), np.float32)
+    grid_rows = gen.standard_normal((image.shape[0] * _grid_pixels(image.shape, kernel, stride, padding), c_grid))
+    grid_rows = grid_rows.astype(np.float32)
+    close(kernels.correlate_weight_grad(image, grid_rows, kernel, stride, padding, backend="numba"),
+          kernels.correlate_weight_grad(image, grid_rows, kernel, stride, padding, backend="numpy"), np.float32)
+
+
+def _grid_pixels(shape, kernel, stride, padding):
+    _, h, w, _ = shape
+    return ((h + 2 * padding[0] - kernel[0]) // stride[0] + 1) * ((w + 2 * padding[1] - kernel[1]) // stride[1] + 1)
 
 
 @needs_numba
@@ -75,10 +109,14 @@ def test_the_kernel_takes_any_image_layout_and_an_empty_batch():
     nchw = gen.standard_normal((3, 5, 7, 6))                       # a channels-first array seen channels-last
     image = nchw.transpose(0, 2, 3, 1)
     wmat = gen.standard_normal((9, 2 * 3 * 5))
-    got = kernels.correlate(image, wmat, (2, 3), (1, 2), (1, 0))
+    got = kernels.correlate(image, wmat, (2, 3), (1, 2), (1, 0), backend="numba")
     close(got, reference(image, wmat, (2, 3), (1, 2), (1, 0), None), np.float64)
-    empty = kernels.correlate(image[:0], wmat, (2, 3), (1, 2), (1, 0))
-    assert empty.shape == (0, 9)
+    grid_rows = gen.standard_normal((got.shape[0], 9)).T.copy().T        # rows that are not contiguous
+    close(kernels.correlate_weight_grad(image, grid_rows, (2, 3), (1, 2), (1, 0), backend="numba"),
+          kernels.correlate_weight_grad(image, grid_rows, (2, 3), (1, 2), (1, 0), backend="numpy"), np.float64)
+    assert kernels.correlate(image[:0], wmat, (2, 3), (1, 2), (1, 0), backend="numba").shape == (0, 9)
+    empty = kernels.correlate_weight_grad(image[:0], grid_rows[:0], (2, 3), (1, 2), (1, 0), backend="numba")
+    assert empty.shape == (9, 30) and not empty.any()
 
 
 @needs_numba
@@ -89,7 +127,7 @@ def test_the_kernel_sums_every_tap_in_order_so_a_pixel_does_not_depend_on_its_ti
     window = gen.standard_normal((1, 3, 3, 20)).astype(np.float32)
     image = np.tile(window, (1, 7, 11, 1))                          # the same 3x3 window everywhere, stride 3
     wmat = gen.standard_normal((40, 3 * 3 * 20)).astype(np.float32)
-    out = kernels.correlate(image, wmat, (3, 3), (3, 3), (0, 0))
+    out = kernels.correlate(image, wmat, (3, 3), (3, 3), (0, 0), backend="numba")
     assert (out == out[0]).all()
 
 
@@ -99,7 +137,25 @@ def test_correlate_refuses_what_it_cannot_run():
         kernels.correlate(image, wmat, (3, 3), (1, 1), (0, 0), backend="cuda")
     with pytest.raises(ValueError, match="'numba' for correlate needs"):
         kernels.correlate(image.astype(np.float16), wmat.astype(np.float16), (3, 3), (1, 1), (0, 0), backend="numba")
+    with pytest.raises(ValueError, match="'numba' for correlate_weight_grad needs"):
+        kernels.correlate_weight_grad(image.astype(np.float16), np.zeros((1, 4), np.float16), (3, 3), (1, 1), (0, 0),
+                                      backend="numba")
     assert not kernels.direct_correlation(image.astype(np.float16))
+
+
+@needs_numba
+def test_auto_runs_the_kernels_at_one_numba_thread_only(one_numba_thread):
+    """Serial kernels: with more Numba threads the convolutions keep OpenBLAS's threaded GEMMs; a window
+    row shorter than a tile of lanes keeps the weight gradient on the GEMM too."""
+    import numba
+    from minivq.kernels import conv_numba
+    image = np.zeros((1, 4, 4, 16), np.float32)
+    assert kernels.direct_correlation(image)
+    assert kernels.direct_correlation(image, window_row=conv_numba.LANES)
+    assert not kernels.direct_correlation(image, window_row=conv_numba.LANES - 1)
+    if numba.config.NUMBA_NUM_THREADS > 1:
+        numba.set_num_threads(2)
+        assert not kernels.direct_correlation(image)
 
 
 @needs_numba
@@ -117,45 +173,72 @@ def test_the_avx2_tile_also_matches_the_reference():
 
 @needs_numba
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
-def test_the_convolutions_give_the_same_with_and_without_the_kernel(monkeypatch, transposed):
-    """The forward product through the kernel, against the im2col path it replaces: outputs and all
-    three gradients, float64."""
+def test_the_convolutions_give_the_same_with_and_without_the_kernels(monkeypatch, one_numba_thread, transposed):
+    """Forward and backward products through the kernels, against the im2col path they replace:
+    outputs and all three gradients, float64."""
     gen = np.random.default_rng(6)
     if transposed:
         # stride 1 and fewer channels in than out: its forward reads the windows of its input (_flipped_geometry)
-        x0, w0 = gen.standard_normal((4, 4, 5, 5)), gen.standard_normal((4, 6, 3, 4))
+        x0, w0 = gen.standard_normal((4, 12, 5, 5)), gen.standard_normal((12, 16, 3, 4))
         op = lambda x, w, b: mv.functional.conv_transpose2d(x, w, b, stride=1, padding=1)  # noqa: E731
     else:
-        x0, w0 = gen.standard_normal((4, 6, 9, 9)), gen.standard_normal((7, 6, 3, 3))
+        x0, w0 = gen.standard_normal((4, 12, 9, 9)), gen.standard_normal((14, 12, 3, 3))
         op = lambda x, w, b: mv.functional.conv2d(x, w, b, stride=1, padding=1)  # noqa: E731
     b0 = gen.standard_normal(w0.shape[1] if transposed else w0.shape[0])
     calls = []
-    real = kernels.correlate
-    monkeypatch.setattr(kernels, "correlate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("correlate", "correlate_weight_grad"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     results = {}
     for direct in (True, False):
         if not direct:
-            monkeypatch.setattr(kernels, "direct_correlation", lambda a: False)
+            monkeypatch.setattr(kernels, "direct_correlation", lambda a, window_row=None: False)
         x, w, b = (mv.tensor(v, requires_grad=True) for v in (x0, w0, b0))
         y = op(x, w, b)
         (y * mv.tensor(np.cos(np.arange(y.data.size)).reshape(y.shape))).sum().backward()
         results[direct] = [y.data, x.grad, w.grad, b.grad]
         if direct:
-            assert calls, "the kernel was not used"
+            assert set(calls) == {"correlate", "correlate_weight_grad"}, calls
     for got, ref in zip(results[True], results[False]):
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
 
 
 @needs_numba
-def test_a_forward_with_the_kernel_copies_no_windows(monkeypatch):
+def test_a_step_with_the_kernels_copies_no_windows(monkeypatch, one_numba_thread):
     copies = []
     original = conv_module._im2col
     monkeypatch.setattr(conv_module, "_im2col", lambda image, g: copies.append(image.shape) or original(image, g))
     gen = np.random.default_rng(7)
-    with mv.no_grad():
-        mv.functional.conv2d(mv.tensor(gen.standard_normal((3, 4, 9, 9))), mv.tensor(gen.standard_normal((6, 4, 3, 3))),
-                             padding=1)
-    assert copies == []
+    x = mv.tensor(gen.standard_normal((3, 12, 9, 9)), requires_grad=True)
+    w = mv.tensor(gen.standard_normal((16, 12, 3, 3)), requires_grad=True)
+    mv.functional.conv2d(x, w, padding=1).sum().backward()
+    assert copies == [] and x.grad is not None and w.grad is not None
+
+
+@needs_numba
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+def test_gradcheck_through_the_kernels(monkeypatch, one_numba_thread, transposed):
+    """Float64 central differences on random shapes wide enough (kW*C >= a tile of lanes) that both
+    kernels run, forward and backward (a spy counts them)."""
+    calls = []
+    for name in ("correlate", "correlate_weight_grad"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    gen = np.random.default_rng(11)
+    for _ in range(3):
+        k, c_in, c_out = int(gen.integers(2, 4)), int(gen.integers(12, 20)), int(gen.integers(11, 20))
+        stride, padding = int(gen.integers(1, 3)), int(gen.integers(0, 2))
+        size = int(gen.integers(k + 1, k + 5))
+        x = mv.tensor(gen.standard_normal((2, c_in, size, size)), requires_grad=True)
+        if transposed:
+            w = mv.tensor(gen.standard_normal((c_in, c_out, k, k)) * 0.2, requires_grad=True)
+            op = lambda x, w, b: mv.functional.conv_transpose2d(x, w, b, stride=stride, padding=padding)  # noqa: E731
+        else:
+            w = mv.tensor(gen.standard_normal((c_out, c_in, k, k)) * 0.2, requires_grad=True)
+            op = lambda x, w, b: mv.functional.conv2d(x, w, b, stride=stride, padding=padding)  # noqa: E731
+        b = mv.tensor(gen.standard_normal(c_out), requires_grad=True)
+        assert mv.gradcheck(op, [x, w, b], directions=8)
+    assert "correlate" in calls and "correlate_weight_grad" in calls
 
 
 @needs_numba
@@ -185,3 +268,13 @@ for t in threads:
     done = subprocess.run([sys.executable, "-c", check], env=env, cwd=str(Path(__file__).parents[1]),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@needs_numba
+def test_the_weight_gradient_counts_a_last_block_of_one_pixel():
+    from minivq.kernels import conv_numba
+    gen = np.random.default_rng(12)
+    image = gen.standard_normal((1, conv_numba.CHUNK + 1, 1, 40))           # CHUNK + 1 windows of 1x1
+    grid_rows = gen.standard_normal((conv_numba.CHUNK + 1, 9))
+    close(kernels.correlate_weight_grad(image, grid_rows, (1, 1), (1, 1), (0, 0), backend="numba"),
+          grid_rows.T @ image.reshape(-1, 40), np.float64)
