@@ -275,9 +275,10 @@ def _conv_kernels(a):
 
 
 def direct_correlation(a, window_row=None):
-    """Whether ``"auto"`` runs ``correlate``'s compiled kernel for arrays like ``a``: NumPy float32/float64,
-    Numba importable, and one Numba thread in the calling thread (the kernels are serial; with more
-    threads OpenBLAS's threaded GEMMs are as fast: conv_numba.py). With ``window_row`` (kW*C of the
+    """Whether ``"auto"`` runs ``correlate``'s compiled kernel for arrays like ``a``: NumPy float32 (the tiles
+    are sized for float32 registers; in float64 the GEMM path is 10 % faster), Numba importable, and one
+    Numba thread in the calling thread (the kernels are serial; with more threads OpenBLAS's threaded
+    GEMMs are as fast: conv_numba.py). With ``window_row`` (kW*C of the
     image), whether ``correlate_weight_grad``'s is worth running too: its vector lanes run along a
     window row, so a row shorter than one tile of lanes (a 1-channel image) would leave most idle.
 
@@ -285,7 +286,8 @@ def direct_correlation(a, window_row=None):
     multiply each chunk (functional/conv.py does), which is what the reference does in one piece.
     """
     module = _conv_kernels(a)
-    return module is not None and module.usable_here() and (window_row is None or window_row >= module.LANES)
+    return (module is not None and a.dtype == np.float32 and module.usable_here()
+            and (window_row is None or window_row >= module.LANES))
 
 
 def _correlate_backend(name, image, backend, window_row=None):

@@ -34,11 +34,13 @@ Rounding. Each forward output is a sum over (kh, kw, c) in that order, one FMA p
 (``fastmath={"contract"}`` and nothing more), started from the bias; each weight-gradient entry
 a sum over the pixels in order. Deterministic, independent of where a pixel falls in a tile, but
 not bit-equal to a BLAS GEMM (which sums in blocks): the tests compare to the reference with
-float tolerances, and every op's float64 gradcheck runs through these kernels.
+float tolerances, and run the convolutions' float64 gradcheck through these kernels.
 
-One thread, on purpose. ``functional/conv.py`` uses them where the calling thread's Numba count is
-1 (``usable_here``: a ``--workers`` worker, a one-thread run): there they make the training step 2-11 %
-faster. With two threads, OpenBLAS's threaded GEMMs on the windows were as fast, and a parallel
+One thread and float32, on purpose. ``functional/conv.py`` uses them for float32 arrays where the
+calling thread's Numba count is 1 (``usable_here``: a ``--workers`` worker, a one-thread run):
+there they make the training step 2-13 % faster. In float64 the tiles, sized for float32
+registers, spill (a 3x3 conv's step 10 % slower than the GEMM path), so ``"auto"`` leaves float64
+to the GEMMs. With two threads, OpenBLAS's threaded GEMMs on the windows were as fast, and a parallel
 version of these loops fought OpenBLAS's spinning threads for the cores (the weight gradient
 split in two shares made the step 1.4-1.6x slower).
 """

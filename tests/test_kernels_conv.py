@@ -17,6 +17,14 @@ from minivq.functional import conv as conv_module
 needs_numba = pytest.mark.skipif("numba" not in kernels.available_backends(), reason="numba is not installed")
 
 
+def kernels_in_float64_too(monkeypatch):
+    """``"auto"`` takes the kernels in float32 only (float64 spills their float32-sized tiles); the
+    float64 checks below make it take them in float64 as well, where it otherwise would."""
+    from minivq.kernels import conv_numba
+    monkeypatch.setattr(kernels, "direct_correlation", lambda a, window_row=None: (
+        kernels._conv_kernels(a) is not None and (window_row is None or window_row >= conv_numba.LANES)))
+
+
 @pytest.fixture
 def one_numba_thread():
     """The calling thread at one Numba thread (as a --workers worker), put back afterwards."""
@@ -145,12 +153,12 @@ def test_correlate_refuses_what_it_cannot_run():
 
 @needs_numba
 def test_auto_runs_the_kernels_at_one_numba_thread_only(one_numba_thread):
-    """Serial kernels: with more Numba threads the convolutions keep OpenBLAS's threaded GEMMs; a window
+    """In float32 only. Serial kernels: with more Numba threads the convolutions keep OpenBLAS's threaded GEMMs; a window
     row shorter than a tile of lanes keeps the weight gradient on the GEMM too."""
     import numba
     from minivq.kernels import conv_numba
     image = np.zeros((1, 4, 4, 16), np.float32)
-    assert kernels.direct_correlation(image)
+    assert kernels.direct_correlation(image) and not kernels.direct_correlation(image.astype(np.float64))
     assert kernels.direct_correlation(image, window_row=conv_numba.LANES)
     assert not kernels.direct_correlation(image, window_row=conv_numba.LANES - 1)
     if numba.config.NUMBA_NUM_THREADS > 1:
@@ -185,6 +193,7 @@ def test_the_convolutions_give_the_same_with_and_without_the_kernels(monkeypatch
         x0, w0 = gen.standard_normal((4, 12, 9, 9)), gen.standard_normal((14, 12, 3, 3))
         op = lambda x, w, b: mv.functional.conv2d(x, w, b, stride=1, padding=1)  # noqa: E731
     b0 = gen.standard_normal(w0.shape[1] if transposed else w0.shape[0])
+    kernels_in_float64_too(monkeypatch)
     calls = []
     for name in ("correlate", "correlate_weight_grad"):
         real = getattr(kernels, name)
@@ -209,8 +218,8 @@ def test_a_step_with_the_kernels_copies_no_windows(monkeypatch, one_numba_thread
     original = conv_module._im2col
     monkeypatch.setattr(conv_module, "_im2col", lambda image, g: copies.append(image.shape) or original(image, g))
     gen = np.random.default_rng(7)
-    x = mv.tensor(gen.standard_normal((3, 12, 9, 9)), requires_grad=True)
-    w = mv.tensor(gen.standard_normal((16, 12, 3, 3)), requires_grad=True)
+    x = mv.tensor(gen.standard_normal((3, 12, 9, 9)).astype(np.float32), requires_grad=True)
+    w = mv.tensor(gen.standard_normal((16, 12, 3, 3)).astype(np.float32), requires_grad=True)
     mv.functional.conv2d(x, w, padding=1).sum().backward()
     assert copies == [] and x.grad is not None and w.grad is not None
 
@@ -220,6 +229,7 @@ def test_a_step_with_the_kernels_copies_no_windows(monkeypatch, one_numba_thread
 def test_gradcheck_through_the_kernels(monkeypatch, one_numba_thread, transposed):
     """Float64 central differences on random shapes wide enough (kW*C >= a tile of lanes) that both
     kernels run, forward and backward (a spy counts them)."""
+    kernels_in_float64_too(monkeypatch)
     calls = []
     for name in ("correlate", "correlate_weight_grad"):
         real = getattr(kernels, name)

@@ -35,8 +35,8 @@ and an input gradient reads the windows of gy when that copy is the smaller
 (``_flipped_geometry``); the weight gradient then reads the same copy rather than
 copying the windows of x again. Strided convs always copy the image's windows.
 
-Without the windows. Where the calling thread runs one Numba thread (a ``--workers`` worker, a
-one-thread run) and Numba imports, ``kernels.direct_correlation`` says yes and a pass over the
+Without the windows. For float32 arrays, where the calling thread runs one Numba thread (a
+``--workers`` worker, a one-thread run) and Numba imports, ``kernels.direct_correlation`` says yes and a pass over the
 windows runs compiled kernels that read each window in place from a padded copy of the image:
 ``kernels.correlate`` for ``im2col(image) @ wmat.T`` and ``kernels.correlate_weight_grad`` for
 ``grid_rows.T @ im2col(image)``, so no windows are copied at all (the training step 2-13 % faster on
