@@ -88,6 +88,7 @@ def _correlate(flat, padded_shape, window, packed, bias, out):
     per_image = oh * ow
     run = kw * c
     c_grid = out.shape[1]
+    oflat = out.reshape(-1)
     base = _stack_buffer(ROWS, np.uint64)       # where each pixel's window starts in ``flat``
     xd = _stack_buffer(ROWS, flat.dtype)
     for q in range(0, total, ROWS):
@@ -114,9 +115,15 @@ def _correlate(flat, padded_shape, window, packed, bias, out):
                         for r in range(ROWS):
                             acc[r * LANES + lane] += xd[r] * e
             c0 = t * LANES
-            for r in range(min(ROWS, total - q)):
-                for lane in range(min(LANES, c_grid - c0)):
-                    out[q + r, c0 + lane] = acc[r * LANES + lane]
+            if q + ROWS <= total and c0 + LANES <= c_grid:      # a whole tile: fixed counts, vector stores
+                o0 = np.uint64(q * c_grid + c0)
+                for r in range(ROWS):
+                    for lane in range(LANES):
+                        oflat[o0 + np.uint64(r * c_grid + lane)] = acc[r * LANES + lane]
+            else:
+                for r in range(min(ROWS, total - q)):
+                    for lane in range(min(LANES, c_grid - c0)):
+                        out[q + r, c0 + lane] = acc[r * LANES + lane]
 
 
 @njit(nogil=True, cache=_CACHE, fastmath={"contract"})
