@@ -180,12 +180,17 @@ def test_the_avx2_tile_also_matches_the_reference():
 
 
 @needs_numba
-@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+@pytest.mark.parametrize("transposed", [False, "narrow", True], ids=["conv2d", "conv2d-narrow", "conv_transpose2d"])
 def test_the_convolutions_give_the_same_with_and_without_the_kernels(monkeypatch, one_numba_thread, transposed):
     """Forward and backward products through the kernels, against the im2col path they replace:
-    outputs and all three gradients, float64."""
+    outputs and all three gradients, float64. ("narrow": fewer channels out than in, the conv that
+    otherwise runs as the transposed conv of its mirror.)"""
     gen = np.random.default_rng(6)
-    if transposed:
+    if transposed == "narrow":
+        x0, w0 = gen.standard_normal((3, 40, 7, 7)), gen.standard_normal((12, 40, 3, 3))
+        op = lambda x, w, b: mv.functional.conv2d(x, w, b, stride=1, padding=1)  # noqa: E731
+        transposed = False
+    elif transposed:
         # stride 1 and fewer channels in than out: its forward reads the windows of its input (_flipped_geometry)
         x0, w0 = gen.standard_normal((4, 12, 5, 5)), gen.standard_normal((12, 16, 3, 4))
         op = lambda x, w, b: mv.functional.conv_transpose2d(x, w, b, stride=1, padding=1)  # noqa: E731
