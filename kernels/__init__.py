@@ -64,7 +64,8 @@ def _load(name):
     ``"numba-adam"``, ``"numba-conv"``, ``"cuda-windows"``, ``"cuda-adam"``), or a string saying why it is unusable."""
     if name not in _loaded:
         try:
-            if name not in ("numba", "numba-windows", "numba-relu", "numba-adam", "numba-conv") and not _backend.cuda_available():
+            on_cpu = ("numba", "numba-windows", "numba-relu", "numba-adam", "numba-conv")
+            if name not in on_cpu and not _backend.cuda_available():
                 raise ImportError("CuPy is not importable or sees no CUDA GPU")
             if name == "numba":
                 from . import nearest_numba as module
@@ -267,7 +268,8 @@ def col2im(cols, out, kernel, stride, padding, backend="auto"):
 
 # ---------------------------------------------------------------- the product without the windows
 def _conv_kernels(a):
-    """conv_numba where its kernels can run on arrays like ``a`` (NumPy float32/float64, Numba importable), else None."""
+    """conv_numba where its kernels can run on arrays like ``a`` (NumPy float32/float64, Numba importable),
+    else None."""
     if _backend.get_array_module(a) is not np or a.dtype not in (np.float32, np.float64):
         return None
     module = _load("numba-conv")

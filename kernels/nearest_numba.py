@@ -157,7 +157,8 @@ def pack_codebook(codebook, metric="l2"):
 
 
 def _nearest_loops(blocks):
-    """The kernel, its row blocks handed out by ``blocks``: ``prange`` (parallel) or ``range`` (serial, see one_thread)."""
+    """The kernel, its row blocks handed out by ``blocks``: ``prange`` (parallel) or ``range`` (serial,
+    ``one_thread``)."""
     def kernel(x, packed, norms, tiles_per_block, out):
         n, dim = x.shape
         num_tiles = packed.shape[0]
@@ -173,7 +174,7 @@ def _nearest_loops(blocks):
             for tile_start in range(0, num_tiles, tiles_per_block):
                 tile_stop = min(num_tiles, tile_start + tiles_per_block)
                 for q in range(0, rows, ROWS):
-                    row = _stack_buffer(ROWS, np.int64)              # the micro-tile's rows; past the end, repeat the last
+                    row = _stack_buffer(ROWS, np.int64)      # the micro-tile's rows; past the end, repeat the last
                     for r in range(ROWS):
                         row[r] = min(first + q + r, n - 1)
                     for t in range(tile_start, tile_stop):
@@ -212,7 +213,8 @@ def _nearest_loops(blocks):
 
 
 _nearest_kernel = njit(parallel=True, nogil=True, cache=_CACHE, fastmath={"contract"})(_nearest_loops(prange))
-_nearest_kernel_serial = njit(nogil=True, cache=_CACHE, fastmath={"contract"})(_nearest_loops(range))   # one thread: no threading layer
+# the same loops for a thread with one Numba thread: no threading layer entered (one_thread)
+_nearest_kernel_serial = njit(nogil=True, cache=_CACHE, fastmath={"contract"})(_nearest_loops(range))
 
 
 def tiles_per_block(dim, itemsize):

@@ -25,6 +25,17 @@ def kernels_in_float64_too(monkeypatch):
         kernels._conv_kernels(a) is not None and (window_row is None or window_row >= conv_numba.LANES)))
 
 
+def spy_on_the_kernels(monkeypatch):
+    """A list that gets the name of every call of kernels.correlate and kernels.correlate_weight_grad."""
+    calls = []
+
+    def spy(name, real):
+        return lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs)
+    for name in ("correlate", "correlate_weight_grad"):
+        monkeypatch.setattr(kernels, name, spy(name, getattr(kernels, name)))
+    return calls
+
+
 @pytest.fixture
 def one_numba_thread():
     """The calling thread at one Numba thread (as a --workers worker), put back afterwards."""
@@ -153,8 +164,8 @@ def test_correlate_refuses_what_it_cannot_run():
 
 @needs_numba
 def test_auto_runs_the_kernels_at_one_numba_thread_only(one_numba_thread):
-    """In float32 only. Serial kernels: with more Numba threads the convolutions keep OpenBLAS's threaded GEMMs; a window
-    row shorter than a tile of lanes keeps the weight gradient on the GEMM too."""
+    """In float32 only. Serial kernels: with more Numba threads the convolutions keep OpenBLAS's threaded
+    GEMMs; a window row shorter than a tile of lanes keeps the weight gradient on the GEMM too."""
     import numba
     from minivq.kernels import conv_numba
     image = np.zeros((1, 4, 4, 16), np.float32)
@@ -171,7 +182,8 @@ def test_the_avx2_tile_also_matches_the_reference():
     """MINIVQ_NUMBA_WIDE=0 forces the 4 x 16 tile that AVX2 machines use; on any machine it must agree."""
     check = ("import numpy as np; from minivq import kernels; from minivq.kernels import conv_numba as k; "
              "assert (k.ROWS, k.LANES) == (4, 16); g = np.random.default_rng(0); "
-             "x = g.standard_normal((3, 7, 6, 19)); w = g.standard_normal((21, 3 * 3 * 19)); b = g.standard_normal(21); "
+             "x = g.standard_normal((3, 7, 6, 19)); w = g.standard_normal((21, 3 * 3 * 19)); "
+             "b = g.standard_normal(21); "
              "got = kernels.correlate(x, w, (3, 3), (1, 2), (1, 1), b, backend='numba'); "
              "ref = kernels.correlate(x, w, (3, 3), (1, 2), (1, 1), b, backend='numpy'); "
              "np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)")
@@ -199,10 +211,7 @@ def test_the_convolutions_give_the_same_with_and_without_the_kernels(monkeypatch
         op = lambda x, w, b: mv.functional.conv2d(x, w, b, stride=1, padding=1)  # noqa: E731
     b0 = gen.standard_normal(w0.shape[1] if transposed else w0.shape[0])
     kernels_in_float64_too(monkeypatch)
-    calls = []
-    for name in ("correlate", "correlate_weight_grad"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    calls = spy_on_the_kernels(monkeypatch)
     results = {}
     for direct in (True, False):
         if not direct:
@@ -235,10 +244,7 @@ def test_gradcheck_through_the_kernels(monkeypatch, one_numba_thread, transposed
     """Float64 central differences on random shapes wide enough (kW*C >= a tile of lanes) that both
     kernels run, forward and backward (a spy counts them)."""
     kernels_in_float64_too(monkeypatch)
-    calls = []
-    for name in ("correlate", "correlate_weight_grad"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    calls = spy_on_the_kernels(monkeypatch)
     gen = np.random.default_rng(11)
     for _ in range(3):
         k, c_in, c_out = int(gen.integers(2, 4)), int(gen.integers(12, 20)), int(gen.integers(11, 20))
