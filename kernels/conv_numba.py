@@ -25,10 +25,10 @@ The weight gradient's micro-kernel
     (their rows stay in L2 while every tile sweeps them); the grid's channels are padded to
     whole tiles, and the numbers a last tile reads past a window row land in lanes that are dropped.
 
-Unsigned offsets everywhere in the hot loops: with signed ones Numba emits a negative-index
-wraparound per load (it cost a fifth of the forward's speed), and 2-D indexing of the output kept
-LLVM from unrolling the tile's loads and stores, so the accumulators went to memory every step
-(3x slower).
+Unsigned offsets for the gathered loads and the tiles' loads and stores: with signed ones Numba
+emits a negative-index wraparound per load (it cost a fifth of the forward's speed), and 2-D
+indexing of the weight gradient's output kept LLVM from unrolling its tile's loads and stores, so
+the accumulators went to memory on every step (3x slower).
 
 Rounding. Each forward output is a sum over (kh, kw, c) in that order, one FMA per term
 (``fastmath={"contract"}`` and nothing more), started from the bias; each weight-gradient entry
