@@ -19,7 +19,8 @@ needs_numba = pytest.mark.skipif("numba" not in kernels.available_backends(), re
 
 def kernels_in_float64_too(monkeypatch):
     """``"auto"`` takes the kernels in float32 only (float64 spills their float32-sized tiles); the
-    float64 checks below make it take them in float64 as well, where it otherwise would."""
+    float64 checks below make it take them in float64 too, wherever they can run (the tests that
+    use this also hold their thread to one Numba thread, as the real rule asks)."""
     from minivq.kernels import conv_numba
     monkeypatch.setattr(kernels, "direct_correlation", lambda a, window_row=None: (
         kernels._conv_kernels(a) is not None and (window_row is None or window_row >= conv_numba.LANES)))
