@@ -39,10 +39,15 @@ def spy_on_the_kernels(monkeypatch):
 
 @pytest.fixture
 def one_numba_thread():
-    """The calling thread at one Numba thread (as a --workers worker), put back afterwards."""
-    import numba
+    """The calling thread at one Numba thread (as a --workers worker), put back afterwards; nothing
+    where Numba does not import."""
+    try:
+        import numba
+    except ImportError:
+        yield
+        return
     before = numba.get_num_threads()
-    kernels.set_cpu_threads(1)
+    numba.set_num_threads(1)
     yield
     numba.set_num_threads(before)
 
@@ -300,3 +305,18 @@ def test_the_weight_gradient_counts_a_last_block_of_one_pixel():
     grid_rows = gen.standard_normal((conv_numba.CHUNK + 1, 9))
     close(kernels.correlate_weight_grad(image, grid_rows, (1, 1), (1, 1), (0, 0), backend="numba"),
           grid_rows.T @ image.reshape(-1, 40), np.float64)
+
+
+def test_without_numba_everything_takes_the_reference(monkeypatch, one_numba_thread):
+    """The NumPy-only install: no kernel, the references, a clear error for an explicit 'numba'."""
+    monkeypatch.setitem(kernels._loaded, "numba-conv", "ImportError: no numba here")
+    image = np.random.default_rng(13).standard_normal((2, 5, 5, 40)).astype(np.float32)
+    wmat = np.ones((3, 9 * 40), np.float32)
+    assert not kernels.direct_correlation(image)
+    close(kernels.correlate(image, wmat, (3, 3), (1, 1), (1, 1)), reference(image, wmat, (3, 3), (1, 1), (1, 1), None),
+          np.float32)
+    with pytest.raises(ValueError, match=r"'numba' for correlate needs .*pip install -e \.\[numba\]"):
+        kernels.correlate(image, wmat, (3, 3), (1, 1), (1, 1), backend="numba")
+    x = mv.tensor(image.transpose(0, 3, 1, 2), requires_grad=True)
+    mv.functional.conv2d(x, mv.tensor(wmat.reshape(3, 3, 3, 40).transpose(0, 3, 1, 2)), padding=1).sum().backward()
+    assert x.grad.shape == x.shape
