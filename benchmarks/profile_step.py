@@ -232,7 +232,7 @@ def profile_torch(args, inputs, top=12):
         torch.set_num_threads(args.threads)
     step = (torch_prior_step if args.model == "prior" else torch_step)("cpu", *inputs)
     step()                                    # warm-up
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(args.steps):
             time.sleep(0.2)                   # as bench_train_step.py rests between steps
             step()
@@ -244,8 +244,19 @@ def profile_torch(args, inputs, top=12):
           f"of which its convolutions (names with 'convolution') {convolutions:.1f} ms")
     for name, ms in ops[:top]:
         print(f"  {name:<45} {ms:8.1f} ms")
+    # per layer: forward (mkldnn_convolution: input, weight) and backward (convolution_backward:
+    # grad_output, input) by the shapes of their first two arguments, to set beside minivq's rows above
+    layers = sorted(((e.key, str(e.input_shapes[:2]), e.self_cpu_time_total / 1e3 / args.steps)
+                     for e in prof.key_averages(group_by_input_shape=True)
+                     if e.key in ("aten::mkldnn_convolution", "aten::convolution_backward")),
+                    key=lambda layer: -layer[2])
+    print("  its convolutions by shape (forward: input, weight; backward: grad_output, input):")
+    for name, shapes, ms in layers:
+        print(f"    {ms:8.1f} ms  {name:<28} {shapes}")
     return {"step_self_cpu_ms": total, "convolutions_ms": convolutions,
-            "ops": [{"op": name, "self_cpu_ms": ms} for name, ms in ops[:top]]}
+            "ops": [{"op": name, "self_cpu_ms": ms} for name, ms in ops[:top]],
+            "convolutions_by_shape": [{"op": name, "shapes": shapes, "self_cpu_ms": ms}
+                                      for name, shapes, ms in layers]}
 
 
 if __name__ == "__main__":
