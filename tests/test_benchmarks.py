@@ -39,6 +39,10 @@ def test_profile_step_profiles_the_pytorch_twin_too(tmp_path):
     assert 0 < peer["convolutions_ms"] < peer["step_self_cpu_ms"]
     assert any("convolution" in op["op"] for op in peer["ops"])
     assert "PyTorch twin, torch.profiler" in done.stdout
+    # by shape: the paper's model has five distinct convolutions forward, each listed with its weight
+    forward = [layer for layer in peer["convolutions_by_shape"] if layer["op"] == "aten::mkldnn_convolution"]
+    assert len(forward) >= 5 and all(layer["self_cpu_ms"] > 0 for layer in forward)
+    assert any("[128, 128, 3, 3]" in layer["shapes"] for layer in forward)
 
 
 def test_the_profiler_puts_the_ops_back(monkeypatch):
