@@ -51,7 +51,7 @@ from .nearest_numba import _CACHE, WIDE, _stack_buffer, _vector_width_hint, one_
 
 ROWS = 8 if WIDE else 4         # output pixels per micro-tile
 LANES = 32 if WIDE else 16      # output channels per micro-tile: two vector registers per pixel
-CHUNK = 256                     # pixels per block of the weight gradient: their rows stay in L2 while it sweeps them
+CHUNK = 64                      # pixels per block of the weight gradient (one 8x8 image): their rows stay in L1 and L2
 _ACC_SLOTS = ROWS * LANES
 
 
