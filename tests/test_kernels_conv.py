@@ -185,13 +185,18 @@ def test_auto_runs_the_kernels_at_one_numba_thread_only(one_numba_thread):
 
 @needs_numba
 def test_the_avx2_tile_also_matches_the_reference():
-    """MINIVQ_NUMBA_WIDE=0 forces the 4 x 16 tile that AVX2 machines use; on any machine it must agree."""
+    """MINIVQ_NUMBA_WIDE=0 forces the 4 x 16 tile that AVX2 machines use; on any machine both kernels
+    must agree with the references."""
     check = ("import numpy as np; from minivq import kernels; from minivq.kernels import conv_numba as k; "
              "assert (k.ROWS, k.LANES) == (4, 16); g = np.random.default_rng(0); "
              "x = g.standard_normal((3, 7, 6, 19)); w = g.standard_normal((21, 3 * 3 * 19)); "
              "b = g.standard_normal(21); "
              "got = kernels.correlate(x, w, (3, 3), (1, 2), (1, 1), b, backend='numba'); "
              "ref = kernels.correlate(x, w, (3, 3), (1, 2), (1, 1), b, backend='numpy'); "
+             "np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12); "
+             "gy = g.standard_normal((ref.shape[0], 21)); "
+             "got = kernels.correlate_weight_grad(x, gy, (3, 3), (1, 2), (1, 1), backend='numba'); "
+             "ref = kernels.correlate_weight_grad(x, gy, (3, 3), (1, 2), (1, 1), backend='numpy'); "
              "np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)")
     subprocess.run([sys.executable, "-c", check], check=True, env=dict(os.environ, MINIVQ_NUMBA_WIDE="0"),
                    cwd=str(Path(__file__).parents[1]))
