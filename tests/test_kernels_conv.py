@@ -325,3 +325,22 @@ def test_without_numba_everything_takes_the_reference(monkeypatch, one_numba_thr
     x = mv.tensor(image.transpose(0, 3, 1, 2), requires_grad=True)
     mv.functional.conv2d(x, mv.tensor(wmat.reshape(3, 3, 3, 40).transpose(0, 3, 1, 2)), padding=1).sum().backward()
     assert x.grad.shape == x.shape
+
+
+@needs_numba
+def test_the_wide_tiles_use_512_bit_registers_where_the_cpu_has_them():
+    """Without the vector-width hint LLVM would use ymm only on Skylake-class CPUs (nearest_numba.py)."""
+    from minivq.kernels import conv_numba, nearest_numba
+    if not nearest_numba._host_has_avx512() or os.environ.get("MINIVQ_NUMBA_WIDE") == "0":
+        pytest.skip("no AVX-512 here")
+    import numba
+    image = np.ones((1, 4, 4, 40), np.float32)
+    flat, hp, wp, (oh, ow) = conv_numba._padded(image, (3, 3), (1, 1), (1, 1), slack=conv_numba.LANES)
+    forward = numba.njit(nogil=True, fastmath={"contract"})(conv_numba._correlate.py_func)   # the cached
+    forward(flat, (1, hp, wp, 40), (3, 3, 1, 1, oh, ow), conv_numba.pack_weight(np.ones((8, 360), np.float32)),
+            np.zeros(conv_numba.LANES, np.float32), np.empty((16, 8), np.float32))            # can't be inspected
+    weight = numba.njit(nogil=True, fastmath={"contract"})(conv_numba._weight_grad.py_func)
+    weight(flat, np.zeros(16, np.uint64), np.ones((16, 8), np.float32), 3, wp * 40,
+           np.zeros((8, 3 * 4 * conv_numba.LANES), np.float32))
+    for fresh in (forward, weight):
+        assert "zmm" in fresh.inspect_asm(fresh.signatures[0])
