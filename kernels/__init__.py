@@ -311,11 +311,7 @@ def correlate(image, wmat, kernel, stride, padding, bias=None, backend="auto"):
     ``"numpy"``, the reference, is the product as written (NumPy or CuPy arrays).
     """
     if _correlate_backend("correlate", image, backend) == "numba":
-        n, h, w, _ = image.shape
-        oh = (h + 2 * padding[0] - kernel[0]) // stride[0] + 1
-        ow = (w + 2 * padding[1] - kernel[1]) // stride[1] + 1
-        out = np.empty((n * oh * ow, wmat.shape[0]), dtype=image.dtype)
-        return _load("numba-conv").correlate_numba(image, wmat, kernel, stride, padding, bias, out)
+        return _load("numba-conv").correlate_numba(image, wmat, kernel, stride, padding, bias)
     out = im2col(image, kernel, stride, padding, backend="numpy") @ wmat.T
     if bias is not None:
         out += bias

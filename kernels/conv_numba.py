@@ -48,6 +48,7 @@ import numpy as np
 from numba import njit
 
 from .nearest_numba import _CACHE, WIDE, _stack_buffer, _vector_width_hint, one_thread
+from .windows_numpy import output_size
 
 ROWS = 8 if WIDE else 4         # output pixels per micro-tile
 LANES = 32 if WIDE else 16      # output channels per micro-tile: two vector registers per pixel
@@ -186,14 +187,15 @@ def _padded(image, kernel, stride, padding, slack=0):
     flat = np.empty(n * hp * wp * c + slack, dtype=image.dtype)
     flat[n * hp * wp * c:] = 0
     _pad(image, ph, pw, flat[:n * hp * wp * c].reshape(n, hp, wp, c))
-    return flat, hp, wp, ((hp - kh) // sh + 1, (wp - kw) // sw + 1)
+    return flat, hp, wp, (output_size(h, kh, sh, ph), output_size(w, kw, sw, pw))
 
 
-def correlate_numba(image, wmat, kernel, stride, padding, bias, out):
-    """``out`` (n*OH*OW, C_grid) = ``im2col(image) @ wmat.T`` (+ ``bias``) for a channels-last NumPy ``image``
-    (n, H, W, C); ``out`` C-contiguous, of the image's dtype. Returns ``out``."""
+def correlate_numba(image, wmat, kernel, stride, padding, bias):
+    """``im2col(image) @ wmat.T`` (+ ``bias``) as new rows (n*OH*OW, C_grid) for a channels-last NumPy
+    ``image`` (n, H, W, C)."""
     n, _, _, c = image.shape
     flat, hp, wp, (oh, ow) = _padded(image, kernel, stride, padding)
+    out = np.empty((n * oh * ow, wmat.shape[0]), dtype=image.dtype)
     packed = pack_weight(np.asarray(wmat, dtype=image.dtype))
     lanes = np.zeros(packed.shape[0] * LANES, dtype=image.dtype)
     if bias is not None:

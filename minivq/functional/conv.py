@@ -163,10 +163,11 @@ def _im2col_pass(image, g, wmat=None, grid_rows=None, bias=None, cols=None, keep
     if cols is None and not _is_pointwise(g) and kernels.direct_correlation(
             image, window_row=g.kw * g.c_img if grid_rows is not None else None):
         # compiled kernels read the windows in place (kernels.correlate, correlate_weight_grad): no copies
-        args = (image.transpose(0, 2, 3, 1),)
+        channels_last = image.transpose(0, 2, 3, 1)
         window = (g.kh, g.kw), (g.sh, g.sw), (g.ph, g.pw)
-        out = kernels.correlate(*args, wmat, *window, bias) if wmat is not None else None
-        dwmat = kernels.correlate_weight_grad(*args, grid_rows, *window) if grid_rows is not None else None
+        out = kernels.correlate(channels_last, wmat, *window, bias) if wmat is not None else None
+        dwmat = (kernels.correlate_weight_grad(channels_last, grid_rows, *window)
+                 if grid_rows is not None else None)
         return (_from_rows(out, g.n, g.oh, g.ow) if out is not None else None), dwmat, None
     xp = get_array_module(image)
     n, rows = g.n, g.oh * g.ow
