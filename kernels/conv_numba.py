@@ -18,6 +18,11 @@ The forward micro-kernel (the nearest-code kernel's, nearest_numba.py, with gath
     each has its own base offset into the padded image, and a window row adds the same offset to
     all of them. ``wmat`` is packed in tiles of LANES output channels, transposed
     (``pack_weight``), the last tile padded with zero channels that are never stored.
+    Blocked for the caches: a block of ``PIXEL_BLOCK`` pixels sweeps one block of a tile's weights
+    (``WEIGHT_BLOCK_BYTES``, read from L1) before the next, its running sums parked in a small
+    buffer between blocks, where a whole tile's weights (147 KiB for a 3x3 conv from 128 channels)
+    would stream from L2 for every 8 pixels: 3-15 % faster per layer. The sums keep their order,
+    so the blocks change no bit.
 
 The weight gradient's micro-kernel
     ``ROWS`` grid channels (broadcast) against ``LANES`` consecutive numbers of a window row
@@ -53,6 +58,8 @@ from .windows_numpy import output_size
 ROWS = 8 if WIDE else 4         # output pixels per micro-tile
 LANES = 32 if WIDE else 16      # output channels per micro-tile: two vector registers per pixel
 CHUNK = 64                      # pixels per block of the weight gradient (one 8x8 image): their rows stay in L1 and L2
+PIXEL_BLOCK = 64                # pixels per block of the forward product, swept once per block of weights
+WEIGHT_BLOCK_BYTES = 24 * 1024  # the forward's block of packed weights: half of a 48 KiB L1 (NOTES.md, round 7)
 _ACC_SLOTS = ROWS * LANES
 
 
@@ -79,9 +86,9 @@ def _pad(image, ph, pw, out):
 
 
 @njit(nogil=True, cache=_CACHE, fastmath={"contract"})
-def _correlate(flat, padded_shape, window, packed, bias, out):
+def _correlate(flat, padded_shape, window, packed, bias, depth_block, out):
     # flat: the padded image (n, hp, wp, c) as one contiguous run; window: (kh, kw, sh, sw, oh, ow);
-    # out: (n*oh*ow, C_grid) rows
+    # out: (n*oh*ow, C_grid) rows. Blocked (module doc): PIXEL_BLOCK pixels x depth_block numbers of a window row
     n, hp, wp, c = padded_shape
     kh, kw, sh, sw, oh, ow = window
     _vector_width_hint()
@@ -90,41 +97,54 @@ def _correlate(flat, padded_shape, window, packed, bias, out):
     run = kw * c
     c_grid = out.shape[1]
     oflat = out.reshape(-1)
-    base = _stack_buffer(ROWS, np.uint64)       # where each pixel's window starts in ``flat``
+    bases = np.empty(PIXEL_BLOCK, dtype=np.uint64)          # where each pixel's window starts in ``flat``
+    sums = np.empty(PIXEL_BLOCK * LANES, dtype=flat.dtype)  # the block's running sums between depth blocks
+    base = _stack_buffer(ROWS, np.uint64)
     xd = _stack_buffer(ROWS, flat.dtype)
-    for q in range(0, total, ROWS):
-        for r in range(ROWS):
-            p = min(q + r, total - 1)            # past the end: repeat the last pixel, never stored
+    for p0 in range(0, total, PIXEL_BLOCK):
+        count = min(PIXEL_BLOCK, total - p0)
+        for r in range(count):
+            p = p0 + r
             b = p // per_image
             i = (p - b * per_image) // ow
             j = p - b * per_image - i * ow
-            base[r] = np.uint64(((b * hp + i * sh) * wp + j * sw) * c)
+            bases[r] = np.uint64(((b * hp + i * sh) * wp + j * sw) * c)
         for t in range(packed.shape[0]):
-            acc = _stack_buffer(_ACC_SLOTS, flat.dtype)     # acc[r * LANES + l]: pixel r, channel l
-            for r in range(ROWS):
-                for lane in range(LANES):
-                    acc[r * LANES + lane] = bias[t * LANES + lane]
             for a in range(kh):         # a window row (kw, c) is one contiguous run of the padded image
                 row = np.uint64(a * wp * c)
                 k0 = a * run
-                for u in range(run):
-                    at = row + np.uint64(u)
-                    for r in range(ROWS):
-                        xd[r] = flat[base[r] + at]
-                    for lane in range(LANES):
-                        e = packed[t, k0 + u, lane]
+                for u0 in range(0, run, depth_block):
+                    u1 = min(u0 + depth_block, run)
+                    for q in range(0, count, ROWS):
                         for r in range(ROWS):
-                            acc[r * LANES + lane] += xd[r] * e
+                            base[r] = bases[min(q + r, count - 1)]     # past the end: the last pixel again, never stored
+                        acc = _stack_buffer(_ACC_SLOTS, flat.dtype)     # acc[r * LANES + l]: pixel q + r, channel l
+                        s0 = np.uint64(q * LANES)
+                        if a == 0 and u0 == 0:
+                            for r in range(ROWS):
+                                for lane in range(LANES):
+                                    acc[r * LANES + lane] = bias[t * LANES + lane]
+                        else:
+                            for r in range(ROWS):
+                                for lane in range(LANES):
+                                    acc[r * LANES + lane] = sums[s0 + np.uint64(r * LANES + lane)]
+                        for u in range(u0, u1):
+                            at = row + np.uint64(u)
+                            for r in range(ROWS):
+                                xd[r] = flat[base[r] + at]
+                            for lane in range(LANES):
+                                e = packed[t, k0 + u, lane]
+                                for r in range(ROWS):
+                                    acc[r * LANES + lane] += xd[r] * e
+                        for r in range(ROWS):
+                            for lane in range(LANES):
+                                sums[s0 + np.uint64(r * LANES + lane)] = acc[r * LANES + lane]
             c0 = t * LANES
-            if q + ROWS <= total and c0 + LANES <= c_grid:      # a whole tile: fixed counts, vector stores
-                o0 = np.uint64(q * c_grid + c0)
-                for r in range(ROWS):
-                    for lane in range(LANES):
-                        oflat[o0 + np.uint64(r * c_grid + lane)] = acc[r * LANES + lane]
-            else:
-                for r in range(min(ROWS, total - q)):
-                    for lane in range(min(LANES, c_grid - c0)):
-                        out[q + r, c0 + lane] = acc[r * LANES + lane]
+            width = min(LANES, c_grid - c0)
+            for r in range(count):
+                o0 = np.uint64((p0 + r) * c_grid + c0)
+                for lane in range(width):
+                    oflat[o0 + np.uint64(lane)] = sums[r * LANES + lane]
 
 
 @njit(nogil=True, cache=_CACHE, fastmath={"contract"})
@@ -200,8 +220,10 @@ def correlate_numba(image, wmat, kernel, stride, padding, bias):
     lanes = np.zeros(packed.shape[0] * LANES, dtype=image.dtype)
     if bias is not None:
         lanes[:wmat.shape[0]] = bias
+    depth_block = max(1, WEIGHT_BLOCK_BYTES // (LANES * packed.itemsize))
     if out.size:
-        _correlate(flat, (n, hp, wp, c), (kernel[0], kernel[1], stride[0], stride[1], oh, ow), packed, lanes, out)
+        _correlate(flat, (n, hp, wp, c), (kernel[0], kernel[1], stride[0], stride[1], oh, ow), packed, lanes,
+                   depth_block, out)
     return out
 
 

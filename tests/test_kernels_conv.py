@@ -156,6 +156,38 @@ def test_the_kernel_sums_every_tap_in_order_so_a_pixel_does_not_depend_on_its_ti
     assert (out == out[0]).all()
 
 
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_forward_blocks_change_no_bit(dtype):
+    """Blocks of pixels and of window-row depth (weights kept in L1) leave each sum in its order: any
+    block size gives bitwise the same output, a last block of one pixel and a depth that ends mid-row
+    included, and it matches the reference."""
+    from minivq.kernels import conv_numba
+    gen = np.random.default_rng(14)
+    n, h, w, c, c_grid = 2, 9, 8, 21, 37                            # 2 * 9 * 8 = 2 * PIXEL_BLOCK + 16 pixels
+    image = gen.standard_normal((n, h, w, c)).astype(dtype)
+    wmat = gen.standard_normal((c_grid, 3 * 3 * c)).astype(dtype)
+    bias = gen.standard_normal(c_grid).astype(dtype)
+    flat, hp, wp, (oh, ow) = conv_numba._padded(image, (3, 3), (1, 1), (1, 1))
+    packed = conv_numba.pack_weight(wmat)
+    lanes = np.zeros(packed.shape[0] * conv_numba.LANES, dtype)
+    lanes[:c_grid] = bias
+    outs = []
+    for depth in (1, 5, 3 * c - 1, 3 * c, 10 ** 6):
+        out = np.full((n * oh * ow, c_grid), np.nan, dtype)
+        conv_numba._correlate(flat, (n, hp, wp, c), (3, 3, 1, 1, oh, ow), packed, lanes, depth, out)
+        outs.append(out)
+    for out in outs[1:]:
+        assert np.array_equal(out, outs[0])
+    last = np.full((conv_numba.PIXEL_BLOCK + 1, c_grid), np.nan, dtype)      # a last block of one pixel
+    one_row = image[:1, :1, :1].repeat(conv_numba.PIXEL_BLOCK + 1, axis=2)
+    flat1, hp1, wp1, (oh1, ow1) = conv_numba._padded(one_row, (1, 1), (1, 1), (0, 0))
+    conv_numba._correlate(flat1, (1, hp1, wp1, c), (1, 1, 1, 1, oh1, ow1), conv_numba.pack_weight(wmat[:, :c]),
+                          lanes, 7, last)
+    assert np.array_equal(last, last[:1].repeat(len(last), axis=0))
+    close(outs[0], reference(image, wmat, (3, 3), (1, 1), (1, 1), bias), dtype)
+
+
 def test_correlate_refuses_what_it_cannot_run():
     image, wmat = np.zeros((1, 3, 3, 2)), np.zeros((4, 18))
     with pytest.raises(ValueError, match="unknown backend"):
@@ -338,7 +370,7 @@ def test_the_wide_tiles_use_512_bit_registers_where_the_cpu_has_them():
     flat, hp, wp, (oh, ow) = conv_numba._padded(image, (3, 3), (1, 1), (1, 1), slack=conv_numba.LANES)
     forward = numba.njit(nogil=True, fastmath={"contract"})(conv_numba._correlate.py_func)   # the cached
     forward(flat, (1, hp, wp, 40), (3, 3, 1, 1, oh, ow), conv_numba.pack_weight(np.ones((8, 360), np.float32)),
-            np.zeros(conv_numba.LANES, np.float32), np.empty((16, 8), np.float32))            # can't be inspected
+            np.zeros(conv_numba.LANES, np.float32), 64, np.empty((16, 8), np.float32))        # can't be inspected
     weight = numba.njit(nogil=True, fastmath={"contract"})(conv_numba._weight_grad.py_func)
     weight(flat, np.zeros(16, np.uint64), np.ones((16, 8), np.float32), 3, wp * 40,
            np.zeros((8, 3 * 4 * conv_numba.LANES), np.float32))
