@@ -148,11 +148,21 @@ def _correlate(flat, padded_shape, window, packed, bias, depth_block, out):
 
 
 @njit(nogil=True, cache=_CACHE, fastmath={"contract"})
-def _weight_grad(flat, bases, grid, kh, row_stride, out):
+def _weight_grad(flat, padded_shape, window, grid, out):
     # out (co_tiles*ROWS, kh * u_tiles*LANES), zeros: for every pixel p and window row a,
     # out[o, a*u_tiles*LANES + u] += grid[p, o] * flat[bases[p] + a*row_stride + u]
+    n, hp, wp, c = padded_shape
+    kh, kw, sh, sw, oh, ow = window
     _vector_width_hint()
-    total = bases.shape[0]
+    total = n * oh * ow
+    per_image = oh * ow
+    row_stride = wp * c
+    bases = np.empty(total, dtype=np.uint64)         # where each pixel's window starts in ``flat``
+    for p in range(total):
+        b = p // per_image
+        i = (p - b * per_image) // ow
+        j = p - b * per_image - i * ow
+        bases[p] = np.uint64(((b * hp + i * sh) * wp + j * sw) * c)
     c_grid = grid.shape[1]                  # a multiple of ROWS (padded by the caller)
     width = out.shape[1]
     u_tiles = width // (kh * LANES)
@@ -210,11 +220,11 @@ def _padded(image, kernel, stride, padding, slack=0):
     return flat, hp, wp, (output_size(h, kh, sh, ph), output_size(w, kw, sw, pw))
 
 
-def correlate_numba(image, wmat, kernel, stride, padding, bias):
+def correlate_numba(image, wmat, kernel, stride, padding, bias, padded=None):
     """``im2col(image) @ wmat.T`` (+ ``bias``) as new rows (n*OH*OW, C_grid) for a channels-last NumPy
-    ``image`` (n, H, W, C)."""
+    ``image`` (n, H, W, C); ``padded``: its ``_padded`` copy, where the caller has one."""
     n, _, _, c = image.shape
-    flat, hp, wp, (oh, ow) = _padded(image, kernel, stride, padding)
+    flat, hp, wp, (oh, ow) = padded or _padded(image, kernel, stride, padding)
     out = np.empty((n * oh * ow, wmat.shape[0]), dtype=image.dtype)
     packed = pack_weight(np.asarray(wmat, dtype=image.dtype))
     lanes = np.zeros(packed.shape[0] * LANES, dtype=image.dtype)
@@ -227,23 +237,30 @@ def correlate_numba(image, wmat, kernel, stride, padding, bias):
     return out
 
 
-def correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding):
+def correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding, padded=None):
     """``grid_rows.T @ im2col(image)`` (C_grid, kH*kW*C) for a channels-last NumPy ``image`` (n, H, W, C) and
-    ``grid_rows`` (n*OH*OW, C_grid) of its dtype: the weight gradient, without the windows (module doc)."""
+    ``grid_rows`` (n*OH*OW, C_grid) of its dtype: the weight gradient, without the windows (module doc).
+    ``padded``: the image's ``_padded`` copy with ``slack=LANES``, where the caller has one."""
     n, _, _, c = image.shape
     (kh, kw), (sh, sw) = kernel, stride
     run = kw * c
     u_tiles = -(-run // LANES)
     # the last lane tile of a window row reads up to LANES numbers past it (those lanes are dropped)
-    flat, hp, wp, (oh, ow) = _padded(image, kernel, stride, padding, slack=LANES)
-    b, i, j = np.meshgrid(np.arange(n), np.arange(oh), np.arange(ow), indexing="ij")
-    bases = (((b * hp + i * sh) * wp + j * sw) * c).reshape(-1).astype(np.uint64)
+    flat, hp, wp, (oh, ow) = padded or _padded(image, kernel, stride, padding, slack=LANES)
     c_grid = grid_rows.shape[1]
     grid = grid_rows
     if c_grid % ROWS or not grid.flags.c_contiguous or grid.dtype != image.dtype:
         grid = np.zeros((grid_rows.shape[0], -(-c_grid // ROWS) * ROWS), dtype=image.dtype)
         grid[:, :c_grid] = grid_rows        # channels padded to whole tiles, rows contiguous
     out = np.zeros((grid.shape[1], kh * u_tiles * LANES), dtype=image.dtype)
-    if bases.size:
-        _weight_grad(flat, bases, grid, kh, wp * c, out)
+    if n * oh * ow:
+        _weight_grad(flat, (n, hp, wp, c), (kh, kw, sh, sw, oh, ow), grid, out)
     return np.ascontiguousarray(out[:c_grid].reshape(c_grid, kh, u_tiles * LANES)[:, :, :run]).reshape(c_grid, -1)
+
+
+def correlate_pair_numba(image, wmat, grid_rows, kernel, stride, padding):
+    """``(correlate_numba(image, wmat, ...), correlate_weight_grad_numba(image, grid_rows, ...))`` over one
+    padded copy of the image: the two products of a backward pass that reads one side's windows."""
+    padded = _padded(image, kernel, stride, padding, slack=LANES)
+    return (correlate_numba(image, wmat, kernel, stride, padding, None, padded),
+            correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding, padded))
