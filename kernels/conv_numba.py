@@ -61,6 +61,8 @@ CHUNK = 64                      # pixels per block of the weight gradient (one 8
 PIXEL_BLOCK = 64                # pixels per block of the forward product, swept once per block of weights
 WEIGHT_BLOCK_BYTES = 24 * 1024  # the forward's block of packed weights: half of a 48 KiB L1 (NOTES.md, round 7)
 _ACC_SLOTS = ROWS * LANES
+# the forward's last tile of a pixel block writes ROWS rows of its sums buffer: a block must hold whole tiles
+assert PIXEL_BLOCK % ROWS == 0
 
 
 def usable_here():
