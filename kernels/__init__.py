@@ -331,16 +331,6 @@ def correlate_weight_grad(image, grid_rows, kernel, stride, padding, backend="au
     return (im2col(image, kernel, stride, padding, backend="numpy").T @ grid_rows).T
 
 
-def correlate_pair(image, wmat, grid_rows, kernel, stride, padding, backend="auto"):
-    """``(correlate(image, wmat, ...), correlate_weight_grad(image, grid_rows, ...))``: the two products a
-    convolution's backward pass takes from the windows of one image (gy's, or the transposed conv's),
-    computed from one padded copy of it (``"numba"``) or one im2col (``"numpy"``, the reference)."""
-    if _correlate_backend("correlate_pair", image, backend, window_row=kernel[1] * image.shape[3]) == "numba":
-        return _load("numba-conv").correlate_pair_numba(image, wmat, grid_rows, kernel, stride, padding)
-    cols = im2col(image, kernel, stride, padding, backend="numpy")
-    return cols @ wmat.T, (cols.T @ grid_rows).T
-
-
 # ---------------------------------------------------------------- ReLU's gradient
 def relu_grad(g, y):
     """dL/dx of ``y = relu(x)`` from dL/dy = ``g``: the reference ``g * (y > 0)``.

@@ -3,9 +3,10 @@
 ``correlate_numba`` computes ``im2col(image) @ wmat.T + bias`` (conv2d's forward, and the
 input gradient of a stride-1 conv read from the windows of gy) and ``correlate_weight_grad_numba``
 ``grid_rows.T @ im2col(image)`` (the weight gradient of both ops) for a channels-last image,
-without ever writing the windows: the micro-kernels read each window in place from a zero-padded
-copy of the image (1.6x the input at 8x8, written once, where a 3x3 conv's windows are 9x).
-Measured on one core of an AVX-512 Xeon, caches cold as in a training step (benchmarks/NOTES.md,
+without ever writing the windows: the micro-kernels read each window in place from the image,
+padded one image at a time into a small buffer that stays in cache (``_fill``: the interior
+rewritten per image, the border of zeros written once; a 3x3 conv's windows would be 9x the
+input). Measured on one core of an AVX-512 Xeon, caches cold as in a training step (benchmarks/NOTES.md,
 round 6): a 3x3 conv 128->128 at 8x8, batch 128, forward 27.7 ms with im2col and OpenBLAS's SGEMM,
 21.2 ms here; its weight gradient 32.6 -> 22.2 ms.
 
@@ -14,21 +15,26 @@ The forward micro-kernel (the nearest-code kernel's, nearest_numba.py, with gath
     buffer that LLVM keeps in vector registers (with AVX-512 8 pixels x 32 channels, 16 zmm;
     otherwise 4 x 16, 8 ymm). For every number of a window row (a row (kw, c) is one contiguous
     run of the padded image) it broadcasts that number of each pixel's window and does 2 * ROWS
-    FMAs against LANES packed weights. The pixels of a tile may lie in different rows or images:
-    each has its own base offset into the padded image, and a window row adds the same offset to
-    all of them. ``wmat`` is packed in tiles of LANES output channels, transposed
+    FMAs against LANES packed weights. The pixels of a tile may lie in different rows: each has
+    its own base offset into the padded image, and a window row adds the same offset to all of
+    them. ``wmat`` is packed in tiles of LANES output channels, transposed
     (``pack_weight``), the last tile padded with zero channels that are never stored.
     Blocked for the caches: a block of ``PIXEL_BLOCK`` pixels sweeps one block of a tile's weights
     (``WEIGHT_BLOCK_BYTES``, read from L1) before the next, its running sums parked in a small
     buffer between blocks, where a whole tile's weights (147 KiB for a 3x3 conv from 128 channels)
     would stream from L2 for every 8 pixels: 3-15 % faster per layer. The sums keep their order,
-    so the blocks change no bit.
+    so the blocks change no bit. A block holds pixels of one image only.
 
 The weight gradient's micro-kernel
     ``ROWS`` grid channels (broadcast) against ``LANES`` consecutive numbers of a window row
-    (two vectors read straight from the padded image), summed over a block of ``CHUNK`` pixels
-    (their rows stay in L2 while every tile sweeps them); the grid's channels are padded to
-    whole tiles, and the numbers a last tile reads past a window row land in lanes that are dropped.
+    (two vectors read straight from the padded image), summed over a block of ``CHUNK`` pixels of
+    one image (their rows stay in L1 and L2 while every tile sweeps them); the grid's channels are
+    padded to whole tiles, and the numbers a last tile reads past a window row land in lanes that
+    are dropped.
+
+Padding one image at a time instead of the whole batch at once (round 7): the batch's padded copy
+(6.5 MB for 128 images of 8x8x128) was written to memory and read back from there, the per-image
+buffer (51 KiB) is written and read in L2. Per layer 2-13 % faster, the training step 0.96-0.98.
 
 Unsigned offsets for the gathered loads and the tiles' loads and stores: with signed ones Numba
 emits a negative-index wraparound per load (it cost a fifth of the forward's speed), and 2-D
@@ -71,100 +77,101 @@ def usable_here():
 
 
 @njit(nogil=True, cache=_CACHE)
-def _pad(image, ph, pw, out):
-    """``out`` (n, H + 2 ph, W + 2 pw, C) = ``image`` (n, H, W, C) with a border of zeros, written once."""
-    n, h, w, c = image.shape
-    wp = out.shape[2]
-    for b in range(n):
-        for y in range(out.shape[1]):
-            inside = ph <= y < ph + h
-            for x in range(wp):
-                if inside and pw <= x < pw + w:
-                    for ch in range(c):
-                        out[b, y, x, ch] = image[b, y - ph, x - pw, ch]
-                else:
-                    for ch in range(c):
-                        out[b, y, x, ch] = 0
+def _fill(image, b, ph, pw, wp, flat):
+    """Image ``b`` of ``image`` (n, H, W, C) into the interior of ``flat``, one padded image (H + 2 ph, W + 2 pw, C)
+    as one run whose border of zeros was written once, when it was allocated."""
+    _, h, w, c = image.shape
+    for y in range(h):
+        o = ((y + ph) * wp + pw) * c
+        for x in range(w):
+            for ch in range(c):
+                flat[o + x * c + ch] = image[b, y, x, ch]
 
 
 @njit(nogil=True, cache=_CACHE, fastmath={"contract"})
-def _correlate(flat, padded_shape, window, packed, bias, depth_block, out):
-    # flat: the padded image (n, hp, wp, c) as one contiguous run; window: (kh, kw, sh, sw, oh, ow);
-    # out: (n*oh*ow, C_grid) rows. Blocked (module doc): PIXEL_BLOCK pixels x depth_block numbers of a window row
-    n, hp, wp, c = padded_shape
+def _correlate(image, padding, window, packed, bias, depth_block, out):
+    # image: (n, h, w, c); window: (kh, kw, sh, sw, oh, ow); out: (n*oh*ow, C_grid) rows.
+    # Blocked (module doc): one padded image at a time, PIXEL_BLOCK pixels x depth_block numbers of a window row
+    n, h, w, c = image.shape
+    ph, pw = padding
+    wp = w + 2 * pw
     kh, kw, sh, sw, oh, ow = window
     _vector_width_hint()
-    total = n * oh * ow
     per_image = oh * ow
     run = kw * c
     c_grid = out.shape[1]
     oflat = out.reshape(-1)
+    flat = np.zeros((h + 2 * ph) * wp * c, dtype=image.dtype)     # one padded image: its border stays zero
     bases = np.empty(PIXEL_BLOCK, dtype=np.uint64)          # where each pixel's window starts in ``flat``
-    sums = np.empty(PIXEL_BLOCK * LANES, dtype=flat.dtype)  # the block's running sums between depth blocks
+    sums = np.empty(PIXEL_BLOCK * LANES, dtype=image.dtype)  # the block's running sums between depth blocks
     base = _stack_buffer(ROWS, np.uint64)
-    xd = _stack_buffer(ROWS, flat.dtype)
-    for p0 in range(0, total, PIXEL_BLOCK):
-        count = min(PIXEL_BLOCK, total - p0)
-        for r in range(count):
-            p = p0 + r
-            b = p // per_image
-            i = (p - b * per_image) // ow
-            j = p - b * per_image - i * ow
-            bases[r] = np.uint64(((b * hp + i * sh) * wp + j * sw) * c)
-        for t in range(packed.shape[0]):
-            for a in range(kh):         # a window row (kw, c) is one contiguous run of the padded image
-                row = np.uint64(a * wp * c)
-                k0 = a * run
-                for u0 in range(0, run, depth_block):
-                    u1 = min(u0 + depth_block, run)
-                    for q in range(0, count, ROWS):
-                        for r in range(ROWS):
-                            base[r] = bases[min(q + r, count - 1)]     # past the end: the last pixel again, never stored
-                        acc = _stack_buffer(_ACC_SLOTS, flat.dtype)     # acc[r * LANES + l]: pixel q + r, channel l
-                        s0 = np.uint64(q * LANES)
-                        if a == 0 and u0 == 0:
-                            for r in range(ROWS):
-                                for lane in range(LANES):
-                                    acc[r * LANES + lane] = bias[t * LANES + lane]
-                        else:
-                            for r in range(ROWS):
-                                for lane in range(LANES):
-                                    acc[r * LANES + lane] = sums[s0 + np.uint64(r * LANES + lane)]
-                        for u in range(u0, u1):
-                            at = row + np.uint64(u)
-                            for r in range(ROWS):
-                                xd[r] = flat[base[r] + at]
-                            for lane in range(LANES):
-                                e = packed[t, k0 + u, lane]
-                                for r in range(ROWS):
-                                    acc[r * LANES + lane] += xd[r] * e
-                        for r in range(ROWS):
-                            for lane in range(LANES):
-                                sums[s0 + np.uint64(r * LANES + lane)] = acc[r * LANES + lane]
-            c0 = t * LANES
-            width = min(LANES, c_grid - c0)
+    xd = _stack_buffer(ROWS, image.dtype)
+    for img in range(n):
+        _fill(image, img, ph, pw, wp, flat)
+        for q0 in range(0, per_image, PIXEL_BLOCK):
+            count = min(PIXEL_BLOCK, per_image - q0)
+            p0 = img * per_image + q0                       # the block's first output row
             for r in range(count):
-                o0 = np.uint64((p0 + r) * c_grid + c0)
-                for lane in range(width):
-                    oflat[o0 + np.uint64(lane)] = sums[r * LANES + lane]
+                i = (q0 + r) // ow
+                j = q0 + r - i * ow
+                bases[r] = np.uint64((i * sh * wp + j * sw) * c)
+            for t in range(packed.shape[0]):
+                for a in range(kh):         # a window row (kw, c) is one contiguous run of the padded image
+                    row = np.uint64(a * wp * c)
+                    k0 = a * run
+                    for u0 in range(0, run, depth_block):
+                        u1 = min(u0 + depth_block, run)
+                        for q in range(0, count, ROWS):
+                            for r in range(ROWS):
+                                base[r] = bases[min(q + r, count - 1)]  # past the end: the last pixel again, never stored
+                            acc = _stack_buffer(_ACC_SLOTS, image.dtype)    # acc[r * LANES + l]: pixel q + r, channel l
+                            s0 = np.uint64(q * LANES)
+                            if a == 0 and u0 == 0:
+                                for r in range(ROWS):
+                                    for lane in range(LANES):
+                                        acc[r * LANES + lane] = bias[t * LANES + lane]
+                            else:
+                                for r in range(ROWS):
+                                    for lane in range(LANES):
+                                        acc[r * LANES + lane] = sums[s0 + np.uint64(r * LANES + lane)]
+                            for u in range(u0, u1):
+                                at = row + np.uint64(u)
+                                for r in range(ROWS):
+                                    xd[r] = flat[base[r] + at]
+                                for lane in range(LANES):
+                                    e = packed[t, k0 + u, lane]
+                                    for r in range(ROWS):
+                                        acc[r * LANES + lane] += xd[r] * e
+                            for r in range(ROWS):
+                                for lane in range(LANES):
+                                    sums[s0 + np.uint64(r * LANES + lane)] = acc[r * LANES + lane]
+                c0 = t * LANES
+                width = min(LANES, c_grid - c0)
+                for r in range(count):
+                    o0 = np.uint64((p0 + r) * c_grid + c0)
+                    for lane in range(width):
+                        oflat[o0 + np.uint64(lane)] = sums[r * LANES + lane]
 
 
 @njit(nogil=True, cache=_CACHE, fastmath={"contract"})
-def _weight_grad(flat, padded_shape, window, grid, out):
-    # out (co_tiles*ROWS, kh * u_tiles*LANES), zeros: for every pixel p and window row a,
-    # out[o, a*u_tiles*LANES + u] += grid[p, o] * flat[bases[p] + a*row_stride + u]
-    n, hp, wp, c = padded_shape
+def _weight_grad(image, padding, window, grid, out):
+    # out (co_tiles*ROWS, kh * u_tiles*LANES), zeros: for every pixel p of image b and window row a,
+    # out[o, a*u_tiles*LANES + u] += grid[p, o] * (image b padded)[bases[p] + a*row_stride + u]
+    n, h, w, c = image.shape
+    ph, pw = padding
+    wp = w + 2 * pw
     kh, kw, sh, sw, oh, ow = window
     _vector_width_hint()
-    total = n * oh * ow
     per_image = oh * ow
     row_stride = wp * c
-    bases = np.empty(total, dtype=np.uint64)         # where each pixel's window starts in ``flat``
-    for p in range(total):
-        b = p // per_image
-        i = (p - b * per_image) // ow
-        j = p - b * per_image - i * ow
-        bases[p] = np.uint64(((b * hp + i * sh) * wp + j * sw) * c)
+    # one padded image at a time, its border zeros written once; the last tile of lanes of a window row
+    # reads up to LANES numbers past it (into the LANES zeros at the end; those lanes are dropped)
+    flat = np.zeros((h + 2 * ph) * wp * c + LANES, dtype=image.dtype)
+    bases = np.empty(per_image, dtype=np.uint64)     # where each pixel's window starts in ``flat``
+    for p in range(per_image):
+        i = p // ow
+        j = p - i * ow
+        bases[p] = np.uint64((i * sh * wp + j * sw) * c)
     c_grid = grid.shape[1]                  # a multiple of ROWS (padded by the caller)
     width = out.shape[1]
     u_tiles = width // (kh * LANES)
@@ -173,32 +180,35 @@ def _weight_grad(flat, padded_shape, window, grid, out):
     # stores were not unrolled, and the accumulators went back to memory on every step (3x slower)
     oflat = out.reshape(-1)
     stride = np.uint64(width)
-    gd = _stack_buffer(ROWS, flat.dtype)
-    for chunk in range(0, total, CHUNK):
-        p0, p1 = np.uint64(chunk), np.uint64(min(chunk + CHUNK, total))
-        for a in range(kh):
-            for ut in range(u_tiles):
-                off = np.uint64(a * row_stride + ut * LANES)
-                col = np.uint64((a * u_tiles + ut) * LANES)
-                for ct in range(c_grid // ROWS):
-                    c0 = np.uint64(ct * ROWS)
-                    o0 = c0 * stride + col
-                    acc = _stack_buffer(_ACC_SLOTS, flat.dtype)     # acc[r * LANES + l]: channel r, lane l
-                    for r in range(ROWS):
-                        for lane in range(LANES):
-                            acc[r * LANES + lane] = oflat[o0 + np.uint64(r) * stride + np.uint64(lane)]
-                    for p in range(p0, p1):
-                        at = bases[p] + off
-                        row = p * np.uint64(c_grid) + c0
+    gd = _stack_buffer(ROWS, image.dtype)
+    for img in range(n):
+        _fill(image, img, ph, pw, wp, flat)
+        first = np.uint64(img * per_image)          # the image's first row of ``grid``
+        for chunk in range(0, per_image, CHUNK):
+            p0, p1 = np.uint64(chunk), np.uint64(min(chunk + CHUNK, per_image))
+            for a in range(kh):
+                for ut in range(u_tiles):
+                    off = np.uint64(a * row_stride + ut * LANES)
+                    col = np.uint64((a * u_tiles + ut) * LANES)
+                    for ct in range(c_grid // ROWS):
+                        c0 = np.uint64(ct * ROWS)
+                        o0 = c0 * stride + col
+                        acc = _stack_buffer(_ACC_SLOTS, image.dtype)    # acc[r * LANES + l]: channel r, lane l
                         for r in range(ROWS):
-                            gd[r] = gflat[row + np.uint64(r)]
-                        for lane in range(LANES):
-                            e = flat[at + np.uint64(lane)]
+                            for lane in range(LANES):
+                                acc[r * LANES + lane] = oflat[o0 + np.uint64(r) * stride + np.uint64(lane)]
+                        for p in range(p0, p1):
+                            at = bases[p] + off
+                            row = (first + p) * np.uint64(c_grid) + c0
                             for r in range(ROWS):
-                                acc[r * LANES + lane] += gd[r] * e
-                    for r in range(ROWS):
-                        for lane in range(LANES):
-                            oflat[o0 + np.uint64(r) * stride + np.uint64(lane)] = acc[r * LANES + lane]
+                                gd[r] = gflat[row + np.uint64(r)]
+                            for lane in range(LANES):
+                                e = flat[at + np.uint64(lane)]
+                                for r in range(ROWS):
+                                    acc[r * LANES + lane] += gd[r] * e
+                        for r in range(ROWS):
+                            for lane in range(LANES):
+                                oflat[o0 + np.uint64(r) * stride + np.uint64(lane)] = acc[r * LANES + lane]
 
 
 def pack_weight(wmat):
@@ -210,59 +220,40 @@ def pack_weight(wmat):
     return np.ascontiguousarray(padded.reshape(tiles, LANES, k).transpose(0, 2, 1))
 
 
-def _padded(image, kernel, stride, padding, slack=0):
-    """The image zero-padded as one flat run (``slack`` zeros after it), its padded height and width, and the
-    grid's size (OH, OW)."""
-    n, h, w, c = image.shape
+def _grid_size(image, kernel, stride, padding):
+    """(OH, OW): the grid of windows over ``image`` (n, H, W, C)."""
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    hp, wp = h + 2 * ph, w + 2 * pw
-    flat = np.empty(n * hp * wp * c + slack, dtype=image.dtype)
-    flat[n * hp * wp * c:] = 0
-    _pad(image, ph, pw, flat[:n * hp * wp * c].reshape(n, hp, wp, c))
-    return flat, hp, wp, (output_size(h, kh, sh, ph), output_size(w, kw, sw, pw))
+    return output_size(image.shape[1], kh, sh, ph), output_size(image.shape[2], kw, sw, pw)
 
 
-def correlate_numba(image, wmat, kernel, stride, padding, bias, padded=None):
+def correlate_numba(image, wmat, kernel, stride, padding, bias):
     """``im2col(image) @ wmat.T`` (+ ``bias``) as new rows (n*OH*OW, C_grid) for a channels-last NumPy
-    ``image`` (n, H, W, C); ``padded``: its ``_padded`` copy, where the caller has one."""
-    n, _, _, c = image.shape
-    flat, hp, wp, (oh, ow) = padded or _padded(image, kernel, stride, padding)
-    out = np.empty((n * oh * ow, wmat.shape[0]), dtype=image.dtype)
+    ``image`` (n, H, W, C)."""
+    oh, ow = _grid_size(image, kernel, stride, padding)
+    out = np.empty((image.shape[0] * oh * ow, wmat.shape[0]), dtype=image.dtype)
     packed = pack_weight(np.asarray(wmat, dtype=image.dtype))
     lanes = np.zeros(packed.shape[0] * LANES, dtype=image.dtype)
     if bias is not None:
         lanes[:wmat.shape[0]] = bias
     depth_block = max(1, WEIGHT_BLOCK_BYTES // (LANES * packed.itemsize))
     if out.size:
-        _correlate(flat, (n, hp, wp, c), (kernel[0], kernel[1], stride[0], stride[1], oh, ow), packed, lanes,
-                   depth_block, out)
+        _correlate(image, padding, (*kernel, *stride, oh, ow), packed, lanes, depth_block, out)
     return out
 
 
-def correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding, padded=None):
+def correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding):
     """``grid_rows.T @ im2col(image)`` (C_grid, kH*kW*C) for a channels-last NumPy ``image`` (n, H, W, C) and
-    ``grid_rows`` (n*OH*OW, C_grid) of its dtype: the weight gradient, without the windows (module doc).
-    ``padded``: the image's ``_padded`` copy with ``slack=LANES``, where the caller has one."""
-    n, _, _, c = image.shape
-    (kh, kw), (sh, sw) = kernel, stride
-    run = kw * c
+    ``grid_rows`` (n*OH*OW, C_grid) of its dtype: the weight gradient, without the windows (module doc)."""
+    kh, kw = kernel
+    oh, ow = _grid_size(image, kernel, stride, padding)
+    run = kw * image.shape[3]
     u_tiles = -(-run // LANES)
-    # the last lane tile of a window row reads up to LANES numbers past it (those lanes are dropped)
-    flat, hp, wp, (oh, ow) = padded or _padded(image, kernel, stride, padding, slack=LANES)
     c_grid = grid_rows.shape[1]
     grid = grid_rows
     if c_grid % ROWS or not grid.flags.c_contiguous or grid.dtype != image.dtype:
         grid = np.zeros((grid_rows.shape[0], -(-c_grid // ROWS) * ROWS), dtype=image.dtype)
         grid[:, :c_grid] = grid_rows        # channels padded to whole tiles, rows contiguous
     out = np.zeros((grid.shape[1], kh * u_tiles * LANES), dtype=image.dtype)
-    if n * oh * ow:
-        _weight_grad(flat, (n, hp, wp, c), (kh, kw, sh, sw, oh, ow), grid, out)
+    if image.shape[0] * oh * ow:
+        _weight_grad(image, padding, (*kernel, *stride, oh, ow), grid, out)
     return np.ascontiguousarray(out[:c_grid].reshape(c_grid, kh, u_tiles * LANES)[:, :, :run]).reshape(c_grid, -1)
-
-
-def correlate_pair_numba(image, wmat, grid_rows, kernel, stride, padding):
-    """``(correlate_numba(image, wmat, ...), correlate_weight_grad_numba(image, grid_rows, ...))`` over one
-    padded copy of the image: the two products of a backward pass that reads one side's windows."""
-    padded = _padded(image, kernel, stride, padding, slack=LANES)
-    return (correlate_numba(image, wmat, kernel, stride, padding, None, padded),
-            correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding, padded))

@@ -253,20 +253,18 @@ def test_conv_references_run_on_device_arrays(fake_cupy):
 
 
 def test_the_correlation_references_run_on_device_arrays(fake_cupy):
-    """kernels.correlate, correlate_weight_grad and correlate_pair take their references for device arrays
-    ("auto"), as "numpy" says: device in, device out, nothing read back, NumPy's numbers."""
+    """kernels.correlate and correlate_weight_grad take their references for device arrays ("auto"), as
+    "numpy" says: device in, device out, nothing read back, NumPy's numbers."""
     cp = fake_cupy
     rng = np.random.default_rng(7)
     image, wmat = rng.standard_normal((2, 7, 6, 5)), rng.standard_normal((4, 3 * 2 * 5))
     grid_rows, bias = rng.standard_normal((2 * 4 * 5, 3)), rng.standard_normal(4)
     window = (3, 2), (2, 1), (1, 0)
     expected = (kernels.correlate(image, wmat, *window, bias, backend="numpy"),
-                kernels.correlate_weight_grad(image, grid_rows, *window, backend="numpy"),
-                *kernels.correlate_pair(image, wmat[:3], grid_rows, *window, backend="numpy"))
+                kernels.correlate_weight_grad(image, grid_rows, *window, backend="numpy"))
     d_image, d_wmat, d_grid, d_bias = (cp.asarray(a) for a in (image, wmat, grid_rows, bias))
     cp.reset_stats()
-    got = (kernels.correlate(d_image, d_wmat, *window, d_bias), kernels.correlate_weight_grad(d_image, d_grid, *window),
-           *kernels.correlate_pair(d_image, d_wmat[:3], d_grid, *window))
+    got = (kernels.correlate(d_image, d_wmat, *window, d_bias), kernels.correlate_weight_grad(d_image, d_grid, *window))
     assert cp.stats["d2h"] == 0
     for g, e in zip(got, expected):
         assert backend.array_device(g) == "cuda:0"

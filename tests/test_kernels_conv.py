@@ -27,15 +27,13 @@ def kernels_in_float64_too(monkeypatch):
 
 
 def spy_on_the_kernels(monkeypatch):
-    """A list that gets the name of every product run through the kernels module: kernels.correlate and
-    kernels.correlate_weight_grad, each on its own or both by kernels.correlate_pair."""
+    """A list that gets the name of every call of kernels.correlate and kernels.correlate_weight_grad."""
     calls = []
 
-    def spy(names, real):
-        return lambda *args, **kwargs: calls.extend(names) or real(*args, **kwargs)
-    for name, names in (("correlate", ["correlate"]), ("correlate_weight_grad", ["correlate_weight_grad"]),
-                        ("correlate_pair", ["correlate", "correlate_weight_grad"])):
-        monkeypatch.setattr(kernels, name, spy(names, getattr(kernels, name)))
+    def spy(name, real):
+        return lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs)
+    for name in ("correlate", "correlate_weight_grad"):
+        monkeypatch.setattr(kernels, name, spy(name, getattr(kernels, name)))
     return calls
 
 
@@ -166,48 +164,27 @@ def test_the_forward_blocks_change_no_bit(dtype):
     included, and it matches the reference."""
     from minivq.kernels import conv_numba
     gen = np.random.default_rng(14)
-    n, h, w, c, c_grid = 2, 9, 8, 21, 37                            # 2 * 9 * 8 = 2 * PIXEL_BLOCK + 16 pixels
+    n, h, w, c, c_grid = 2, 9, 8, 21, 37                 # 9 * 8 = PIXEL_BLOCK + 8 pixels in each image
     image = gen.standard_normal((n, h, w, c)).astype(dtype)
     wmat = gen.standard_normal((c_grid, 3 * 3 * c)).astype(dtype)
     bias = gen.standard_normal(c_grid).astype(dtype)
-    flat, hp, wp, (oh, ow) = conv_numba._padded(image, (3, 3), (1, 1), (1, 1))
+    oh, ow = conv_numba._grid_size(image, (3, 3), (1, 1), (1, 1))
     packed = conv_numba.pack_weight(wmat)
     lanes = np.zeros(packed.shape[0] * conv_numba.LANES, dtype)
     lanes[:c_grid] = bias
     outs = []
     for depth in (1, 5, 3 * c - 1, 3 * c, 10 ** 6):
         out = np.full((n * oh * ow, c_grid), np.nan, dtype)
-        conv_numba._correlate(flat, (n, hp, wp, c), (3, 3, 1, 1, oh, ow), packed, lanes, depth, out)
+        conv_numba._correlate(image, (1, 1), (3, 3, 1, 1, oh, ow), packed, lanes, depth, out)
         outs.append(out)
     for out in outs[1:]:
         assert np.array_equal(out, outs[0])
     last = np.full((conv_numba.PIXEL_BLOCK + 1, c_grid), np.nan, dtype)      # a last block of one pixel
     one_row = image[:1, :1, :1].repeat(conv_numba.PIXEL_BLOCK + 1, axis=2)
-    flat1, hp1, wp1, (oh1, ow1) = conv_numba._padded(one_row, (1, 1), (1, 1), (0, 0))
-    conv_numba._correlate(flat1, (1, hp1, wp1, c), (1, 1, 1, 1, oh1, ow1), conv_numba.pack_weight(wmat[:, :c]),
-                          lanes, 7, last)
+    conv_numba._correlate(one_row, (0, 0), (1, 1, 1, 1, 1, conv_numba.PIXEL_BLOCK + 1),
+                          conv_numba.pack_weight(wmat[:, :c]), lanes, 7, last)
     assert np.array_equal(last, last[:1].repeat(len(last), axis=0))
     close(outs[0], reference(image, wmat, (3, 3), (1, 1), (1, 1), bias), dtype)
-
-
-@needs_numba
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_pair_is_both_products_from_one_padded_copy(dtype):
-    """``correlate_pair`` (a backward pass: both products of one image's windows) gives what the two
-    kernels give one by one, to the bit, and the reference's products; an empty batch too."""
-    gen = np.random.default_rng(15)
-    image = gen.standard_normal((3, 7, 6, 24)).astype(dtype)
-    wmat = gen.standard_normal((19, 3 * 4 * 24)).astype(dtype)
-    grid_rows = gen.standard_normal((3 * 4 * 1, 13)).astype(dtype)         # 3 images, 4 x 1 windows
-    window = (3, 4), (2, 3), (1, 0)
-    rows, dwmat = kernels.correlate_pair(image, wmat, grid_rows, *window, backend="numba")
-    assert np.array_equal(rows, kernels.correlate(image, wmat, *window, backend="numba"))
-    assert np.array_equal(dwmat, kernels.correlate_weight_grad(image, grid_rows, *window, backend="numba"))
-    ref_rows, ref_dwmat = kernels.correlate_pair(image, wmat, grid_rows, *window, backend="numpy")
-    close(rows, ref_rows, dtype)
-    close(dwmat, ref_dwmat, dtype)
-    rows, dwmat = kernels.correlate_pair(image[:0], wmat, grid_rows[:0], *window, backend="numba")
-    assert rows.shape == (0, 19) and dwmat.shape == (13, 3 * 4 * 24) and not dwmat.any()
 
 
 def test_correlate_refuses_what_it_cannot_run():
@@ -389,12 +366,11 @@ def test_the_wide_tiles_use_512_bit_registers_where_the_cpu_has_them():
         pytest.skip("no AVX-512 here")
     import numba
     image = np.ones((1, 4, 4, 40), np.float32)
-    flat, hp, wp, (oh, ow) = conv_numba._padded(image, (3, 3), (1, 1), (1, 1), slack=conv_numba.LANES)
     forward = numba.njit(nogil=True, fastmath={"contract"})(conv_numba._correlate.py_func)   # the cached
-    forward(flat, (1, hp, wp, 40), (3, 3, 1, 1, oh, ow), conv_numba.pack_weight(np.ones((8, 360), np.float32)),
+    forward(image, (1, 1), (3, 3, 1, 1, 4, 4), conv_numba.pack_weight(np.ones((8, 360), np.float32)),
             np.zeros(conv_numba.LANES, np.float32), 64, np.empty((16, 8), np.float32))        # can't be inspected
     weight = numba.njit(nogil=True, fastmath={"contract"})(conv_numba._weight_grad.py_func)
-    weight(flat, (1, hp, wp, 40), (3, 3, 1, 1, oh, ow), np.ones((16, 8), np.float32),
+    weight(image, (1, 1), (3, 3, 1, 1, 4, 4), np.ones((16, 8), np.float32),
            np.zeros((8, 3 * 4 * conv_numba.LANES), np.float32))
     for fresh in (forward, weight):
         assert "zmm" in fresh.inspect_asm(fresh.signatures[0])

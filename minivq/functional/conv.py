@@ -165,14 +165,9 @@ def _im2col_pass(image, g, wmat=None, grid_rows=None, bias=None, cols=None, keep
         # compiled kernels read the windows in place (kernels.correlate, correlate_weight_grad): no copies
         channels_last = image.transpose(0, 2, 3, 1)
         window = (g.kh, g.kw), (g.sh, g.sw), (g.ph, g.pw)
-        if wmat is not None and grid_rows is not None:      # a backward pass: one padded copy for both
-            out, dwmat = kernels.correlate_pair(channels_last, wmat, grid_rows, *window)
-            if bias is not None:
-                out += bias
-        else:
-            out = kernels.correlate(channels_last, wmat, *window, bias) if wmat is not None else None
-            dwmat = (kernels.correlate_weight_grad(channels_last, grid_rows, *window)
-                     if grid_rows is not None else None)
+        out = kernels.correlate(channels_last, wmat, *window, bias) if wmat is not None else None
+        dwmat = (kernels.correlate_weight_grad(channels_last, grid_rows, *window)
+                 if grid_rows is not None else None)
         return (_from_rows(out, g.n, g.oh, g.ow) if out is not None else None), dwmat, None
     xp = get_array_module(image)
     n, rows = g.n, g.oh * g.ow
