@@ -34,7 +34,8 @@ The weight gradient's micro-kernel
 
 Padding one image at a time instead of the whole batch at once (round 7): the batch's padded copy
 (6.5 MB for 128 images of 8x8x128) was written to memory and read back from there, the per-image
-buffer (51 KiB) is written and read in L2. Per layer 2-13 % faster, the training step 0.96-0.98.
+buffer (51 KiB) is written and read in L2. Per call up to 13 % faster (the prior's 3x5 weight gradient
+3 % slower), the training step 0.95-0.98 on one core.
 
 Unsigned offsets for the gathered loads and the tiles' loads and stores: with signed ones Numba
 emits a negative-index wraparound per load (it cost a fifth of the forward's speed), and 2-D

@@ -161,7 +161,8 @@ def test_the_kernel_sums_every_tap_in_order_so_a_pixel_does_not_depend_on_its_ti
 def test_the_forward_blocks_change_no_bit(dtype):
     """Blocks of pixels and of window-row depth (weights kept in L1) leave each sum in its order: any
     block size gives bitwise the same output, a last block of one pixel and a depth that ends mid-row
-    included, and it matches the reference."""
+    included, and it matches the reference. Two images of 72 pixels: a block ends where its image
+    does (each image is padded in turn)."""
     from minivq.kernels import conv_numba
     gen = np.random.default_rng(14)
     n, h, w, c, c_grid = 2, 9, 8, 21, 37                 # 9 * 8 = PIXEL_BLOCK + 8 pixels in each image
