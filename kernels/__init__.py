@@ -331,6 +331,26 @@ def correlate_weight_grad(image, grid_rows, kernel, stride, padding, backend="au
     return (im2col(image, kernel, stride, padding, backend="numpy").T @ grid_rows).T
 
 
+def correlate_adjoint(grid_rows, wmat, image_shape, kernel, stride, padding, bias=None, backend="auto"):
+    """``col2im(grid_rows @ wmat)`` (+ ``bias``) as a new channels-last image of ``image_shape`` (n, H, W, C):
+    the adjoint of ``correlate`` (conv2d's input gradient, conv_transpose2d's forward), for ``grid_rows``
+    (n*OH*OW, C_grid) and ``wmat`` (C_grid, kH*kW*C).
+
+    ``"numba"`` (what ``"auto"`` takes where ``direct_correlation`` says so for a window row of kW*C)
+    never writes the columns (conv_numba.py); ``"numpy"``, the reference, is the product then col2im.
+    """
+    window_row = kernel[1] * image_shape[3]
+    if _correlate_backend("correlate_adjoint", grid_rows, backend, window_row=window_row) == "numba":
+        return _load("numba-conv").correlate_adjoint_numba(grid_rows, wmat, image_shape, kernel, stride, padding,
+                                                           bias)
+    xp = _backend.get_array_module(grid_rows)
+    image = col2im(grid_rows @ wmat, xp.empty(image_shape, dtype=grid_rows.dtype), kernel, stride, padding,
+                   backend="numpy")
+    if bias is not None:
+        image += bias
+    return image
+
+
 # ---------------------------------------------------------------- ReLU's gradient
 def relu_grad(g, y):
     """dL/dx of ``y = relu(x)`` from dL/dy = ``g``: the reference ``g * (y > 0)``.

@@ -27,12 +27,12 @@ def kernels_in_float64_too(monkeypatch):
 
 
 def spy_on_the_kernels(monkeypatch):
-    """A list that gets the name of every call of kernels.correlate and kernels.correlate_weight_grad."""
+    """A list that gets the name of every call of kernels.correlate, correlate_weight_grad and correlate_adjoint."""
     calls = []
 
     def spy(name, real):
         return lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs)
-    for name in ("correlate", "correlate_weight_grad"):
+    for name in ("correlate", "correlate_weight_grad", "correlate_adjoint"):
         monkeypatch.setattr(kernels, name, spy(name, getattr(kernels, name)))
     return calls
 
@@ -188,6 +188,40 @@ def test_the_forward_blocks_change_no_bit(dtype):
     close(outs[0], reference(image, wmat, (3, 3), (1, 1), (1, 1), bias), dtype)
 
 
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(8))
+def test_the_adjoint_kernel_matches_the_reference_on_random_geometries(seed, dtype):
+    """col2im(grid_rows @ wmat) (+ bias) without the columns: strides, paddings, channel counts that fill
+    no tile, window rows that end inside a tile of lanes, against the product then col2im."""
+    image, wmat, kernel, stride, padding, bias = random_case(np.random.default_rng(200 + seed), dtype)
+    rows = kernels.correlate(image, wmat, kernel, stride, padding, backend="numpy").shape[0]
+    grid_rows = np.random.default_rng(seed).standard_normal((rows, wmat.shape[0])).astype(dtype)
+    c_bias = np.random.default_rng(seed).standard_normal(image.shape[3]).astype(dtype) if bias is not None else None
+    got = kernels.correlate_adjoint(grid_rows, wmat, image.shape, kernel, stride, padding, c_bias, backend="numba")
+    ref = kernels.correlate_adjoint(grid_rows, wmat, image.shape, kernel, stride, padding, c_bias, backend="numpy")
+    assert got.shape == ref.shape == image.shape and got.dtype == dtype and got.flags.c_contiguous
+    close(got, ref, dtype)
+
+
+@needs_numba
+def test_the_adjoint_adds_a_pixel_only_inside_its_window():
+    """A NaN in one grid pixel reaches the image pixels of its window and no others (a tile's lanes past
+    the end of a window row are never added), as in the reference; an empty batch gives an empty image."""
+    gen = np.random.default_rng(16)
+    shape, kernel, stride, padding = (2, 9, 10, 13), (4, 3), (2, 2), (1, 1)    # window rows of 39: a tile and 7
+    wmat = gen.standard_normal((20, 4 * 3 * 13)).astype(np.float32)
+    grid_rows = gen.standard_normal((2 * 4 * 5, 20)).astype(np.float32)
+    grid_rows[23, 5] = np.nan
+    got = kernels.correlate_adjoint(grid_rows, wmat, shape, kernel, stride, padding, backend="numba")
+    ref = kernels.correlate_adjoint(grid_rows, wmat, shape, kernel, stride, padding, backend="numpy")
+    assert 0 < np.isnan(ref).sum() < ref.size and np.array_equal(np.isnan(got), np.isnan(ref))
+    finite = ~np.isnan(ref)
+    close(got[finite], ref[finite], np.float32)
+    empty = kernels.correlate_adjoint(grid_rows[:0], wmat, (0,) + shape[1:], kernel, stride, padding, backend="numba")
+    assert empty.shape == (0,) + shape[1:]
+
+
 def test_correlate_refuses_what_it_cannot_run():
     image, wmat = np.zeros((1, 3, 3, 2)), np.zeros((4, 18))
     with pytest.raises(ValueError, match="unknown backend"):
@@ -217,7 +251,7 @@ def test_auto_runs_the_kernels_at_one_numba_thread_only(one_numba_thread):
 
 @needs_numba
 def test_the_avx2_tile_also_matches_the_reference():
-    """MINIVQ_NUMBA_WIDE=0 forces the 4 x 16 tile that AVX2 machines use; on any machine both kernels
+    """MINIVQ_NUMBA_WIDE=0 forces the 4 x 16 tile that AVX2 machines use; on any machine the three kernels
     must agree with the references."""
     check = ("import numpy as np; from minivq import kernels; from minivq.kernels import conv_numba as k; "
              "assert (k.ROWS, k.LANES) == (4, 16); g = np.random.default_rng(0); "
@@ -229,19 +263,33 @@ def test_the_avx2_tile_also_matches_the_reference():
              "gy = g.standard_normal((ref.shape[0], 21)); "
              "got = kernels.correlate_weight_grad(x, gy, (3, 3), (1, 2), (1, 1), backend='numba'); "
              "ref = kernels.correlate_weight_grad(x, gy, (3, 3), (1, 2), (1, 1), backend='numpy'); "
+             "np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12); "
+             "got = kernels.correlate_adjoint(gy, w, x.shape, (3, 3), (1, 2), (1, 1), b[:19], backend='numba'); "
+             "ref = kernels.correlate_adjoint(gy, w, x.shape, (3, 3), (1, 2), (1, 1), b[:19], backend='numpy'); "
              "np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)")
     subprocess.run([sys.executable, "-c", check], check=True, env=dict(os.environ, MINIVQ_NUMBA_WIDE="0"),
                    cwd=str(Path(__file__).parents[1]))
 
 
 @needs_numba
-@pytest.mark.parametrize("transposed", [False, "narrow", True], ids=["conv2d", "conv2d-narrow", "conv_transpose2d"])
+@pytest.mark.parametrize("transposed", [False, "narrow", True, "strided", "strided-transposed"],
+                         ids=["conv2d", "conv2d-narrow", "conv_transpose2d", "conv2d-strided", "conv_transpose2d-strided"])
 def test_the_convolutions_give_the_same_with_and_without_the_kernels(monkeypatch, one_numba_thread, transposed):
     """Forward and backward products through the kernels, against the im2col path they replace:
     outputs and all three gradients, float64. ("narrow": fewer channels out than in, the conv that
-    otherwise runs as the transposed conv of its mirror.)"""
+    otherwise runs as the transposed conv of its mirror; "strided": no mirror, so the input gradient
+    of conv2d and the forward of conv_transpose2d run col2im(grid @ wmat), through correlate_adjoint.)"""
     gen = np.random.default_rng(6)
-    if transposed == "narrow":
+    used = {"correlate", "correlate_weight_grad"}
+    if transposed == "strided":
+        x0, w0 = gen.standard_normal((3, 12, 9, 8)), gen.standard_normal((14, 12, 4, 3))
+        op = lambda x, w, b: mv.functional.conv2d(x, w, b, stride=2, padding=1)  # noqa: E731
+        transposed, used = False, used | {"correlate_adjoint"}
+    elif transposed == "strided-transposed":
+        x0, w0 = gen.standard_normal((3, 14, 4, 5)), gen.standard_normal((14, 12, 4, 3))
+        op = lambda x, w, b: mv.functional.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1)  # noqa
+        transposed, used = True, used | {"correlate_adjoint"}
+    elif transposed == "narrow":
         x0, w0 = gen.standard_normal((3, 40, 7, 7)), gen.standard_normal((12, 40, 3, 3))
         op = lambda x, w, b: mv.functional.conv2d(x, w, b, stride=1, padding=1)  # noqa: E731
         transposed = False
@@ -249,9 +297,10 @@ def test_the_convolutions_give_the_same_with_and_without_the_kernels(monkeypatch
         # stride 1 and fewer channels in than out: its forward reads the windows of its input (_flipped_geometry)
         x0, w0 = gen.standard_normal((4, 12, 5, 5)), gen.standard_normal((12, 16, 3, 4))
         op = lambda x, w, b: mv.functional.conv_transpose2d(x, w, b, stride=1, padding=1)  # noqa: E731
-    else:
+    else:       # more channels out than in: no mirror for the input gradient, so col2im(gy @ wmat) too
         x0, w0 = gen.standard_normal((4, 12, 9, 9)), gen.standard_normal((14, 12, 3, 3))
         op = lambda x, w, b: mv.functional.conv2d(x, w, b, stride=1, padding=1)  # noqa: E731
+        used = used | {"correlate_adjoint"}
     b0 = gen.standard_normal(w0.shape[1] if transposed else w0.shape[0])
     kernels_in_float64_too(monkeypatch)
     calls = spy_on_the_kernels(monkeypatch)
@@ -264,7 +313,7 @@ def test_the_convolutions_give_the_same_with_and_without_the_kernels(monkeypatch
         (y * mv.tensor(np.cos(np.arange(y.data.size)).reshape(y.shape))).sum().backward()
         results[direct] = [y.data, x.grad, w.grad, b.grad]
         if direct:
-            assert set(calls) == {"correlate", "correlate_weight_grad"}, calls
+            assert set(calls) == used, calls
     for got, ref in zip(results[True], results[False]):
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
 
@@ -284,14 +333,15 @@ def test_a_step_with_the_kernels_copies_no_windows(monkeypatch, one_numba_thread
 @needs_numba
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
 def test_gradcheck_through_the_kernels(monkeypatch, one_numba_thread, transposed):
-    """Float64 central differences on random shapes wide enough (kW*C >= a tile of lanes) that both
-    kernels run, forward and backward (a spy counts them)."""
+    """Float64 central differences on random shapes wide enough (kW*C >= a tile of lanes) that the
+    kernels run, forward and backward (a spy counts them); the first shape strided, so that
+    col2im(grid @ wmat) runs through correlate_adjoint too."""
     kernels_in_float64_too(monkeypatch)
     calls = spy_on_the_kernels(monkeypatch)
     gen = np.random.default_rng(11)
-    for _ in range(3):
-        k, c_in, c_out = int(gen.integers(2, 4)), int(gen.integers(12, 20)), int(gen.integers(11, 20))
-        stride, padding = int(gen.integers(1, 3)), int(gen.integers(0, 2))
+    for draw in range(3):
+        k, c_in, c_out = int(gen.integers(2, 4)), int(gen.integers(16, 20)), int(gen.integers(16, 20))
+        stride, padding = 2 if draw == 0 else int(gen.integers(1, 3)), int(gen.integers(0, 2))
         size = int(gen.integers(k + 1, k + 5))
         x = mv.tensor(gen.standard_normal((2, c_in, size, size)), requires_grad=True)
         if transposed:
@@ -302,7 +352,7 @@ def test_gradcheck_through_the_kernels(monkeypatch, one_numba_thread, transposed
             op = lambda x, w, b: mv.functional.conv2d(x, w, b, stride=stride, padding=padding)  # noqa: E731
         b = mv.tensor(gen.standard_normal(c_out), requires_grad=True)
         assert mv.gradcheck(op, [x, w, b], directions=8)
-    assert "correlate" in calls and "correlate_weight_grad" in calls
+    assert {"correlate", "correlate_weight_grad", "correlate_adjoint"} <= set(calls), calls
 
 
 @needs_numba
@@ -373,5 +423,8 @@ def test_the_wide_tiles_use_512_bit_registers_where_the_cpu_has_them():
     weight = numba.njit(nogil=True, fastmath={"contract"})(conv_numba._weight_grad.py_func)
     weight(image, (1, 1), (3, 3, 1, 1, 4, 4), np.ones((16, 8), np.float32),
            np.zeros((8, 3 * 4 * conv_numba.LANES), np.float32))
-    for fresh in (forward, weight):
+    adjoint = numba.njit(nogil=True, fastmath={"contract"})(conv_numba._adjoint.py_func)
+    adjoint(np.ones((16, 8), np.float32), (1, 1), (3, 3, 1, 1, 4, 4), np.ones((3, 4, 8, conv_numba.LANES), np.float32),
+            np.zeros(40, np.float32), np.empty((1, 4, 4, 40), np.float32))
+    for fresh in (forward, weight, adjoint):
         assert "zmm" in fresh.inspect_asm(fresh.signatures[0])
