@@ -281,8 +281,9 @@ def direct_correlation(a, window_row=None):
     are sized for float32 registers; in float64 the GEMM path is 10 % faster), Numba importable, and one
     Numba thread in the calling thread (the kernels are serial; with more threads OpenBLAS's threaded
     GEMMs are as fast: conv_numba.py). With ``window_row`` (kW*C of the
-    image), whether ``correlate_weight_grad``'s is worth running too: its vector lanes run along a
-    window row, so a row shorter than one tile of lanes (a 1-channel image) would leave most idle.
+    image), whether ``correlate_weight_grad``'s and ``correlate_adjoint``'s are worth running too: their
+    vector lanes run along a window row, so a row shorter than one tile of lanes (a 1-channel image)
+    would leave most idle.
 
     Where it says no, a caller should rather copy the windows a few images at a time and
     multiply each chunk (functional/conv.py does), which is what the reference does in one piece.

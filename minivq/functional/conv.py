@@ -37,11 +37,11 @@ copying the windows of x again. Strided convs always copy the image's windows.
 
 Without the windows. For float32 arrays, where the calling thread runs one Numba thread (a
 ``--workers`` worker, a one-thread run) and Numba imports, ``kernels.direct_correlation`` says yes and a pass over the
-windows runs compiled kernels that read each window in place from a padded copy of the image:
+windows runs compiled kernels that read each window in place (the image padded one image at a time, in cache):
 ``kernels.correlate`` for ``im2col(image) @ wmat.T``, ``kernels.correlate_weight_grad`` for
 ``grid_rows.T @ im2col(image)`` and ``kernels.correlate_adjoint`` for ``col2im(grid_rows @ wmat)``,
-so no windows or columns are copied at all (the training step 2-13 % faster on
-one core). With more threads OpenBLAS's threaded GEMMs on the copied windows are as fast, and the
+so no windows or columns are copied at all (benchmarks/NOTES.md, rounds 6 and 7, for what each
+saved on one core). With more threads OpenBLAS's threaded GEMMs on the copied windows are as fast, and the
 passes below run as they are.
 
 Memory and cache: one im2col (or col2im) buffer holds at most ``workspace_limit``
