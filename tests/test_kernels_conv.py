@@ -176,14 +176,15 @@ def test_the_forward_blocks_change_no_bit(dtype):
     outs = []
     for depth in (1, 5, 3 * c - 1, 3 * c, 10 ** 6):
         out = np.full((n * oh * ow, c_grid), np.nan, dtype)
-        conv_numba._correlate(image, (1, 1), (3, 3, 1, 1, oh, ow), packed, lanes, depth, out)
+        conv_numba._correlate(image, np.empty(0, dtype), (1, 1), (3, 3, 1, 1, oh, ow), packed, lanes, depth, out)
         outs.append(out)
     for out in outs[1:]:
         assert np.array_equal(out, outs[0])
     last = np.full((conv_numba.PIXEL_BLOCK + 1, c_grid), np.nan, dtype)      # a last block of one pixel
     one_row = image[:1, :1, :1].repeat(conv_numba.PIXEL_BLOCK + 1, axis=2)
-    conv_numba._correlate(one_row, (0, 0), (1, 1, 1, 1, 1, conv_numba.PIXEL_BLOCK + 1),
-                          conv_numba.pack_weight(wmat[:, :c]), lanes, 7, last)
+    conv_numba._correlate(one_row, np.ascontiguousarray(one_row).reshape(-1), (0, 0),
+                          (1, 1, 1, 1, 1, conv_numba.PIXEL_BLOCK + 1), conv_numba.pack_weight(wmat[:, :c]), lanes, 7,
+                          last)
     assert np.array_equal(last, last[:1].repeat(len(last), axis=0))
     close(outs[0], reference(image, wmat, (3, 3), (1, 1), (1, 1), bias), dtype)
 
@@ -220,6 +221,19 @@ def test_the_adjoint_adds_a_pixel_only_inside_its_window():
     close(got[finite], ref[finite], np.float32)
     empty = kernels.correlate_adjoint(grid_rows[:0], wmat, (0,) + shape[1:], kernel, stride, padding, backend="numba")
     assert empty.shape == (0,) + shape[1:]
+
+
+@needs_numba
+def test_an_unpadded_image_read_in_place_gives_the_bits_of_its_copy():
+    """Without padding the forward reads a contiguous image in place instead of copying each image into
+    its buffer: the same sums in the same order, so the same bits as a strided view of the same numbers."""
+    gen = np.random.default_rng(17)
+    image = gen.standard_normal((3, 10, 12, 40)).astype(np.float32)
+    strided = np.asfortranarray(image)              # the same numbers, not one C-ordered run: copied per image
+    wmat = gen.standard_normal((50, 3 * 5 * 40)).astype(np.float32)
+    got = kernels.correlate(image, wmat, (3, 5), (1, 1), (0, 0), backend="numba")
+    assert np.array_equal(got, kernels.correlate(strided, wmat, (3, 5), (1, 1), (0, 0), backend="numba"))
+    close(got, reference(image, wmat, (3, 5), (1, 1), (0, 0), None), np.float32)
 
 
 def test_correlate_refuses_what_it_cannot_run():
@@ -418,7 +432,7 @@ def test_the_wide_tiles_use_512_bit_registers_where_the_cpu_has_them():
     import numba
     image = np.ones((1, 4, 4, 40), np.float32)
     forward = numba.njit(nogil=True, fastmath={"contract"})(conv_numba._correlate.py_func)   # the cached
-    forward(image, (1, 1), (3, 3, 1, 1, 4, 4), conv_numba.pack_weight(np.ones((8, 360), np.float32)),
+    forward(image, np.empty(0, np.float32), (1, 1), (3, 3, 1, 1, 4, 4), conv_numba.pack_weight(np.ones((8, 360), np.float32)),
             np.zeros(conv_numba.LANES, np.float32), 64, np.empty((16, 8), np.float32))        # can't be inspected
     weight = numba.njit(nogil=True, fastmath={"contract"})(conv_numba._weight_grad.py_func)
     weight(image, (1, 1), (3, 3, 1, 1, 4, 4), np.ones((16, 8), np.float32),
