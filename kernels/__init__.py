@@ -303,6 +303,24 @@ def _correlate_backend(name, image, backend, window_row=None):
     return "numba" if backend == "numba" or auto else "numpy"
 
 
+def _check_product(name, image_shape, kernel, stride, padding, wmat=None, grid_rows=None):
+    """One line naming the mismatch when the operands of a correlation do not fit its geometry: the
+    compiled kernels index without bounds checks, so a wrong size must never reach them."""
+    from .windows_numpy import output_size
+    if len(image_shape) != 4:
+        raise ValueError(f"{name}: the image must be channels-last (n, H, W, C), got shape {tuple(image_shape)}")
+    n, h, w, c = image_shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    if wmat is not None and (wmat.ndim != 2 or wmat.shape[1] != kh * kw * c):
+        raise ValueError(f"{name}: wmat must be (C_grid, kH*kW*C) = (C_grid, {kh * kw * c}) for a {kh}x{kw} "
+                         f"window over {c} channels, got shape {wmat.shape}")
+    windows = n * output_size(h, kh, sh, ph) * output_size(w, kw, sw, pw)
+    if grid_rows is not None and (grid_rows.ndim != 2 or grid_rows.shape[0] != windows
+                                  or (wmat is not None and grid_rows.shape[1] != wmat.shape[0])):
+        raise ValueError(f"{name}: grid_rows must have one row per window ({windows}) and one column per grid "
+                         f"channel, got shape {grid_rows.shape}")
+
+
 def correlate(image, wmat, kernel, stride, padding, bias=None, backend="auto"):
     """``im2col(image) @ wmat.T`` (+ ``bias``) as new contiguous rows (n*OH*OW, C_grid), for a channels-last
     ``image`` (n, H, W, C) and ``wmat`` (C_grid, kH*kW*C) with columns ordered as im2col's.
@@ -311,6 +329,7 @@ def correlate(image, wmat, kernel, stride, padding, bias=None, backend="auto"):
     windows: its micro-kernel reads them from a padded copy of the image (conv_numba.py);
     ``"numpy"``, the reference, is the product as written (NumPy or CuPy arrays).
     """
+    _check_product("correlate", image.shape, kernel, stride, padding, wmat=wmat)
     if _correlate_backend("correlate", image, backend) == "numba":
         return _load("numba-conv").correlate_numba(image, wmat, kernel, stride, padding, bias)
     out = im2col(image, kernel, stride, padding, backend="numpy") @ wmat.T
@@ -327,6 +346,7 @@ def correlate_weight_grad(image, grid_rows, kernel, stride, padding, backend="au
     place, as ``correlate`` does, summing over the pixels in blocks (conv_numba.py); ``"numpy"``,
     the reference, is the product as written.
     """
+    _check_product("correlate_weight_grad", image.shape, kernel, stride, padding, grid_rows=grid_rows)
     if _correlate_backend("correlate_weight_grad", image, backend, window_row=kernel[1] * image.shape[3]) == "numba":
         return _load("numba-conv").correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding)
     return (im2col(image, kernel, stride, padding, backend="numpy").T @ grid_rows).T
@@ -340,6 +360,7 @@ def correlate_adjoint(grid_rows, wmat, image_shape, kernel, stride, padding, bia
     ``"numba"`` (what ``"auto"`` takes where ``direct_correlation`` says so for a window row of kW*C)
     never writes the columns (conv_numba.py); ``"numpy"``, the reference, is the product then col2im.
     """
+    _check_product("correlate_adjoint", tuple(image_shape), kernel, stride, padding, wmat=wmat, grid_rows=grid_rows)
     window_row = kernel[1] * image_shape[3]
     if _correlate_backend("correlate_adjoint", grid_rows, backend, window_row=window_row) == "numba":
         return _load("numba-conv").correlate_adjoint_numba(grid_rows, wmat, image_shape, kernel, stride, padding,

@@ -236,6 +236,21 @@ def test_an_unpadded_image_read_in_place_gives_the_bits_of_its_copy():
     close(got, reference(image, wmat, (3, 5), (1, 1), (0, 0), None), np.float32)
 
 
+def test_operands_that_do_not_fit_the_geometry_are_one_clear_error():
+    """The compiled kernels index without bounds checks: a wrong size stops before them, on any backend."""
+    image, wmat, grid_rows = np.zeros((2, 5, 5, 3), np.float32), np.zeros((4, 27), np.float32), np.zeros((50, 4))
+    window = (3, 3), (1, 1), (1, 1)
+    for backend in ("auto", "numpy"):
+        with pytest.raises(ValueError, match=r"correlate: wmat must be \(C_grid, kH\*kW\*C\) = \(C_grid, 27\)"):
+            kernels.correlate(image, wmat[:, :26], *window, backend=backend)
+        with pytest.raises(ValueError, match="correlate_weight_grad: grid_rows must have one row per window .50."):
+            kernels.correlate_weight_grad(image, grid_rows[:49], *window, backend=backend)
+        with pytest.raises(ValueError, match="correlate_adjoint: grid_rows must have one row per window"):
+            kernels.correlate_adjoint(grid_rows[:, :3], wmat, image.shape, *window, backend=backend)
+        with pytest.raises(ValueError, match="the image must be channels-last"):
+            kernels.correlate(image[0], wmat, *window, backend=backend)
+
+
 def test_correlate_refuses_what_it_cannot_run():
     image, wmat = np.zeros((1, 3, 3, 2)), np.zeros((4, 18))
     with pytest.raises(ValueError, match="unknown backend"):
