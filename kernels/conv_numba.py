@@ -99,6 +99,16 @@ def _fill(image, b, ph, pw, wp, flat):
                 flat[o + x * c + ch] = image[b, y, x, ch]
 
 
+@njit(nogil=True, cache=_CACHE)
+def _window_starts(first, count, ow, sh, sw, wp, c, origin, bases):
+    """``bases[r]``: where the window of grid pixel ``first + r`` of one image (``ow`` to a grid row) starts in
+    that image padded to width ``wp``, plus ``origin``, for ``r`` < ``count``."""
+    for r in range(count):
+        i = (first + r) // ow
+        j = first + r - i * ow
+        bases[r] = origin + np.uint64((i * sh * wp + j * sw) * c)
+
+
 @njit(nogil=True, cache=_CACHE, fastmath={"contract"})
 def _correlate(image, whole, padding, window, packed, bias, depth_block, out):
     # image: (n, h, w, c); window: (kh, kw, sh, sw, oh, ow); out: (n*oh*ow, C_grid) rows.
@@ -128,10 +138,7 @@ def _correlate(image, whole, padding, window, packed, bias, depth_block, out):
         for q0 in range(0, per_image, PIXEL_BLOCK):
             count = min(PIXEL_BLOCK, per_image - q0)
             p0 = img * per_image + q0                       # the block's first output row
-            for r in range(count):
-                i = (q0 + r) // ow
-                j = q0 + r - i * ow
-                bases[r] = origin + np.uint64((i * sh * wp + j * sw) * c)
+            _window_starts(q0, count, ow, sh, sw, wp, c, origin, bases)
             for t in range(packed.shape[0]):
                 for a in range(kh):         # a window row (kw, c) is one contiguous run of the padded image
                     row = np.uint64(a * wp * c)
@@ -185,10 +192,7 @@ def _weight_grad(image, padding, window, grid, out):
     # reads up to LANES numbers past it (into the LANES zeros at the end; those lanes are dropped)
     flat = np.zeros((h + 2 * ph) * wp * c + LANES, dtype=image.dtype)
     bases = np.empty(per_image, dtype=np.uint64)     # where each pixel's window starts in ``flat``
-    for p in range(per_image):
-        i = p // ow
-        j = p - i * ow
-        bases[p] = np.uint64((i * sh * wp + j * sw) * c)
+    _window_starts(0, per_image, ow, sh, sw, wp, c, np.uint64(0), bases)
     c_grid = grid.shape[1]                  # a multiple of ROWS (padded by the caller)
     width = out.shape[1]
     u_tiles = width // (kh * LANES)
@@ -254,10 +258,7 @@ def _adjoint(grid, padding, window, packed, bias, out):
         for q0 in range(0, per_image, PIXEL_BLOCK):
             count = min(PIXEL_BLOCK, per_image - q0)
             p0 = img * per_image + q0
-            for r in range(count):
-                i = (q0 + r) // ow
-                j = q0 + r - i * ow
-                bases[r] = np.uint64((i * sh * wp + j * sw) * c)
+            _window_starts(q0, count, ow, sh, sw, wp, c, np.uint64(0), bases)
             for a in range(kh):
                 for ut in range(u_tiles):        # a tile of LANES numbers of window row a: its weights stay in L1
                     off = np.uint64(a * wp * c + ut * LANES)
