@@ -12,6 +12,11 @@ are reported.
     python benchmarks/bench_train_step.py [--batches 32 128] [--repeats 15] [--device cpu|cuda]
     python benchmarks/bench_train_step.py --model prior [--batches 64]     # the gated PixelCNN prior
 
+minivq's whole-batch step runs as ``minivq train`` runs one process (``workers.one_process``): on the
+CPU its convolutions split each batch over the Numba threads themselves, with BLAS held to one thread
+(float32, Numba and threadpoolctl installed; benchmarks/NOTES.md, round 8). ``--blas-threads-too``
+also times it the way it ran before round 8 (im2col and GEMMs threaded by the BLAS), interleaved.
+
 ``--workers N`` also times minivq's step with the batch split over N data-parallel worker
 threads of one process (``minivq.workers``, as ``minivq train --workers N`` and
 ``minivq train-prior --workers N`` train: each
@@ -36,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import describe_machine, timed  # noqa: E402
 
 import minivq as mv  # noqa: E402
-from minivq import backend, functional as F  # noqa: E402
+from minivq import backend, functional as F, workers  # noqa: E402
 from minivq.models import PAPER_QUANTIZER, VQVAE  # noqa: E402
 
 
@@ -51,7 +56,20 @@ def load_images(n):
         return rng.uniform(-0.5, 0.5, (n, 1, 32, 32)).astype(np.float32), 1 / 12, "uniform noise"
 
 
-def minivq_step(device, x_host, variance):
+def as_one_process_trains(device, step, blas_threads=False):
+    """``step`` inside the block ``minivq train`` runs one process in (``workers.one_process``: on the CPU
+    the convolutions split each batch over the Numba threads themselves, BLAS at one thread);
+    ``blas_threads``: outside it, as before round 8 (im2col and GEMMs threaded by the BLAS)."""
+    if blas_threads:
+        return step
+
+    def in_block():
+        with workers.one_process(device, np.float32):
+            step()
+    return in_block
+
+
+def minivq_step(device, x_host, variance, blas_threads=False):
     mv.manual_seed(0)
     model = VQVAE(decay=0.0, quantizer=PAPER_QUANTIZER).to(device)     # the paper's, as the PyTorch twin
     opt = mv.optim.Adam(model.parameters(), lr=1e-3)
@@ -65,7 +83,7 @@ def minivq_step(device, x_host, variance):
         loss.backward()
         opt.step()
         sync()
-    return step
+    return as_one_process_trains(device, step, blas_threads)
 
 
 def workers_step(device, batch, count, replica, loss_of):
@@ -77,7 +95,7 @@ def workers_step(device, batch, count, replica, loss_of):
     are started (and BLAS held to one thread) for each step here, once per run in training:
     ~0.5 ms more.
     """
-    from minivq import distributed, workers
+    from minivq import distributed
     if device != "cpu" or len(batch) % count:
         raise SystemExit(f"--workers {count}: the CPU only, and a batch that splits evenly")
     local = len(batch) // count
@@ -153,7 +171,7 @@ def random_codes(batch):
     return np.random.default_rng(0).integers(0, PRIOR["num_embeddings"], (batch, GRID, GRID))
 
 
-def minivq_prior_step(device, codes):
+def minivq_prior_step(device, codes, blas_threads=False):
     mv.manual_seed(0)
     model = mv.models.GatedPixelCNN(**PRIOR).to(device)
     opt = mv.optim.Adam(model.parameters(), lr=1e-3)
@@ -166,7 +184,7 @@ def minivq_prior_step(device, codes):
         loss.backward()
         opt.step()
         sync()
-    return step
+    return as_one_process_trains(device, step, blas_threads)
 
 
 def torch_prior_step(device, codes):
@@ -212,6 +230,15 @@ def without_cuda_kernels(step):
     return run
 
 
+def numba_threads_in_step(device):
+    """Over how many threads minivq's whole-batch step splits its convolutions (0: it keeps im2col + GEMMs)."""
+    if not device.startswith("cpu") or "numba" not in mv.kernels.available_backends():
+        return 0
+    from minivq.kernels import conv_numba
+    with workers.one_process(device, np.float32):
+        return conv_numba.threads_here()
+
+
 def _sync(device):
     if device.startswith("cuda"):
         import cupy
@@ -250,6 +277,9 @@ def main():
                          "off (their array-op versions), interleaved with the rest")
     ap.add_argument("--workers", type=int, default=None,
                     help="also time minivq's step split over this many worker threads (on the CPU)")
+    ap.add_argument("--blas-threads-too", action="store_true",
+                    help="on the CPU, also time minivq's whole-batch step as before round 8: im2col and GEMMs "
+                         "threaded by the BLAS, instead of its kernels splitting the batch over the threads")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train-step-...)")
     args = ap.parse_args()
     memory_kept = args.malloc == "keep" and backend.keep_freed_host_memory()
@@ -281,6 +311,8 @@ def main():
         if args.model == "prior":
             codes, source = random_codes(batch), "random codes"
             impls = {"minivq": minivq_prior_step(args.device, codes)}
+            if args.blas_threads_too:
+                impls["minivq_blas_threads"] = minivq_prior_step(args.device, codes, blas_threads=True)
             if args.workers:
                 impls["minivq_workers"] = minivq_prior_workers_step(args.device, codes, args.workers)
             if args.array_ops_too:
@@ -290,6 +322,8 @@ def main():
         else:
             x, variance, source = load_images(batch)
             impls = {"minivq": minivq_step(args.device, x, variance)}
+            if args.blas_threads_too:
+                impls["minivq_blas_threads"] = minivq_step(args.device, x, variance, blas_threads=True)
             if args.workers:
                 impls["minivq_workers"] = minivq_workers_step(args.device, x, variance, args.workers)
             if args.array_ops_too:
@@ -313,6 +347,10 @@ def main():
             row["ratio"] = row["minivq_ms"] / row["pytorch_ms"]
             if "minivq_workers_ms" in row:
                 row["workers_ratio"] = row["minivq_workers_ms"] / row["pytorch_ms"]
+        if "minivq_blas_threads_ms" in row:
+            row["kernel_threads_over_blas_threads"] = row["minivq_ms"] / row["minivq_blas_threads_ms"]
+            if have_torch:
+                row["blas_threads_ratio"] = row["minivq_blas_threads_ms"] / row["pytorch_ms"]
         if "minivq_array_ops_ms" in row:
             row["array_ops_over_kernels"] = row["minivq_array_ops_ms"] / row["minivq_ms"]
         rows.append(row)
@@ -327,12 +365,21 @@ def main():
             print(f"batch {r['batch']}: minivq over {args.workers} worker threads (--workers) "
                   f"{r['minivq_workers_ms']:.1f} ms, {r.get('workers_ratio', float('nan')):.2f}x PyTorch's step")
     for r in rows:
+        if "minivq_blas_threads_ms" in r:
+            print(f"batch {r['batch']}: minivq with im2col and BLAS's threads (before round 8) "
+                  f"{r['minivq_blas_threads_ms']:.1f} ms, {r.get('blas_threads_ratio', float('nan')):.2f}x PyTorch's "
+                  f"step; the kernels' threads take {r['kernel_threads_over_blas_threads']:.2f}x its time")
+    for r in rows:
         if "array_ops_over_kernels" in r:
             print(f"batch {r['batch']}: minivq with its CUDA kernels off {r['minivq_array_ops_ms']:.1f} ms "
                   f"({r['array_ops_over_kernels']:.2f}x the step with them)")
+    with workers.one_process(args.device, np.float32):
+        blas_in_step = backend.blas_thread_count()      # what minivq's whole-batch steps ran with
     machine = describe_machine()
     result = {"benchmark": "train_step", "model": args.model, "device": args.device, "threads": threads,
               "workers": args.workers,
+              "minivq_blas_threads_in_step": blas_in_step,
+              "minivq_conv_kernel_threads": numba_threads_in_step(args.device),
               "pause_s": args.pause, "repeats": args.repeats,
               "host_memory_kept": memory_kept,
               "machine": machine, "rows": rows}

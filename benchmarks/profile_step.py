@@ -14,6 +14,7 @@ the whole step, so work outside any op (the graph walk, Python) shows too.
 """
 import argparse
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -123,6 +124,9 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="BLAS and Numba threads (default: all)")
     ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
                     help="keep (as the minivq CLI does): the C library keeps freed host memory for the next step")
+    ap.add_argument("--blas-threads", action="store_true",
+                    help="run the step as before round 8: im2col and GEMMs threaded by the BLAS (default: as "
+                         "`minivq train` runs one process, the convolutions splitting each batch over the threads)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--torch", action="store_true",
                     help="then profile the PyTorch twin's step too (torch.profiler: self CPU time per op)")
@@ -168,23 +172,12 @@ def main():
     uninstall = recorder.install()
     per_step = collections.defaultdict(list)
     totals, adam = [], []
+    # as `minivq train` runs one process: the convolutions split each batch over the Numba threads (round 8)
+    from minivq import workers
+    one_process = contextlib.nullcontext() if args.blas_threads else workers.one_process("cpu", np.float32)
     try:
-        for step in range(args.steps + 1):
-            recorder.reset()
-            t0 = time.perf_counter()
-            loss = compute_loss()
-            opt.zero_grad()
-            loss.backward()
-            t1 = time.perf_counter()
-            opt.step()
-            t2 = time.perf_counter()
-            if step == 0:
-                continue                      # warm-up: allocations, Numba compilation
-            totals.append(t2 - t0)
-            adam.append(t2 - t1)
-            for label in set(recorder.fwd) | set(recorder.bwd):
-                per_step[label].append((recorder.fwd.get(label, 0.0), recorder.bwd.get(label, 0.0),
-                                        recorder.flops.get(label)))
+        with one_process:
+            steps(args, compute_loss, opt, recorder, per_step, totals, adam)
     finally:
         uninstall()
 
@@ -217,6 +210,26 @@ def main():
                        "step_ms": step_ms, "adam_ms": adam_ms, "host_memory_kept": memory_kept, "rows": rows,
                        "torch": peer, "machine": describe_machine()}, f, indent=1)
         print(f"wrote {args.json}")
+
+
+def steps(args, compute_loss, opt, recorder, per_step, totals, adam):
+    """One warm-up step, then ``args.steps`` timed ones: each op's forward and backward, Adam, the whole."""
+    for step in range(args.steps + 1):
+        recorder.reset()
+        t0 = time.perf_counter()
+        loss = compute_loss()
+        opt.zero_grad()
+        loss.backward()
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        if step == 0:
+            continue                      # warm-up: allocations, Numba compilation
+        totals.append(t2 - t0)
+        adam.append(t2 - t1)
+        for label in set(recorder.fwd) | set(recorder.bwd):
+            per_step[label].append((recorder.fwd.get(label, 0.0), recorder.bwd.get(label, 0.0),
+                                    recorder.flops.get(label)))
 
 
 def profile_torch(args, inputs, top=12):

@@ -39,13 +39,16 @@ convolution's products without its windows (``correlate`` and
 ``correlate_weight_grad``): Numba micro-kernels that read every window in
 place from a padded copy of the image, where im2col would copy them all
 first (conv_numba.py; the references are ``im2col(image) @ wmat.T`` and
-``grid_rows.T @ im2col(image)``, which also run on CuPy). They are serial and
-taken by ``"auto"`` where the calling thread has one Numba thread.
+``grid_rows.T @ im2col(image)``, which also run on CuPy). ``"auto"`` takes them
+where the calling thread has one Numba thread, or where BLAS runs one thread
+(``conv_threads``, the block ``minivq train`` runs in): they then split each
+batch over the calling thread's Numba threads.
 
 Numba and CuPy are imported on first use only, so ``import minivq.kernels``
 needs NumPy alone. This package and ``minivq.backend`` are the only places
 that look at whether arrays are NumPy or CuPy.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -278,9 +281,10 @@ def _conv_kernels(a):
 
 def direct_correlation(a, window_row=None):
     """Whether ``"auto"`` runs ``correlate``'s compiled kernel for arrays like ``a``: NumPy float32 (the tiles
-    are sized for float32 registers; in float64 the GEMM path is 10 % faster), Numba importable, and one
-    Numba thread in the calling thread (the kernels are serial; with more threads OpenBLAS's threaded
-    GEMMs are as fast: conv_numba.py). With ``window_row`` (kW*C of the
+    are sized for float32 registers; in float64 the GEMM path is 10 % faster), Numba importable, and either
+    one Numba thread in the calling thread or BLAS held to one thread per call (``conv_threads``): the
+    kernels then split each batch over the calling thread's Numba count of threads, where BLAS threads of
+    its own would spin on those cores after every GEMM (conv_numba.py). With ``window_row`` (kW*C of the
     image), whether ``correlate_weight_grad``'s and ``correlate_adjoint``'s are worth running too: their
     vector lanes run along a window row, so a row shorter than one tile of lanes (a 1-channel image)
     would leave most idle.
@@ -371,6 +375,31 @@ def correlate_adjoint(grid_rows, wmat, image_shape, kernel, stride, padding, bia
     if bias is not None:
         image += bias
     return image
+
+
+@contextlib.contextmanager
+def conv_threads(dtype):
+    """A block in which this thread's CPU convolutions of ``dtype`` arrays spread over the cores themselves.
+
+    Where the compiled kernels take such arrays (float32, Numba imports) and the calling thread's Numba
+    count is above 1, BLAS is held to one thread per call inside the block (threadpoolctl, the
+    ``threads`` extra), so ``direct_correlation`` says yes and each convolution splits its batch over
+    that count of threads, instead of im2col and GEMMs threaded by the BLAS: on a 2-core AVX-512 VM
+    the batch-128 training step in 0.81x the time (benchmarks/NOTES.md, round 8). The few GEMMs left (1x1
+    convolutions, the quantiser's) run on one thread. Elsewhere (one thread, float64, no Numba, no
+    threadpoolctl) a block that changes nothing. ``minivq train`` and ``train-prior`` run inside one.
+    """
+    module = _load("numba-conv") if np.dtype(dtype) == np.float32 else "float64 keeps the GEMMs"
+    if isinstance(module, str) or module.get_num_threads() == 1:
+        yield
+        return
+    try:
+        one_blas_thread = _backend.blas_threads(1)
+    except ImportError:
+        yield
+        return
+    with one_blas_thread:
+        yield
 
 
 # ---------------------------------------------------------------- ReLU's gradient

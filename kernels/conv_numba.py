@@ -58,18 +58,32 @@ a sum over the pixels in order. Deterministic, independent of where a pixel fall
 not bit-equal to a BLAS GEMM (which sums in blocks): the tests compare to the reference with
 float tolerances, and run the convolutions' float64 gradcheck through these kernels.
 
-One thread and float32, on purpose. ``functional/conv.py`` uses them for float32 arrays where the
-calling thread's Numba count is 1 (``usable_here``: a ``--workers`` worker, a one-thread run):
-there they make the training step 2-13 % faster. In float64 the tiles, sized for float32
-registers, spill (a 3x3 conv's step 10 % slower than the GEMM path), so ``"auto"`` leaves float64
-to the GEMMs. With two threads, OpenBLAS's threaded GEMMs on the windows were as fast, and a parallel
-version of these loops fought OpenBLAS's spinning threads for the cores (the weight gradient
-split in two shares made the step 1.4-1.6x slower).
-"""
-import numpy as np
-from numba import njit
+Threads: one share of the batch each. With more than one Numba thread in the calling thread the batch
+is split into contiguous shares of images, one per thread (``_bounds``; ``prange`` over the shares, each
+the serial loops over its images with buffers of its own). The forward and the adjoint write each image
+alone: the same bits for any split. The weight gradient sums each share into its own buffer and then
+the shares in order: deterministic for a given thread count, not bit-equal across counts. This only
+pays where BLAS runs one thread per call: OpenBLAS's idle threads spin on the cores for ~0.13 s after
+each threaded GEMM, and the shares sharing a core with one of them waited (round 6: the step 1.4-1.6x
+slower). So the kernels take the threads where BLAS is held to one (``threads_here``; the trainer's
+``kernels.conv_threads`` holds it): on a 2-core AVX-512 VM the batch-128 step in 0.81x the time of
+im2col with OpenBLAS's threaded GEMMs, batch 32 0.83x, the prior 0.90x (NOTES.md, round 8). One share
+calls the serial loops directly, never entering Numba's threading layer (``--workers`` workers).
+Numba's threads rather than a pool of Python threads: with a pool the helper slept between calls, and
+after a pause (as the benchmarks take between steps) each wake-up of the idle core cost the batch-32
+step 70 ms against 51.
 
-from .nearest_numba import _CACHE, WIDE, _stack_buffer, _vector_width_hint, one_thread
+Float32. ``functional/conv.py`` uses them for float32 arrays (``direct_correlation``). In float64 the
+tiles, sized for float32 registers, spill (a 3x3 conv's step 10 % slower than the GEMM path), so
+``"auto"`` leaves float64 to the GEMMs.
+"""
+
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+from minivq import backend as _backend
+
+from .nearest_numba import _CACHE, WIDE, _stack_buffer, _vector_width_hint
 from .windows_numpy import output_size
 
 ROWS = 8 if WIDE else 4         # output pixels per micro-tile
@@ -82,9 +96,29 @@ _ACC_SLOTS = ROWS * LANES
 assert PIXEL_BLOCK % ROWS == 0
 
 
+# ---------------------------------------------------------------- threads
+def threads_here():
+    """Over how many threads the kernels split a batch for the calling thread: its Numba count where that
+    is 1 or where BLAS runs one thread per call; 0 where BLAS runs more (or its count cannot be read),
+    for then each GEMM leaves OpenBLAS's threads spinning on the cores these threads need (module doc)."""
+    count = get_num_threads()
+    return count if count == 1 or _backend.blas_thread_count() == 1 else 0
+
+
 def usable_here():
-    """Whether these serial kernels are the faster way for the calling thread: its Numba count is 1."""
-    return one_thread()
+    """Whether these kernels are the faster way for the calling thread (``threads_here``)."""
+    return threads_here() > 0
+
+
+def _bounds(n, count):
+    """The images 0..n split into at most ``count`` contiguous shares: share s is images bounds[s]..bounds[s+1]."""
+    count = max(1, min(count, n))
+    return np.array([n * s // count for s in range(count + 1)], dtype=np.int64)
+
+
+def _share_count():
+    """Shares per batch for a call from this thread: ``threads_here``, and 1 where it says 0 (a forced call)."""
+    return max(1, threads_here())
 
 
 @njit(nogil=True, cache=_CACHE)
@@ -110,11 +144,11 @@ def _window_starts(first, count, ow, sh, sw, wp, c, origin, bases):
 
 
 @njit(nogil=True, cache=_CACHE, fastmath={"contract"})
-def _correlate(image, whole, padding, window, packed, bias, depth_block, out):
-    # image: (n, h, w, c); window: (kh, kw, sh, sw, oh, ow); out: (n*oh*ow, C_grid) rows.
+def _correlate(image, whole, padding, window, packed, bias, depth_block, out, span):
+    # image: (n, h, w, c); window: (kh, kw, sh, sw, oh, ow); out: (n*oh*ow, C_grid) rows; span: the images done here.
     # Blocked (module doc): one padded image at a time, PIXEL_BLOCK pixels x depth_block numbers of a window row.
     # ``whole``: the image as one run where it needs no padding (then read in place), else empty
-    n, h, w, c = image.shape
+    _, h, w, c = image.shape
     ph, pw = padding
     wp = w + 2 * pw
     kh, kw, sh, sw, oh, ow = window
@@ -129,7 +163,7 @@ def _correlate(image, whole, padding, window, packed, bias, depth_block, out):
     base = _stack_buffer(ROWS, np.uint64)
     xd = _stack_buffer(ROWS, image.dtype)
     src = whole if whole.size else flat
-    for img in range(n):
+    for img in range(span[0], span[1]):
         if whole.size:
             origin = np.uint64(img * h * w * c)         # the image itself: its windows need no border
         else:
@@ -178,10 +212,10 @@ def _correlate(image, whole, padding, window, packed, bias, depth_block, out):
 
 
 @njit(nogil=True, cache=_CACHE, fastmath={"contract"})
-def _weight_grad(image, padding, window, grid, out):
-    # out (co_tiles*ROWS, kh * u_tiles*LANES), zeros: for every pixel p of image b and window row a,
+def _weight_grad(image, padding, window, grid, out, span):
+    # out (co_tiles*ROWS, kh * u_tiles*LANES), zeros: for every pixel p of image b in span and window row a,
     # out[o, a*u_tiles*LANES + u] += grid[p, o] * (image b padded)[bases[p] + a*row_stride + u]
-    n, h, w, c = image.shape
+    _, h, w, c = image.shape
     ph, pw = padding
     wp = w + 2 * pw
     kh, kw, sh, sw, oh, ow = window
@@ -202,7 +236,7 @@ def _weight_grad(image, padding, window, grid, out):
     oflat = out.reshape(-1)
     stride = np.uint64(width)
     gd = _stack_buffer(ROWS, image.dtype)
-    for img in range(n):
+    for img in range(span[0], span[1]):
         _fill(image, img, ph, pw, wp, flat)
         first = np.uint64(img * per_image)          # the image's first row of ``grid``
         for chunk in range(0, per_image, CHUNK):
@@ -233,10 +267,11 @@ def _weight_grad(image, padding, window, grid, out):
 
 
 @njit(nogil=True, cache=_CACHE, fastmath={"contract"})
-def _adjoint(grid, padding, window, packed, bias, out):
-    # out (n, h, w, c) = col2im(grid @ wmat) + bias, grid (n*oh*ow, C_grid) rows, packed (kh, u_tiles, C_grid, LANES):
+def _adjoint(grid, padding, window, packed, bias, out, span):
+    # out (n, h, w, c) = col2im(grid @ wmat) + bias for the images in span, grid (n*oh*ow, C_grid) rows,
+    # packed (kh, u_tiles, C_grid, LANES):
     # each finished tile (ROWS grid pixels x LANES numbers of a window row) is added into one padded image
-    n, h, w, c = out.shape
+    _, h, w, c = out.shape
     ph, pw = padding
     wp = w + 2 * pw
     kh, kw, sh, sw, oh, ow = window
@@ -253,7 +288,7 @@ def _adjoint(grid, padding, window, packed, bias, out):
     xd = _stack_buffer(ROWS, out.dtype)
     done = np.empty(ROWS * LANES, dtype=out.dtype)           # a finished tile, on its way into ``flat``
     zero = np.zeros(LANES, dtype=out.dtype)
-    for img in range(n):
+    for img in range(span[0], span[1]):
         flat[:] = 0
         for q0 in range(0, per_image, PIXEL_BLOCK):
             count = min(PIXEL_BLOCK, per_image - q0)
@@ -293,6 +328,28 @@ def _adjoint(grid, padding, window, packed, bias, out):
                     out[img, y, x, ch] = flat[o + ch] + bias[ch]
 
 
+# ---------------------------------------------------------------- one share per thread
+# The batch split into contiguous shares of images, one per thread (``threads_here``), each share the serial
+# kernel over its images with buffers of its own. One share calls the kernel itself: no threading layer
+# entered (``--workers`` workers run where Numba's fallback layer aborts when two threads enter it at once).
+@njit(parallel=True, nogil=True, cache=_CACHE)
+def _correlate_shares(image, whole, padding, window, packed, bias, depth_block, out, bounds):
+    for s in prange(bounds.size - 1):
+        _correlate(image, whole, padding, window, packed, bias, depth_block, out, (bounds[s], bounds[s + 1]))
+
+
+@njit(parallel=True, nogil=True, cache=_CACHE)
+def _weight_grad_shares(image, padding, window, grid, out, bounds):
+    for s in prange(bounds.size - 1):
+        _weight_grad(image, padding, window, grid, out[s], (bounds[s], bounds[s + 1]))
+
+
+@njit(parallel=True, nogil=True, cache=_CACHE)
+def _adjoint_shares(grid, padding, window, packed, bias, out, bounds):
+    for s in prange(bounds.size - 1):
+        _adjoint(grid, padding, window, packed, bias, out, (bounds[s], bounds[s + 1]))
+
+
 def pack_weight(wmat):
     """(C_grid, K) -> (tiles, K, LANES): tiles of LANES output channels, transposed, zero-padded (module doc)."""
     c_grid, k = wmat.shape
@@ -320,8 +377,11 @@ def correlate_numba(image, wmat, kernel, stride, padding, bias):
     depth_block = max(1, WEIGHT_BLOCK_BYTES // (LANES * packed.itemsize))
     # no border to add and one run in memory: the kernel reads the image in place, no per-image copy
     whole = image.reshape(-1) if tuple(padding) == (0, 0) and image.flags.c_contiguous else np.empty(0, image.dtype)
-    if out.size:
-        _correlate(image, whole, padding, (*kernel, *stride, oh, ow), packed, lanes, depth_block, out)
+    window, bounds = (*kernel, *stride, oh, ow), _bounds(image.shape[0], _share_count())
+    if out.size and bounds.size == 2:
+        _correlate(image, whole, padding, window, packed, lanes, depth_block, out, (0, image.shape[0]))
+    elif out.size:
+        _correlate_shares(image, whole, padding, window, packed, lanes, depth_block, out, bounds)
     return out
 
 
@@ -337,10 +397,18 @@ def correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding):
     if c_grid % ROWS or not grid.flags.c_contiguous or grid.dtype != image.dtype:
         grid = np.zeros((grid_rows.shape[0], -(-c_grid // ROWS) * ROWS), dtype=image.dtype)
         grid[:, :c_grid] = grid_rows        # channels padded to whole tiles, rows contiguous
-    out = np.zeros((grid.shape[1], kh * u_tiles * LANES), dtype=image.dtype)
-    if image.shape[0] * oh * ow:
-        _weight_grad(image, padding, (*kernel, *stride, oh, ow), grid, out)
-    return np.ascontiguousarray(out[:c_grid].reshape(c_grid, kh, u_tiles * LANES)[:, :, :run]).reshape(c_grid, -1)
+    bounds = _bounds(image.shape[0], _share_count())
+    # one sum per share of the images, added in share order: the same bits for the same number of shares
+    out = np.zeros((bounds.size - 1, grid.shape[1], kh * u_tiles * LANES), dtype=image.dtype)
+    window, pixels = (*kernel, *stride, oh, ow), image.shape[0] * oh * ow
+    if pixels and bounds.size == 2:
+        _weight_grad(image, padding, window, grid, out[0], (0, image.shape[0]))
+    elif pixels:
+        _weight_grad_shares(image, padding, window, grid, out, bounds)
+    total = out[0]
+    for share in out[1:]:
+        total += share
+    return np.ascontiguousarray(total[:c_grid].reshape(c_grid, kh, u_tiles * LANES)[:, :, :run]).reshape(c_grid, -1)
 
 
 def correlate_adjoint_numba(grid_rows, wmat, image_shape, kernel, stride, padding, bias):
@@ -358,5 +426,9 @@ def correlate_adjoint_numba(grid_rows, wmat, image_shape, kernel, stride, paddin
     lanes = np.zeros(c, dtype=dtype) if bias is None else np.asarray(bias, dtype=dtype)
     if out.size:
         oh, ow = _grid_size(out, kernel, stride, padding)
-        _adjoint(np.ascontiguousarray(grid_rows), padding, (*kernel, *stride, oh, ow), packed, lanes, out)
+        grid, window, bounds = np.ascontiguousarray(grid_rows), (*kernel, *stride, oh, ow), _bounds(n, _share_count())
+        if bounds.size == 2:
+            _adjoint(grid, padding, window, packed, lanes, out, (0, n))
+        else:
+            _adjoint_shares(grid, padding, window, packed, lanes, out, bounds)
     return out

@@ -254,6 +254,27 @@ def blas_threads(count):
     return threadpool_limits(count, user_api="blas")
 
 
+_blas_libraries = None      # threadpoolctl's handles on the BLAS libraries loaded, found once
+
+
+def blas_thread_count():
+    """How many threads a BLAS call runs now (the most over the BLAS libraries loaded), read through
+    threadpoolctl; None where the count cannot be known (threadpoolctl missing, or no BLAS it knows).
+
+    The libraries are looked up on the first call (a scan of the process's shared objects, ~1 ms) and
+    kept, so a call costs about a microsecond; a BLAS loaded after that first call is not seen.
+    """
+    global _blas_libraries
+    if _blas_libraries is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _blas_libraries = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        except ImportError:
+            _blas_libraries = ()        # not installed: no handles, and no import tried again
+    counts = [lib.get_num_threads() for lib in _blas_libraries]
+    return max(counts) if counts else None
+
+
 # ---------------------------------------------------------------- scatter-add
 def index_add(indices, values, num_rows):
     """``out[indices[i]] += values[i]`` for rows, into a fresh ``(num_rows, ...)`` array.

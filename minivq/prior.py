@@ -8,6 +8,7 @@ record holds the NLL in bits per latent beside two context-free references on
 the same codes (the unigram and the per-position unigram cross-entropy) and the
 ratio NLL / per-position unigram: how much the prior learns from context.
 """
+import contextlib
 import hashlib
 import math
 import os
@@ -199,7 +200,9 @@ def train_prior(vqvae_path, config=None, explicit=None):
     data-parallel worker threads (``minivq.workers``), each with 1/N of every batch.
     """
     config, device, folder, vqvae, vq_meta, meta, sections = _setup(vqvae_path, config or PriorConfig(), explicit)
-    with folder:
+    # one process: its convolutions (the codes' encoding too) spread over the cores; the prior's layers are float32
+    cores = workers.one_process(config.device, np.float32) if config.workers == 1 else contextlib.nullcontext()
+    with folder, cores:
         return _train_prior(vqvae_path, config, device, folder, vqvae, vq_meta, meta, sections)
 
 

@@ -228,7 +228,10 @@ def train_vqvae(config=None, model=None, comm=None, explicit=None):
             raise distributed.CollectiveError(f"--workers {config.workers} under mpiexec: start one worker per "
                                               f"process (drop --workers) and as many processes as workers")
         return workers.run(lambda rank_comm: _train_rank(config, model, rank_comm, explicit), config.workers)
-    return _train_rank(config, model, comm, explicit)
+    if comm.size > 1:
+        return _train_rank(config, model, comm, explicit)
+    with workers.one_process(config.device, config.dtype):
+        return _train_rank(config, model, comm, explicit)
 
 
 def _train_rank(config, model, comm, explicit):

@@ -33,13 +33,14 @@ main thread receives, breaks it too, and every rank raises KeyboardInterrupt
 at its next collective, so the trainer's own handling of an interrupt (the
 last checkpoint kept) runs on rank 0 and its message is the one raised.
 """
+import contextlib
 import copy
 import sys
 import threading
 import time
 
 from . import backend, distributed
-from .kernels import set_cpu_threads
+from .kernels import conv_threads, set_cpu_threads
 
 
 class Stopped(Exception):
@@ -139,6 +140,17 @@ class ThreadCommunicator(distributed.Communicator):
         print(line, file=sys.stderr, flush=True)
         self.group.abort(Stopped)
         raise SystemExit(code)
+
+
+def one_process(device, dtype):
+    """The block a run of one process (no ``--workers``, no MPI ranks) trains in.
+
+    On the CPU, ``kernels.conv_threads(dtype)``: the convolutions spread each batch over this thread's
+    Numba count of threads themselves, with BLAS held to one thread (float32 with Numba and
+    threadpoolctl; elsewhere it changes nothing). On two cores the batch-128 step takes 0.81x the time of
+    im2col with GEMMs threaded by the BLAS (benchmarks/NOTES.md, round 8). On a GPU, nothing.
+    """
+    return conv_threads(dtype) if backend.parse_device(device)[0] == "cpu" else contextlib.nullcontext()
 
 
 def run(fn, size):

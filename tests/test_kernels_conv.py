@@ -176,7 +176,8 @@ def test_the_forward_blocks_change_no_bit(dtype):
     outs = []
     for depth in (1, 5, 3 * c - 1, 3 * c, 10 ** 6):
         out = np.full((n * oh * ow, c_grid), np.nan, dtype)
-        conv_numba._correlate(image, np.empty(0, dtype), (1, 1), (3, 3, 1, 1, oh, ow), packed, lanes, depth, out)
+        conv_numba._correlate(image, np.empty(0, dtype), (1, 1), (3, 3, 1, 1, oh, ow), packed, lanes, depth, out,
+                              (0, n))
         outs.append(out)
     for out in outs[1:]:
         assert np.array_equal(out, outs[0])
@@ -184,7 +185,7 @@ def test_the_forward_blocks_change_no_bit(dtype):
     one_row = image[:1, :1, :1].repeat(conv_numba.PIXEL_BLOCK + 1, axis=2)
     conv_numba._correlate(one_row, np.ascontiguousarray(one_row).reshape(-1), (0, 0),
                           (1, 1, 1, 1, 1, conv_numba.PIXEL_BLOCK + 1), conv_numba.pack_weight(wmat[:, :c]), lanes, 7,
-                          last)
+                          last, (0, 1))
     assert np.array_equal(last, last[:1].repeat(len(last), axis=0))
     close(outs[0], reference(image, wmat, (3, 3), (1, 1), (1, 1), bias), dtype)
 
@@ -264,18 +265,122 @@ def test_correlate_refuses_what_it_cannot_run():
 
 
 @needs_numba
-def test_auto_runs_the_kernels_at_one_numba_thread_only(one_numba_thread):
-    """In float32 only. Serial kernels: with more Numba threads the convolutions keep OpenBLAS's threaded
-    GEMMs; a window row shorter than a tile of lanes keeps the weight gradient on the GEMM too."""
+def test_auto_runs_the_kernels_where_blas_runs_one_thread_or_numba_does(one_numba_thread):
+    """In float32 only, and where the calling thread's Numba count is 1 or BLAS runs one thread per call:
+    with BLAS threads of its own (which spin on the cores after each GEMM) the convolutions keep
+    OpenBLAS's threaded GEMMs. A window row shorter than a tile of lanes keeps the weight gradient on
+    the GEMM too."""
     import numba
     from minivq.kernels import conv_numba
     image = np.zeros((1, 4, 4, 16), np.float32)
     assert kernels.direct_correlation(image) and not kernels.direct_correlation(image.astype(np.float64))
     assert kernels.direct_correlation(image, window_row=conv_numba.LANES)
     assert not kernels.direct_correlation(image, window_row=conv_numba.LANES - 1)
-    if numba.config.NUMBA_NUM_THREADS > 1:
-        numba.set_num_threads(2)
-        assert not kernels.direct_correlation(image)
+    assert conv_numba.threads_here() == 1
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: Numba has one thread")
+    pytest.importorskip("threadpoolctl")
+    numba.set_num_threads(2)
+    with mv.backend.blas_threads(2):
+        assert not kernels.direct_correlation(image) and conv_numba.threads_here() == 0
+    with mv.backend.blas_threads(1):
+        assert kernels.direct_correlation(image) and conv_numba.threads_here() == 2
+
+
+@needs_numba
+def test_conv_threads_holds_blas_to_one_thread_for_float32_only(one_numba_thread):
+    """Inside ``kernels.conv_threads`` the kernels take the threads (BLAS at one), and the count is put
+    back after; float64 and a thread of one Numba thread change nothing."""
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: Numba has one thread")
+    pytest.importorskip("threadpoolctl")
+    image = np.zeros((1, 4, 4, 16), np.float32)
+    numba.set_num_threads(2)
+    with mv.backend.blas_threads(2):
+        with kernels.conv_threads(np.float32):
+            assert mv.backend.blas_thread_count() == 1 and kernels.direct_correlation(image)
+        assert mv.backend.blas_thread_count() == 2 and not kernels.direct_correlation(image)
+        with kernels.conv_threads("float64"):
+            assert mv.backend.blas_thread_count() == 2
+        numba.set_num_threads(1)
+        with kernels.conv_threads(np.float32):
+            assert mv.backend.blas_thread_count() == 2
+
+
+@pytest.fixture
+def shares(monkeypatch):
+    """``shares(k)``: the kernels split every batch into k shares of images (one per thread), whatever
+    the threads here."""
+    from minivq.kernels import conv_numba
+
+    def split_into(count):
+        monkeypatch.setattr(conv_numba, "_share_count", lambda: count)
+    return split_into
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(6))
+def test_a_batch_split_into_shares_gives_the_same_products(seed, dtype, shares):
+    """Each output image of the forward and the adjoint is its own sum: the same bits for any split. The
+    weight gradient sums each share, then the shares in order: the reference's values, and the same
+    bits on every call with the same number of shares. More shares than images: one image each."""
+    from minivq.kernels import conv_numba
+    gen = np.random.default_rng(300 + seed)
+    image, wmat, kernel, stride, padding, bias = random_case(gen, dtype)
+    image = np.concatenate([image] * 3)                    # 3 to 15 images
+    (oh, ow), c_grid = conv_numba._grid_size(image, kernel, stride, padding), wmat.shape[0]
+    grid = gen.standard_normal((image.shape[0] * oh * ow, c_grid)).astype(dtype)
+    window = kernel, stride, padding
+
+    def products():
+        return (conv_numba.correlate_numba(image, wmat, *window, bias),
+                conv_numba.correlate_adjoint_numba(grid, wmat, image.shape, *window, bias),
+                conv_numba.correlate_weight_grad_numba(image, grid, *window))
+    shares(1)
+    forward, adjoint, _ = products()
+    for count in (2, 3, 4, 16):
+        shares(count)
+        got, again = products(), products()
+        assert np.array_equal(got[0], forward) and np.array_equal(got[1], adjoint)
+        close(got[2], kernels.correlate_weight_grad(image, grid, *window, backend="numpy"), dtype)
+        assert np.array_equal(got[2], again[2])
+
+
+@needs_numba
+def test_the_convolutions_split_over_two_real_threads_inside_conv_threads(monkeypatch, one_numba_thread):
+    """Two Numba threads with BLAS at one (``conv_threads``): all three kernels run, each batch in two
+    shares on two threads (a spy on the parallel drivers), and a conv2d's forward and gradients equal
+    the GEMM path's."""
+    import numba
+    from minivq.kernels import conv_numba
+    splits = []
+    for name in ("_correlate_shares", "_weight_grad_shares", "_adjoint_shares"):
+        real = getattr(conv_numba, name)
+        monkeypatch.setattr(conv_numba, name, lambda *args, real=real, name=name: (
+            splits.append((name, args[-1].size - 1)), real(*args))[1])
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: Numba has one thread")
+    pytest.importorskip("threadpoolctl")
+    gen = np.random.default_rng(21)
+    x0 = gen.standard_normal((6, 32, 8, 8)).astype(np.float32)
+    w0 = (gen.standard_normal((48, 32, 4, 4)) * 0.1).astype(np.float32)
+    numba.set_num_threads(2)
+
+    def run():
+        x, w = mv.tensor(x0, requires_grad=True), mv.tensor(w0, requires_grad=True)
+        y = mv.functional.conv2d(x, w, stride=2, padding=1)
+        (y * y).sum().backward()
+        return y.data, x.grad, w.grad
+    with mv.backend.blas_threads(2):
+        reference_run = run()                               # im2col and threaded GEMMs
+    with kernels.conv_threads(np.float32):
+        assert kernels.direct_correlation(x0.transpose(0, 2, 3, 1)) and mv.backend.blas_thread_count() == 1
+        got = run()
+    for a, b in zip(got, reference_run):
+        close(a, b, np.float32)
+    assert sorted(splits) == [("_adjoint_shares", 2), ("_correlate_shares", 2), ("_weight_grad_shares", 2)]
 
 
 @needs_numba
@@ -448,12 +553,12 @@ def test_the_wide_tiles_use_512_bit_registers_where_the_cpu_has_them():
     image = np.ones((1, 4, 4, 40), np.float32)
     forward = numba.njit(nogil=True, fastmath={"contract"})(conv_numba._correlate.py_func)   # the cached
     forward(image, np.empty(0, np.float32), (1, 1), (3, 3, 1, 1, 4, 4), conv_numba.pack_weight(np.ones((8, 360), np.float32)),
-            np.zeros(conv_numba.LANES, np.float32), 64, np.empty((16, 8), np.float32))        # can't be inspected
+            np.zeros(conv_numba.LANES, np.float32), 64, np.empty((16, 8), np.float32), (0, 1))  # can't be inspected
     weight = numba.njit(nogil=True, fastmath={"contract"})(conv_numba._weight_grad.py_func)
     weight(image, (1, 1), (3, 3, 1, 1, 4, 4), np.ones((16, 8), np.float32),
-           np.zeros((8, 3 * 4 * conv_numba.LANES), np.float32))
+           np.zeros((8, 3 * 4 * conv_numba.LANES), np.float32), (0, 1))
     adjoint = numba.njit(nogil=True, fastmath={"contract"})(conv_numba._adjoint.py_func)
     adjoint(np.ones((16, 8), np.float32), (1, 1), (3, 3, 1, 1, 4, 4), np.ones((3, 4, 8, conv_numba.LANES), np.float32),
-            np.zeros(40, np.float32), np.empty((1, 4, 4, 40), np.float32))
+            np.zeros(40, np.float32), np.empty((1, 4, 4, 40), np.float32), (0, 1))
     for fresh in (forward, weight, adjoint):
         assert "zmm" in fresh.inspect_asm(fresh.signatures[0])

@@ -294,3 +294,50 @@ def test_the_prior_on_two_workers_equals_one_process(vqvae_checkpoint, tmp_path,
             if key in r:
                 assert s[key] == pytest.approx(r[key], rel=1e-5), (r["step"], key)
     assert all("comm_seconds" in r for r in two if r["split"] == "train")
+
+
+# ---------------------------------------------------------------- one process: the convolutions take the cores
+def _blas_threads_in_each_step(monkeypatch):
+    """A list that gets, at every optimiser step, how many threads BLAS runs and whether the convolutions
+    take the compiled kernels for float32 arrays."""
+    from minivq import kernels
+    from minivq.optim import Adam
+    seen, step = [], Adam.step
+
+    def spying(self):
+        seen.append((backend.blas_thread_count(), kernels.direct_correlation(np.zeros((1, 4, 4, 16), np.float32))))
+        return step(self)
+    monkeypatch.setattr(Adam, "step", spying)
+    return seen
+
+
+@needs_threadpoolctl
+def test_one_process_on_the_cpu_trains_with_the_kernels_taking_the_threads(blobs, tmp_path, monkeypatch):  # noqa: F811
+    """``train`` and ``train-prior`` in one process at two Numba threads: BLAS at one thread in every
+    step and the convolutions on the kernels (``kernels.conv_threads``); ``--dtype float64`` keeps
+    BLAS's threads (its convolutions stay on the GEMMs). Put back when the run ends."""
+    numba = pytest.importorskip("numba")
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: Numba has one thread")
+    before_numba = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        with backend.blas_threads(2):
+            seen = _blas_threads_in_each_step(monkeypatch)
+            assert main(_train_args(blobs, tmp_path / "vq", 2, "--dtype", "float32")) == 0
+            assert seen and set(seen) == {(1, True)}
+            assert backend.blas_thread_count() == 2
+            seen.clear()
+            assert main(["train-prior", str(tmp_path / "vq" / "checkpoint.npz"), "--steps", "2",
+                         "--out", str(tmp_path / "prior"), *PRIOR]) == 0
+            assert seen and set(seen) == {(1, True)}
+            seen.clear()
+            assert main(_train_args(blobs, tmp_path / "f64", 2)) == 0
+            assert seen and {count for count, _ in seen} == {2}
+    finally:
+        numba.set_num_threads(before_numba)
+
+
+def test_one_process_changes_nothing_on_a_gpu():
+    import contextlib
+    assert isinstance(workers.one_process("cuda:0", np.float32), contextlib.nullcontext)

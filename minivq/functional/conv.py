@@ -35,14 +35,15 @@ and an input gradient reads the windows of gy when that copy is the smaller
 (``_flipped_geometry``); the weight gradient then reads the same copy rather than
 copying the windows of x again. Strided convs always copy the image's windows.
 
-Without the windows. For float32 arrays, where the calling thread runs one Numba thread (a
-``--workers`` worker, a one-thread run) and Numba imports, ``kernels.direct_correlation`` says yes and a pass over the
-windows runs compiled kernels that read each window in place (the image padded one image at a time, in cache):
+Without the windows. For float32 arrays, where Numba imports and either the calling thread runs one
+Numba thread (a ``--workers`` worker, a one-thread run) or BLAS runs one thread per call (inside
+``kernels.conv_threads``, as ``minivq train`` runs one process), ``kernels.direct_correlation`` says yes
+and a pass over the windows runs compiled kernels that read each window in place (the image padded one
+image at a time, in cache), the batch split over the calling thread's Numba threads:
 ``kernels.correlate`` for ``im2col(image) @ wmat.T``, ``kernels.correlate_weight_grad`` for
 ``grid_rows.T @ im2col(image)`` and ``kernels.correlate_adjoint`` for ``col2im(grid_rows @ wmat)``,
-so no windows or columns are copied at all (benchmarks/NOTES.md, rounds 6 and 7, for what each
-saved on one core). With more threads OpenBLAS's threaded GEMMs on the copied windows are as fast, and the
-passes below run as they are.
+so no windows or columns are copied at all (benchmarks/NOTES.md, rounds 6 to 8). Elsewhere (float64,
+CuPy, or BLAS with threads of its own) the passes below run as they are.
 
 Memory and cache: one im2col (or col2im) buffer holds at most ``workspace_limit``
 bytes (or one image's windows, if more); a batch whose buffer would be larger is
