@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from . import backend, distributed
+from . import backend, distributed, workers
 from .checkpoint import load_vqvae
 from .config import (QUANTIZER_OPTIONS, ModelConfig, PriorConfig, TrainConfig, cli_fields, non_negative_int,
                      positive_float,
@@ -227,7 +227,8 @@ def _load_for_eval(args):
 
 def cmd_eval(args):
     model, meta, test_set, device = _load_for_eval(args)
-    metrics = evaluate(model, test_set, meta["data_variance"], device, limit=args.eval_size)
+    with workers.one_process(device, next(iter(model.parameters())).dtype):    # as training evaluates
+        metrics = evaluate(model, test_set, meta["data_variance"], device, limit=args.eval_size)
     print(json.dumps(dict(metrics, step=meta["step"], checkpoint=args.checkpoint)))
 
 

@@ -298,8 +298,9 @@ def sample_images(prior_path, n=64, label=None, temperature=1.0, seed=0, device=
         raise ValueError(f"--class must lie in [0, {prior.num_classes}), got {label}")
     backend.manual_seed(seed)
     images = []
-    try:
-        with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
+    try:        # the convolutions split each batch over the cores (workers.one_process): the same bits
+        with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"), \
+                workers.one_process(device, np.float32):
             for lo in range(0, n, SAMPLE_CHUNK):
                 grids = prior.sample(min(SAMPLE_CHUNK, n - lo), meta["latent_shape"], labels=label,
                                      temperature=temperature, device=device)

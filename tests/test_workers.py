@@ -315,7 +315,8 @@ def _blas_threads_in_each_step(monkeypatch):
 def test_one_process_on_the_cpu_trains_with_the_kernels_taking_the_threads(blobs, tmp_path, monkeypatch):  # noqa: F811
     """``train`` and ``train-prior`` in one process at two Numba threads: BLAS at one thread in every
     step and the convolutions on the kernels (``kernels.conv_threads``); ``--dtype float64`` keeps
-    BLAS's threads (its convolutions stay on the GEMMs). Put back when the run ends."""
+    BLAS's threads (its convolutions stay on the GEMMs). Put back when the run ends. ``eval`` and
+    ``sample`` run their models the same way."""
     numba = pytest.importorskip("numba")
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("one core: Numba has one thread")
@@ -334,8 +335,33 @@ def test_one_process_on_the_cpu_trains_with_the_kernels_taking_the_threads(blobs
             seen.clear()
             assert main(_train_args(blobs, tmp_path / "f64", 2)) == 0
             assert seen and {count for count, _ in seen} == {2}
+            assert _blas_threads_in(monkeypatch, "minivq.cli.evaluate",
+                                    ["eval", str(tmp_path / "vq" / "checkpoint.npz"), "--eval-size", "8"]) == 1
+            assert _blas_threads_in(monkeypatch, "minivq.models.GatedPixelCNN.sample",
+                                    ["sample", str(tmp_path / "prior" / "checkpoint.npz"), "--n", "2",
+                                     "--out", str(tmp_path / "samples.png")]) == 1
     finally:
         numba.set_num_threads(before_numba)
+
+
+def _blas_threads_in(monkeypatch, target, argv):
+    """How many threads BLAS ran while ``target`` (a dotted name) ran under the command ``argv``."""
+    import importlib
+    owner_name, attribute = target.rsplit(".", 1)
+    try:
+        owner = importlib.import_module(owner_name)
+    except ImportError:
+        module_name, class_name = owner_name.rsplit(".", 1)
+        owner = getattr(importlib.import_module(module_name), class_name)
+    real, counts = getattr(owner, attribute), []
+
+    def spying(*args, **kwargs):
+        counts.append(backend.blas_thread_count())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, attribute, spying)
+    assert main(argv) == 0
+    assert counts and len(set(counts)) == 1
+    return counts[0]
 
 
 def test_one_process_changes_nothing_on_a_gpu():
