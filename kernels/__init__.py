@@ -279,7 +279,7 @@ def _conv_kernels(a):
     return None if isinstance(module, str) else module
 
 
-def direct_correlation(a, window_row=None):
+def direct_correlation(a, window_row=None, pointwise=False):
     """Whether ``"auto"`` runs ``correlate``'s compiled kernel for arrays like ``a``: NumPy float32 (the tiles
     are sized for float32 registers; in float64 the GEMM path is 10 % faster), Numba importable, and either
     one Numba thread in the calling thread or BLAS held to one thread per call (``conv_threads``): the
@@ -287,23 +287,33 @@ def direct_correlation(a, window_row=None):
     its own would spin on those cores after every GEMM (conv_numba.py). With ``window_row`` (kW*C of the
     image), whether ``correlate_weight_grad``'s and ``correlate_adjoint``'s are worth running too: their
     vector lanes run along a window row, so a row shorter than one tile of lanes (a 1-channel image)
-    would leave most idle.
+    would leave most idle. ``pointwise``, for ``correlate`` and ``correlate_weight_grad`` of 1x1 windows
+    at stride 1 without padding (their reference is one GEMM on the image's rows, nothing copied): only
+    where the kernels split the batch over more than one thread. On one thread OpenBLAS's GEMM is as
+    fast (the prior's step 1.02x through the kernels, the VQ-VAE's 0.99x); on two the kernels' two
+    shares beat its one thread (0.91-0.95x; benchmarks/NOTES.md, round 8). ``correlate_adjoint`` of
+    1x1 windows is not pointwise in this sense: its reference adds the GEMM's rows into the image
+    (col2im), a pass the kernel saves at any thread count.
 
     Where it says no, a caller should rather copy the windows a few images at a time and
     multiply each chunk (functional/conv.py does), which is what the reference does in one piece.
     """
     module = _conv_kernels(a)
-    return (module is not None and a.dtype == np.float32 and module.usable_here()
+    return (module is not None and a.dtype == np.float32 and module.threads_here() > (1 if pointwise else 0)
             and (window_row is None or window_row >= module.LANES))
 
 
-def _correlate_backend(name, image, backend, window_row=None):
+def _is_pointwise(kernel, stride, padding):
+    return tuple(kernel) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+
+
+def _correlate_backend(name, image, backend, window_row=None, pointwise=False):
     if backend not in ("auto", "numpy", "numba"):
         raise ValueError(f"unknown backend {backend!r} for {name}: use 'auto', 'numpy' or 'numba'")
     if backend == "numba" and _conv_kernels(image) is None:
         raise ValueError(f"backend 'numba' for {name} needs NumPy float32/float64 arrays and Numba "
                          f"(`{_INSTALL['numba']}`); use 'numpy' or 'auto'")
-    auto = backend == "auto" and direct_correlation(image, window_row)
+    auto = backend == "auto" and direct_correlation(image, window_row, pointwise)
     return "numba" if backend == "numba" or auto else "numpy"
 
 
@@ -334,7 +344,7 @@ def correlate(image, wmat, kernel, stride, padding, bias=None, backend="auto"):
     ``"numpy"``, the reference, is the product as written (NumPy or CuPy arrays).
     """
     _check_product("correlate", image.shape, kernel, stride, padding, wmat=wmat)
-    if _correlate_backend("correlate", image, backend) == "numba":
+    if _correlate_backend("correlate", image, backend, pointwise=_is_pointwise(kernel, stride, padding)) == "numba":
         return _load("numba-conv").correlate_numba(image, wmat, kernel, stride, padding, bias)
     out = im2col(image, kernel, stride, padding, backend="numpy") @ wmat.T
     if bias is not None:
@@ -351,7 +361,8 @@ def correlate_weight_grad(image, grid_rows, kernel, stride, padding, backend="au
     the reference, is the product as written.
     """
     _check_product("correlate_weight_grad", image.shape, kernel, stride, padding, grid_rows=grid_rows)
-    if _correlate_backend("correlate_weight_grad", image, backend, window_row=kernel[1] * image.shape[3]) == "numba":
+    if _correlate_backend("correlate_weight_grad", image, backend, window_row=kernel[1] * image.shape[3],
+                          pointwise=_is_pointwise(kernel, stride, padding)) == "numba":
         return _load("numba-conv").correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding)
     return (im2col(image, kernel, stride, padding, backend="numpy").T @ grid_rows).T
 

@@ -105,11 +105,6 @@ def threads_here():
     return count if count == 1 or _backend.blas_thread_count() == 1 else 0
 
 
-def usable_here():
-    """Whether these kernels are the faster way for the calling thread (``threads_here``)."""
-    return threads_here() > 0
-
-
 def _bounds(n, count):
     """The images 0..n split into at most ``count`` contiguous shares: share s is images bounds[s]..bounds[s+1]."""
     count = max(1, min(count, n))

@@ -464,7 +464,7 @@ def test_both_window_copies_give_the_reference(monkeypatch, transposed):
 
 def test_im2col_buffers_respect_the_limit(monkeypatch):
     """The im2col path (CuPy arrays, or no Numba; with Numba the forward product copies no windows at all)."""
-    monkeypatch.setattr(kernels, "direct_correlation", lambda a, window_row=None: False)
+    monkeypatch.setattr(kernels, "direct_correlation", lambda a, window_row=None, pointwise=False: False)
     sizes = []
     original = conv_module._im2col
 
@@ -495,7 +495,7 @@ def test_im2col_buffers_respect_the_limit(monkeypatch):
 def test_a_chunked_square_conv_copies_the_windows_of_gy_once_for_both_gradients(monkeypatch):
     """4 -> 4 channels at stride 1: the input gradient reads the windows of gy (as large as x's), and
     so does the weight gradient, from the same copy, instead of copying the windows of x again."""
-    monkeypatch.setattr(kernels, "direct_correlation", lambda a, window_row=None: False)    # the im2col path, as above
+    monkeypatch.setattr(kernels, "direct_correlation", lambda a, window_row=None, pointwise=False: False)    # the im2col path, as above
     calls = []
     original = conv_module._im2col
     monkeypatch.setattr(conv_module, "_im2col", lambda image, g: calls.append(image.shape) or original(image, g))

@@ -22,7 +22,7 @@ def kernels_in_float64_too(monkeypatch):
     float64 checks below make it take them in float64 too, wherever they can run (the tests that
     use this also hold their thread to one Numba thread, as the real rule asks)."""
     from minivq.kernels import conv_numba
-    monkeypatch.setattr(kernels, "direct_correlation", lambda a, window_row=None: (
+    monkeypatch.setattr(kernels, "direct_correlation", lambda a, window_row=None, pointwise=False: (
         kernels._conv_kernels(a) is not None and (window_row is None or window_row >= conv_numba.LANES)))
 
 
@@ -277,6 +277,7 @@ def test_auto_runs_the_kernels_where_blas_runs_one_thread_or_numba_does(one_numb
     assert kernels.direct_correlation(image, window_row=conv_numba.LANES)
     assert not kernels.direct_correlation(image, window_row=conv_numba.LANES - 1)
     assert conv_numba.threads_here() == 1
+    assert not kernels.direct_correlation(image, pointwise=True)      # one thread: OpenBLAS's GEMM, no copy
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("one core: Numba has one thread")
     pytest.importorskip("threadpoolctl")
@@ -285,6 +286,7 @@ def test_auto_runs_the_kernels_where_blas_runs_one_thread_or_numba_does(one_numb
         assert not kernels.direct_correlation(image) and conv_numba.threads_here() == 0
     with mv.backend.blas_threads(1):
         assert kernels.direct_correlation(image) and conv_numba.threads_here() == 2
+        assert kernels.direct_correlation(image, pointwise=True)      # two shares beat one BLAS thread
 
 
 @needs_numba
@@ -352,7 +354,7 @@ def test_a_batch_split_into_shares_gives_the_same_products(seed, dtype, shares):
 def test_the_convolutions_split_over_two_real_threads_inside_conv_threads(monkeypatch, one_numba_thread):
     """Two Numba threads with BLAS at one (``conv_threads``): all three kernels run, each batch in two
     shares on two threads (a spy on the parallel drivers), and a conv2d's forward and gradients equal
-    the GEMM path's."""
+    the GEMM path's; a 1x1 conv's too (its GEMMs run on one BLAS thread there, so the kernels take it)."""
     import numba
     from minivq.kernels import conv_numba
     splits = []
@@ -365,22 +367,24 @@ def test_the_convolutions_split_over_two_real_threads_inside_conv_threads(monkey
     pytest.importorskip("threadpoolctl")
     gen = np.random.default_rng(21)
     x0 = gen.standard_normal((6, 32, 8, 8)).astype(np.float32)
-    w0 = (gen.standard_normal((48, 32, 4, 4)) * 0.1).astype(np.float32)
     numba.set_num_threads(2)
 
-    def run():
+    def run(w0, stride, padding):
         x, w = mv.tensor(x0, requires_grad=True), mv.tensor(w0, requires_grad=True)
-        y = mv.functional.conv2d(x, w, stride=2, padding=1)
+        y = mv.functional.conv2d(x, w, stride=stride, padding=padding)
         (y * y).sum().backward()
         return y.data, x.grad, w.grad
-    with mv.backend.blas_threads(2):
-        reference_run = run()                               # im2col and threaded GEMMs
-    with kernels.conv_threads(np.float32):
-        assert kernels.direct_correlation(x0.transpose(0, 2, 3, 1)) and mv.backend.blas_thread_count() == 1
-        got = run()
-    for a, b in zip(got, reference_run):
-        close(a, b, np.float32)
-    assert sorted(splits) == [("_adjoint_shares", 2), ("_correlate_shares", 2), ("_weight_grad_shares", 2)]
+    for w0, stride, padding in [((gen.standard_normal((48, 32, 4, 4)) * 0.1).astype(np.float32), 2, 1),
+                                ((gen.standard_normal((48, 32, 1, 1)) * 0.1).astype(np.float32), 1, 0)]:
+        with mv.backend.blas_threads(2):
+            reference_run = run(w0, stride, padding)        # im2col (or the rows) and threaded GEMMs
+        splits.clear()
+        with kernels.conv_threads(np.float32):
+            assert kernels.direct_correlation(x0.transpose(0, 2, 3, 1)) and mv.backend.blas_thread_count() == 1
+            got = run(w0, stride, padding)
+        for a, b in zip(got, reference_run):
+            close(a, b, np.float32)
+        assert sorted(splits) == [("_adjoint_shares", 2), ("_correlate_shares", 2), ("_weight_grad_shares", 2)]
 
 
 @needs_numba
@@ -441,7 +445,7 @@ def test_the_convolutions_give_the_same_with_and_without_the_kernels(monkeypatch
     results = {}
     for direct in (True, False):
         if not direct:
-            monkeypatch.setattr(kernels, "direct_correlation", lambda a, window_row=None: False)
+            monkeypatch.setattr(kernels, "direct_correlation", lambda a, window_row=None, pointwise=False: False)
         x, w, b = (mv.tensor(v, requires_grad=True) for v in (x0, w0, b0))
         y = op(x, w, b)
         (y * mv.tensor(np.cos(np.arange(y.data.size)).reshape(y.shape))).sum().backward()

@@ -162,8 +162,9 @@ def _im2col_pass(image, g, wmat=None, grid_rows=None, bias=None, cols=None, keep
     ``keep_cols``: hand them back for reuse (only when the batch fits in one chunk).
     Returns (grid, dwmat, cols).
     """
-    if cols is None and not _is_pointwise(g) and kernels.direct_correlation(
-            image, window_row=g.kw * g.c_img if grid_rows is not None else None):
+    pointwise = _is_pointwise(g)    # its "windows" (cols) are a view of the image: nothing copied to reuse
+    if (cols is None or pointwise) and kernels.direct_correlation(
+            image, window_row=g.kw * g.c_img if grid_rows is not None else None, pointwise=pointwise):
         # compiled kernels read the windows in place (kernels.correlate, correlate_weight_grad): no copies
         channels_last = image.transpose(0, 2, 3, 1)
         window = (g.kh, g.kw), (g.sh, g.sw), (g.ph, g.pw)
