@@ -396,9 +396,10 @@ def conv_threads(dtype):
     count is above 1, BLAS is held to one thread per call inside the block (threadpoolctl, the
     ``threads`` extra), so ``direct_correlation`` says yes and each convolution splits its batch over
     that count of threads, instead of im2col and GEMMs threaded by the BLAS: on a 2-core AVX-512 VM
-    the batch-128 training step in 0.81x the time (benchmarks/NOTES.md, round 8). The few GEMMs left (1x1
-    convolutions, the quantiser's) run on one thread. Elsewhere (one thread, float64, no Numba, no
-    threadpoolctl) a block that changes nothing. ``minivq train`` and ``train-prior`` run inside one.
+    the training step in 0.78x the time at batch 128, 0.80x at 32 and for the prior (benchmarks/NOTES.md,
+    round 8). The few GEMMs left (the backward of 1-channel layers, the quantiser's) run on one thread.
+    Elsewhere (one thread, float64, no Numba, no threadpoolctl) a block that changes nothing.
+    ``minivq train``, ``train-prior``, ``eval`` and ``sample`` run inside one (``workers.one_process``).
     """
     module = _load("numba-conv") if np.dtype(dtype) == np.float32 else "float64 keeps the GEMMs"
     if isinstance(module, str) or module.get_num_threads() == 1:

@@ -66,8 +66,8 @@ the shares in order: deterministic for a given thread count, not bit-equal acros
 pays where BLAS runs one thread per call: OpenBLAS's idle threads spin on the cores for ~0.13 s after
 each threaded GEMM, and the shares sharing a core with one of them waited (round 6: the step 1.4-1.6x
 slower). So the kernels take the threads where BLAS is held to one (``threads_here``; the trainer's
-``kernels.conv_threads`` holds it): on a 2-core AVX-512 VM the batch-128 step in 0.81x the time of
-im2col with OpenBLAS's threaded GEMMs, batch 32 0.83x, the prior 0.90x (NOTES.md, round 8). One share
+``kernels.conv_threads`` holds it): on a 2-core AVX-512 VM the batch-128 step in 0.78x the time of
+im2col with OpenBLAS's threaded GEMMs, batch 32 and the prior 0.80x (NOTES.md, round 8). One share
 calls the serial loops directly, never entering Numba's threading layer (``--workers`` workers).
 Numba's threads rather than a pool of Python threads: with a pool the helper slept between calls, and
 after a pause (as the benchmarks take between steps) each wake-up of the idle core cost the batch-32

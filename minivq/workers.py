@@ -147,7 +147,7 @@ def one_process(device, dtype):
 
     On the CPU, ``kernels.conv_threads(dtype)``: the convolutions spread each batch over this thread's
     Numba count of threads themselves, with BLAS held to one thread (float32 with Numba and
-    threadpoolctl; elsewhere it changes nothing). On two cores the batch-128 step takes 0.81x the time of
+    threadpoolctl; elsewhere it changes nothing). On two cores the batch-128 step takes 0.78x the time of
     im2col with GEMMs threaded by the BLAS (benchmarks/NOTES.md, round 8). On a GPU, nothing.
     """
     return conv_threads(dtype) if backend.parse_device(device)[0] == "cpu" else contextlib.nullcontext()
