@@ -141,6 +141,11 @@ def _check_finite(named):
                                  f"column {col} ({float(a[row, col])})")
 
 
+def _all_finite(a):
+    """Whether ``a`` (a NumPy array) holds no NaN and no inf."""
+    return bool(np.isfinite(a).all())
+
+
 def _validate(x, codebook):
     x = _as_array(x, "x")
     codebook = _as_array(codebook, "codebook")
@@ -159,7 +164,6 @@ def _validate(x, codebook):
                          f"shapes {tuple(x.shape)} and {tuple(codebook.shape)}")
     if codebook.shape[0] == 0:
         raise ValueError(f"codebook {tuple(codebook.shape)} has no codes (K = 0)")
-    _check_finite(((x, "x"), (codebook, "codebook")))
     return x, codebook, x_dev
 
 
@@ -199,6 +203,14 @@ def nearest_code(x, codebook, backend="auto", metric="l2"):
         raise ValueError(f"unknown metric {metric!r}: use one of {list(METRICS)}")
     x, codebook, device = _validate(x, codebook)
     name = _resolve(backend, device)
+    both = ((x, "x"), (codebook, "codebook"))
+    if name == "numba":
+        # the kernel finds a NaN or an inf of x itself (a row whose best score is not finite); only the
+        # codebook is checked first. Either way the error is the one both checks give, x's first
+        if not _all_finite(codebook):
+            _check_finite(both)
+    else:
+        _check_finite(both)
     if x.shape[0] == 0:
         return _backend.get_array_module(x).empty(0, dtype=np.int64)
     # the metric is passed only when it is not the default, so a stand-in written for the
@@ -208,7 +220,7 @@ def nearest_code(x, codebook, backend="auto", metric="l2"):
         from .nearest_numpy import nearest_code_numpy
         return nearest_code_numpy(x, codebook, **options)
     if name == "numba":
-        return _load("numba").nearest_code_numba(x, codebook, **options)
+        return _load("numba").nearest_code_numba(x, codebook, **options, check_x=lambda: _check_finite(both))
     return _load("cupy").nearest_code_cupy(x, codebook, **options)
 
 

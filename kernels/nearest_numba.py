@@ -159,7 +159,7 @@ def pack_codebook(codebook, metric="l2"):
 def _nearest_loops(blocks):
     """The kernel, its row blocks handed out by ``blocks``: ``prange`` (parallel) or ``range`` (serial,
     ``one_thread``)."""
-    def kernel(x, packed, norms, tiles_per_block, out):
+    def kernel(x, packed, norms, tiles_per_block, out, lows):
         n, dim = x.shape
         num_tiles = packed.shape[0]
         for block in blocks((n + ROW_BLOCK - 1) // ROW_BLOCK):
@@ -209,6 +209,7 @@ def _nearest_loops(blocks):
                         low = v
                         index = i
                 out[first + r] = index
+                lows[first + r] = low       # not finite where the row of x is not (or a score overflowed)
     return kernel
 
 
@@ -222,15 +223,22 @@ def tiles_per_block(dim, itemsize):
     return max(1, CODE_BLOCK_BYTES // (max(1, dim) * CODES * itemsize))
 
 
-def nearest_code_numba(x, codebook, metric="l2"):
+def nearest_code_numba(x, codebook, metric="l2", check_x=None):
     """Index of the nearest code for every row of ``x`` (validated NumPy float arrays of one dtype).
 
-    ``metric``: ``"l2"`` (squared distance) or ``"ip"`` (largest inner product).
+    ``metric``: ``"l2"`` (squared distance) or ``"ip"`` (largest inner product). ``check_x``: called when
+    some row's best score is not finite, which every row holding a NaN or an inf gives (its scores are
+    all NaN or infinite), and which a finite row gives only when a score overflows; so the caller need
+    not check x for NaN and inf in a pass of its own first (at N = 65536, D = 256 that pass was 5 of
+    117 ms). It raises for a non-finite x; otherwise the indices are returned.
     """
     x = np.ascontiguousarray(x)
     packed, norms = pack_codebook(codebook, metric)
     out = np.empty(x.shape[0], dtype=np.int64)
+    lows = np.empty(x.shape[0], dtype=x.dtype)        # each row's best score
     if x.shape[0]:
         compiled = _nearest_kernel_serial if one_thread() else _nearest_kernel
-        compiled(x, packed, norms, tiles_per_block(x.shape[1], x.dtype.itemsize), out)
+        compiled(x, packed, norms, tiles_per_block(x.shape[1], x.dtype.itemsize), out, lows)
+        if check_x is not None and not np.isfinite(lows).all():
+            check_x()
     return out

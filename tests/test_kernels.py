@@ -370,9 +370,9 @@ def _spy(monkeypatch, module, name):
     calls = []
     real = getattr(module, name)
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(name)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, spy)
     return calls
@@ -448,6 +448,52 @@ def test_the_wide_tile_uses_512_bit_registers_where_the_cpu_has_them():
     fresh = numba.njit(parallel=True, nogil=True, fastmath={"contract"})(nearest_numba._nearest_kernel.py_func)
     x, cb = np.ones((8, 4), np.float32), np.ones((40, 4), np.float32)     # (the cached kernel can't be inspected)
     packed, norms = nearest_numba.pack_codebook(cb)
-    fresh(x, packed, norms, 1, np.empty(8, np.int64))
+    fresh(x, packed, norms, 1, np.empty(8, np.int64), np.empty(8, np.float32))
     asm = fresh.inspect_asm(fresh.signatures[0])
     assert "zmm" in asm            # without the vector-width hint LLVM would use ymm only
+
+
+needs_numba = pytest.mark.skipif("numba" not in kernels.available_backends(), reason="numba is not installed")
+
+
+@needs_numba
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("row", [0, 37, 199])
+def test_the_numba_kernel_finds_a_non_finite_x_itself(monkeypatch, metric, bad, row):
+    """The Numba search checks only the codebook before it runs: a NaN or an inf in a row of x makes that
+    row's best score non-finite, and only then is x searched for it, for the same error as the other
+    backends give. Finite inputs never take that pass."""
+    gen = np.random.default_rng(row)
+    x, codebook = gen.standard_normal((200, 16)).astype(np.float32), gen.standard_normal((40, 16)).astype(np.float32)
+    checked = []
+    real = kernels._check_finite
+    monkeypatch.setattr(kernels, "_check_finite", lambda named: checked.append([w for _, w in named]) or real(named))
+    kernels.nearest_code(x, codebook, backend="numba", metric=metric)
+    assert checked == []
+    x[row, 5] = bad
+    with pytest.raises(kernels.NonFiniteError, match=rf"x \(200, 16\) contains NaN or inf: first at row {row}, column 5"):
+        kernels.nearest_code(x, codebook, backend="numba", metric=metric)
+    codebook[3, 2] = np.nan                         # both: x's error first, as the one-pass check gives it
+    with pytest.raises(kernels.NonFiniteError, match=rf"x \(200, 16\) contains NaN or inf: first at row {row}"):
+        kernels.nearest_code(x, codebook, backend="numba", metric=metric)
+    x[row, 5] = 0
+    with pytest.raises(kernels.NonFiniteError, match=r"codebook \(40, 16\) contains NaN or inf: first at row 3"):
+        kernels.nearest_code(x, codebook, backend="numba", metric=metric)
+
+
+@needs_numba
+def test_finite_rows_whose_scores_overflow_still_get_their_codes_from_the_numba_kernel(monkeypatch):
+    """Every score of a row can overflow with finite inputs (here the codes' norms do); x is then
+    checked, found finite, and the kernel's indices stand."""
+    from minivq.kernels import nearest_numba
+    big = np.finfo(np.float32).max / 4
+    x = np.array([[big, big, 0.0], [0.5, -0.25, 1.0]], np.float32)
+    codebook = np.array([[big, big, 0.0], [-big, -big, 0.0]], np.float32)
+    checked = []
+    real = kernels._check_finite
+    monkeypatch.setattr(kernels, "_check_finite", lambda named: checked.append(len(named)) or real(named))
+    with np.errstate(over="ignore", invalid="ignore"):
+        got = kernels.nearest_code(x, codebook, backend="numba")
+        assert np.array_equal(got, nearest_numba.nearest_code_numba(x, codebook))
+    assert checked == [2]           # the kernel saw a non-finite best score; x and the codebook are finite
