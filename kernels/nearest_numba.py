@@ -7,9 +7,13 @@ it is a small GEMM micro-kernel with the argmin fused into its epilogue.
 Tile shape (chosen once at import from the CPU)
     With AVX-512 (32 vector registers of 16 floats): ``ROWS`` = 8 rows of x
     against tiles of ``CODES`` = 32 codes, 16 zmm accumulators. Otherwise
-    (AVX2, 16 registers of 8 floats): 4 rows against 16 codes, 8 ymm
-    accumulators. ``MINIVQ_NUMBA_WIDE=0`` forces the AVX2 tile (the tests use
-    it to check both). LLVM's tuning for Skylake-class CPUs prefers 256-bit
+    (AVX2, 16 registers of 8 floats): 3 rows against 32 codes, 12 ymm
+    accumulators, the most that leave registers for a vector of codes and
+    the broadcasts. Two FMA ports of 4-5 cycles' latency need about ten
+    independent sums in flight: the earlier 4 x 16 tile had 8 and ran at
+    53-84 GF/s where 3 x 32 runs at 98-119, on one core of an AVX-512 Xeon
+    held to AVX2 (NOTES.md, round 8). ``MINIVQ_NUMBA_WIDE=0`` forces the AVX2
+    tile (the tests use it to check both). LLVM's tuning for Skylake-class CPUs prefers 256-bit
     vectors even where AVX-512 exists; ``_vector_width_hint`` lifts that for
     this kernel alone (measured: 84 -> 108 GF/s on one core, NOTES.md).
 
@@ -27,7 +31,8 @@ Layout (``pack_codebook``, once per call)
 Micro-kernel (the ``d`` loop)
     ROWS rows of x against one tile: ROWS x CODES running scores in a stack
     buffer that LLVM keeps in registers. Each step of d broadcasts ROWS values
-    of x, loads CODES packed codes and does 2 * ROWS vector FMAs. The scores
+    of x, loads CODES packed codes (2 zmm or 4 ymm) and does ROWS FMAs per
+    register of codes. The scores
     start at ``||e||^2`` and accumulate ``x_d * (-2 e_d)``, so at the end they
     hold ``||e||^2 - 2 x.e`` (``||x||^2`` is dropped: it is the same for every
     code of a row and cannot change the argmin).
@@ -43,10 +48,10 @@ Epilogue (argmin, per lane, then per row)
     smaller index: ties go to the lowest index overall.
 
 Blocking and threads
-    ``prange`` hands out blocks of ``ROW_BLOCK`` = 64 rows (one thread: the same loops
+    ``prange`` hands out blocks of ``ROW_BLOCK`` = 64 rows (48 with the AVX2 tile; one thread: the same loops
     compiled serially, ``one_thread``). Inside a block the
     codebook is swept in blocks of tiles (``CODE_BLOCK_BYTES``: 32 KiB, what
-    fits L1, with the wide tile; 128 KiB, L2, with the AVX2 one) and every
+    fits L1) and every
     micro-tile of the block runs over them before the next code block, so the
     codes come from cache, not from memory, however large the codebook.
 
@@ -83,13 +88,13 @@ def _host_has_avx512():
 WIDE = _host_has_avx512() and os.environ.get("MINIVQ_NUMBA_WIDE", "1") != "0"   # "0": the AVX2 tile (tests)
 # Numba's disk cache keys on the CPU, not on these constants: a forced tile is compiled, never cached
 _CACHE = "MINIVQ_NUMBA_WIDE" not in os.environ
-ROWS = 8 if WIDE else 4         # rows of x per micro-tile
-CODES = 32 if WIDE else 16      # codes per tile: two float32 registers per row (zmm with AVX-512, else ymm)
-ROW_BLOCK = 64                  # rows per parallel task (a multiple of ROWS)
-# packed codes a row block sweeps before the next: with the wide tile, what fits L1 (measured best of 16-128 KiB
-# on an AVX-512 Xeon: 7-13 % faster than 128 KiB, benchmarks/NOTES.md round 4); the AVX2 tile keeps the L2-sized
-# block measured on an AVX2 EPYC (not re-measured there since)
-CODE_BLOCK_BYTES = 32 * 1024 if WIDE else 128 * 1024
+ROWS = 8 if WIDE else 3         # rows of x per micro-tile
+CODES = 32                      # codes per tile: two float32 registers per row with AVX-512 (zmm), four with AVX2
+ROW_BLOCK = 64 if WIDE else 48  # rows per parallel task (a multiple of ROWS)
+# packed codes a row block sweeps before the next: what fits L1 (with the wide tile the best of 16-128 KiB on an
+# AVX-512 Xeon, 7-13 % faster than 128 KiB, benchmarks/NOTES.md round 4; with the AVX2 tile the best of 32-256 KiB
+# on that Xeon held to AVX2, round 8)
+CODE_BLOCK_BYTES = 32 * 1024
 _ACC_SLOTS = ROWS * CODES       # stack buffer sizes must be plain constants for _stack_buffer
 _LANE_SLOTS = (ROW_BLOCK + ROWS) * CODES
 
