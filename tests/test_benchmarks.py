@@ -149,3 +149,24 @@ def test_codebook_study_variants_are_valid_and_centring_is_the_variants_choice(t
         assert folder.endswith("-plan2-s0") == bool(anneal)        # an annealed run's folder names its plan
         (record,) = [json.loads(line) for line in open(os.path.join(folder, "study.jsonl"))]
         assert record["step"] == 2 and record["codes_used"] >= 1 and 0 < record["nmse"] < 10
+
+
+def test_bench_train_step_times_round_sevens_way_beside_and_records_the_threads(tmp_path):
+    """``--blas-threads-too`` times the whole-batch step with BLAS's threads beside the kernels' threads; the
+    JSON says over how many threads the kernels split the batch and how many BLAS ran in the step."""
+    pytest.importorskip("threadpoolctl")
+    pytest.importorskip("numba")
+    out = tmp_path / "blas.json"
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "bench_train_step.py"), "--blas-threads-too",
+                           "--batches", "4", "--repeats", "1", "--warmup", "0", "--pause", "0", "--threads", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["minivq_blas_threads_ms"] > 0 and row["kernel_threads_over_blas_threads"] > 0
+    import numba
+    if numba.config.NUMBA_NUM_THREADS >= 2:         # two threads asked for and had: the kernels take them
+        assert result["minivq_conv_kernel_threads"] == 2 and result["minivq_blas_threads_in_step"] == 1
+    else:
+        assert result["minivq_conv_kernel_threads"] == 1
+    assert "BLAS's threads (before round 8)" in done.stdout
