@@ -412,6 +412,7 @@ def conv_threads(dtype):
     round 8). The few GEMMs left (the backward of 1-channel layers, the quantiser's) run on one thread.
     Elsewhere (one thread, float64, no Numba, no threadpoolctl) a block that changes nothing.
     ``minivq train``, ``train-prior``, ``eval`` and ``sample`` run inside one (``workers.one_process``).
+    BLAS's count is the process's, so other threads' GEMMs run on one thread too while it lasts.
     """
     module = _load("numba-conv") if np.dtype(dtype) == np.float32 else "float64 keeps the GEMMs"
     if isinstance(module, str) or module.get_num_threads() == 1:
