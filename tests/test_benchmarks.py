@@ -170,3 +170,23 @@ def test_bench_train_step_times_round_sevens_way_beside_and_records_the_threads(
     else:
         assert result["minivq_conv_kernel_threads"] == 1
     assert "BLAS's threads (before round 8)" in done.stdout
+
+
+def test_as_avx2_holds_the_numba_kernels_to_avx2_registers():
+    """benchmarks/as_avx2.sh: minivq's AVX2 tile, Numba compiling without AVX-512 (no zmm register in the
+    search's code), OpenBLAS on its Haswell kernels; without a command, a usage line and exit 2."""
+    pytest.importorskip("numba")
+    script = os.path.join(BENCH, "as_avx2.sh")
+    check = ("import os, numba, numpy as np; from minivq.kernels import nearest_numba as K; "
+             "assert not K.WIDE and (K.ROWS, K.CODES) == (3, 32); "
+             "assert numba.config.CPU_NAME == 'haswell' and '-avx512f' in numba.config.CPU_FEATURES; "
+             "f = numba.njit(fastmath={'contract'})(K._nearest_kernel_serial.py_func); "
+             "x = np.ones((8, 4), np.float32); p, n = K.pack_codebook(np.ones((40, 4), np.float32)); "
+             "f(x, p, n, 1, np.empty(8, np.int64), np.empty(8, np.float32)); "
+             "asm = f.inspect_asm(f.signatures[0]); assert 'ymm' in asm and 'zmm' not in asm; "
+             "assert os.environ['OPENBLAS_CORETYPE'] == 'Haswell'")
+    done = subprocess.run(["bash", script, sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.join(BENCH, os.pardir))
+    assert done.returncode == 0, done.stderr[-2000:]
+    usage = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage:")
