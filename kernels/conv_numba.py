@@ -13,8 +13,9 @@ round 6): a 3x3 conv 128->128 at 8x8, batch 128, forward 27.7 ms with im2col and
 The forward micro-kernel (the nearest-code kernel's, nearest_numba.py, with gathered rows)
     ``ROWS`` output pixels against ``LANES`` output channels: the running sums sit in a stack
     buffer that LLVM keeps in vector registers (with AVX-512 8 pixels x 32 channels, 16 zmm;
-    otherwise 4 x 16, 8 ymm: on an AVX-512 Xeon held to AVX2 it ran at 94-103 GF/s, as fast as the
-    nearest-code kernel's 3 x 32 there; NOTES.md, round 8). For every number of a window row (a row (kw, c) is one contiguous
+    otherwise 3 x 32, 12 ymm, as the nearest-code kernel's AVX2 tile: on an AVX-512 Xeon held to AVX2
+    the training step took 0.97-0.98x the time of the earlier 4 x 16's, the weight gradient's grid
+    padded to 3 channels a tile included; NOTES.md, round 8). For every number of a window row (a row (kw, c) is one contiguous
     run of the padded image) it broadcasts that number of each pixel's window and does 2 * ROWS
     FMAs against LANES packed weights. The pixels of a tile may lie in different rows: each has
     its own base offset into the padded image, and a window row adds the same offset to all of
@@ -87,10 +88,10 @@ from minivq import backend as _backend
 from .nearest_numba import _CACHE, WIDE, _stack_buffer, _vector_width_hint
 from .windows_numpy import output_size
 
-ROWS = 8 if WIDE else 4         # output pixels per micro-tile
-LANES = 32 if WIDE else 16      # output channels per micro-tile: two vector registers per pixel
+ROWS = 8 if WIDE else 3         # output pixels per micro-tile
+LANES = 32                      # output channels per micro-tile: two zmm registers per pixel, or four ymm
 CHUNK = 64                      # pixels per block of the weight gradient (one 8x8 image): their rows stay in L1 and L2
-PIXEL_BLOCK = 64                # pixels per block of the forward product, swept once per block of weights
+PIXEL_BLOCK = 64 if WIDE else 48  # pixels per block of the forward product, swept once per block of weights
 WEIGHT_BLOCK_BYTES = 24 * 1024  # the forward's block of packed weights: half of a 48 KiB L1 (NOTES.md, round 7)
 _ACC_SLOTS = ROWS * LANES
 # the forward's last tile of a pixel block writes ROWS rows of its sums buffer: a block must hold whole tiles
