@@ -230,13 +230,15 @@ def without_cuda_kernels(step):
     return run
 
 
-def numba_threads_in_step(device):
-    """Over how many threads minivq's whole-batch step splits its convolutions (0: it keeps im2col + GEMMs)."""
-    if not device.startswith("cpu") or "numba" not in mv.kernels.available_backends():
-        return 0
-    from minivq.kernels import conv_numba
+def threads_in_step(device):
+    """(BLAS's threads, the threads the convolutions split the batch over; 0: im2col + GEMMs) in the block
+    minivq's whole-batch step runs in."""
     with workers.one_process(device, np.float32):
-        return conv_numba.threads_here()
+        blas = backend.blas_thread_count()
+        if not device.startswith("cpu") or "numba" not in mv.kernels.available_backends():
+            return blas, 0
+        from minivq.kernels import conv_numba
+        return blas, conv_numba.threads_here()
 
 
 def _sync(device):
@@ -373,13 +375,12 @@ def main():
         if "array_ops_over_kernels" in r:
             print(f"batch {r['batch']}: minivq with its CUDA kernels off {r['minivq_array_ops_ms']:.1f} ms "
                   f"({r['array_ops_over_kernels']:.2f}x the step with them)")
-    with workers.one_process(args.device, np.float32):
-        blas_in_step = backend.blas_thread_count()      # what minivq's whole-batch steps ran with
+    blas_in_step, kernel_threads = threads_in_step(args.device)     # what minivq's whole-batch steps ran with
     machine = describe_machine()
     result = {"benchmark": "train_step", "model": args.model, "device": args.device, "threads": threads,
               "workers": args.workers,
               "minivq_blas_threads_in_step": blas_in_step,
-              "minivq_conv_kernel_threads": numba_threads_in_step(args.device),
+              "minivq_conv_kernel_threads": kernel_threads,
               "pause_s": args.pause, "repeats": args.repeats,
               "host_memory_kept": memory_kept,
               "machine": machine, "rows": rows}

@@ -170,14 +170,12 @@ def main():
 
     recorder = Recorder()
     uninstall = recorder.install()
-    per_step = collections.defaultdict(list)
-    totals, adam = [], []
     # as `minivq train` runs one process: the convolutions split each batch over the Numba threads (round 8)
     from minivq import workers
     one_process = contextlib.nullcontext() if args.blas_threads else workers.one_process("cpu", np.float32)
     try:
         with one_process:
-            steps(args, compute_loss, opt, recorder, per_step, totals, adam)
+            per_step, totals, adam = steps(args, compute_loss, opt, recorder)
     finally:
         uninstall()
 
@@ -212,8 +210,10 @@ def main():
         print(f"wrote {args.json}")
 
 
-def steps(args, compute_loss, opt, recorder, per_step, totals, adam):
-    """One warm-up step, then ``args.steps`` timed ones: each op's forward and backward, Adam, the whole."""
+def steps(args, compute_loss, opt, recorder):
+    """One warm-up step, then ``args.steps`` timed ones: (per op, its (forward, backward, flops) per step;
+    the whole steps' seconds; Adam's seconds)."""
+    per_step, totals, adam = collections.defaultdict(list), [], []
     for step in range(args.steps + 1):
         recorder.reset()
         t0 = time.perf_counter()
@@ -230,7 +230,7 @@ def steps(args, compute_loss, opt, recorder, per_step, totals, adam):
         for label in set(recorder.fwd) | set(recorder.bwd):
             per_step[label].append((recorder.fwd.get(label, 0.0), recorder.bwd.get(label, 0.0),
                                     recorder.flops.get(label)))
-
+    return per_step, totals, adam
 
 def profile_torch(args, inputs, top=12):
     """The PyTorch twin's step on the same ``inputs`` (codes, or images and their variance) under
