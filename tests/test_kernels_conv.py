@@ -503,6 +503,31 @@ def test_gradcheck_through_the_kernels(monkeypatch, one_numba_thread, transposed
 
 
 @needs_numba
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+def test_gradcheck_through_the_kernels_with_the_batch_split_into_shares(monkeypatch, one_numba_thread, shares,
+                                                                       transposed):
+    """The same float64 central differences with every batch of three images split into three shares
+    (the parallel drivers, one image each; their weight gradients summed share by share)."""
+    from minivq.kernels import conv_numba
+    kernels_in_float64_too(monkeypatch)
+    shares(3)
+    drivers = []
+    for name in ("_correlate_shares", "_weight_grad_shares", "_adjoint_shares"):
+        real = getattr(conv_numba, name)
+        monkeypatch.setattr(conv_numba, name, lambda *args, real=real, name=name: (drivers.append(name),
+                                                                                   real(*args))[1])
+    gen = np.random.default_rng(12)
+    for stride, padding in ((2, 1), (1, 1)):
+        x = mv.tensor(gen.standard_normal((3, 17, 5, 5)), requires_grad=True)
+        shape = (17, 18, 3, 3) if transposed else (18, 17, 3, 3)
+        w = mv.tensor(gen.standard_normal(shape) * 0.2, requires_grad=True)
+        b = mv.tensor(gen.standard_normal(18), requires_grad=True)
+        conv = mv.functional.conv_transpose2d if transposed else mv.functional.conv2d
+        assert mv.gradcheck(lambda x, w, b: conv(x, w, b, stride=stride, padding=padding), [x, w, b], directions=8)
+    assert {"_correlate_shares", "_weight_grad_shares", "_adjoint_shares"} <= set(drivers), drivers
+
+
+@needs_numba
 def test_worker_threads_never_enter_numbas_threading_layer_together():
     """Data-parallel workers (one Numba thread each) call the parallel kernels at once. Numba's
     fallback threading layer, workqueue, aborts the process when two threads enter it together; at
