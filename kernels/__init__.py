@@ -30,7 +30,10 @@ stride, padding)`` on channels-last images (windows_numpy.py,
 windows_numba.py, windows_cuda.py); "auto" takes Numba for NumPy arrays when
 it imports and the CUDA kernels for CuPy arrays when they compile. ReLU's
 gradient ``relu_grad(g, y)`` is one compiled pass on the CPU when Numba
-imports (relu_numba.py), the expression ``g * (y > 0)`` elsewhere. And Adam's
+imports (elementwise_numba.py), the expression ``g * (y > 0)`` elsewhere; it,
+ReLU itself (``relu(x)``) and the sum of two activations (``add(a, b)``) are
+split over the threads where the convolutions split each batch over them
+(inside ``conv_threads``), NumPy's single passes elsewhere. And Adam's
 update of a parameter as one pass (``adam_step``): a Numba loop on the CPU
 (adam_numba.py; the array ops' dozen passes cost ~2 ms a step), one launch on a
 GPU (adam_cuda.py; a training step there is bound by kernel launches, not
@@ -63,19 +66,19 @@ _loaded = {}
 
 
 def _load(name):
-    """The backend module for ``name`` (``"numba"``, ``"cupy"``, ``"numba-windows"``, ``"numba-relu"``,
+    """The backend module for ``name`` (``"numba"``, ``"cupy"``, ``"numba-windows"``, ``"numba-elementwise"``,
     ``"numba-adam"``, ``"numba-conv"``, ``"cuda-windows"``, ``"cuda-adam"``), or a string saying why it is unusable."""
     if name not in _loaded:
         try:
-            on_cpu = ("numba", "numba-windows", "numba-relu", "numba-adam", "numba-conv")
+            on_cpu = ("numba", "numba-windows", "numba-elementwise", "numba-adam", "numba-conv")
             if name not in on_cpu and not _backend.cuda_available():
                 raise ImportError("CuPy is not importable or sees no CUDA GPU")
             if name == "numba":
                 from . import nearest_numba as module
             elif name == "numba-windows":
                 from . import windows_numba as module
-            elif name == "numba-relu":
-                from . import relu_numba as module
+            elif name == "numba-elementwise":
+                from . import elementwise_numba as module
             elif name == "numba-adam":
                 from . import adam_numba as module
             elif name == "numba-conv":
@@ -427,19 +430,46 @@ def conv_threads(dtype):
         yield
 
 
-# ---------------------------------------------------------------- ReLU's gradient
+# ---------------------------------------------------------------- elementwise passes
+def _elementwise(a):
+    """elementwise_numba.py for NumPy arrays where Numba imports, else None."""
+    if _backend.get_array_module(a) is not np:
+        return None
+    module = _load("numba-elementwise")
+    return None if isinstance(module, str) else module
+
+
+def relu(x):
+    """``max(x, 0)``, the reference ``xp.maximum(x, 0)`` (NaN stays NaN).
+
+    Split over the threads (elementwise_numba.py, equal to the reference to the bit) for NumPy arrays
+    of one dense layout where the convolutions split each batch over them too (``conv_threads``);
+    elsewhere the reference, one pass.
+    """
+    module = _elementwise(x)
+    out = module.relu_numba(x) if module is not None else None
+    return out if out is not None else _backend.get_array_module(x).maximum(x, 0)
+
+
 def relu_grad(g, y):
     """dL/dx of ``y = relu(x)`` from dL/dy = ``g``: the reference ``g * (y > 0)``.
 
     For NumPy arrays of one dense layout, when Numba imports, it is one compiled pass instead of
-    two (relu_numba.py), equal to the reference to the bit; elsewhere (CuPy arrays, no Numba,
-    mixed or strided layouts) the reference itself.
+    two (elementwise_numba.py), split over the threads as ``relu``'s, equal to the reference to
+    the bit; elsewhere (CuPy arrays, no Numba, mixed or strided layouts) the reference itself.
     """
-    if _backend.get_array_module(g) is np and not isinstance(_load("numba-relu"), str):
-        out = _load("numba-relu").relu_grad_numba(g, y)
-        if out is not None:
-            return out
-    return g * (y > 0)
+    module = _elementwise(g)
+    out = module.relu_grad_numba(g, y) if module is not None else None
+    return out if out is not None else g * (y > 0)
+
+
+def add(a, b):
+    """``a + b``, the reference; for two NumPy arrays of one shape, dtype and dense layout, split over
+    the threads as ``relu``'s where that applies (elementwise_numba.py, equal to the reference to the bit)."""
+    module = _elementwise(a)
+    out = (module.add_numba(a, b) if module is not None and isinstance(b, np.ndarray)
+           and a.shape == b.shape else None)
+    return out if out is not None else a + b
 
 
 # ---------------------------------------------------------------- threads
@@ -490,6 +520,6 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, st
     return True
 
 
-__all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "relu_grad", "adam_step",
+__all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "relu", "relu_grad", "add", "adam_step",
            "set_cpu_threads", "correlate", "correlate_weight_grad", "direct_correlation",
            "BACKENDS", "METRICS", "WINDOW_BACKENDS", "NonFiniteError"]

@@ -1,0 +1,144 @@
+"""The training step's elementwise passes compiled with Numba: ReLU, its gradient, and a sum of two arrays.
+
+The references are NumPy's expressions (kernels/__init__.py): ``np.maximum(x, 0)``, ``g * (y > 0)``
+and ``a + b``. Each loop here does that arithmetic, number by number, so the results equal the
+references to the bit (signed zeros and NaNs included).
+
+ReLU's gradient. NumPy's expression makes two passes: the mask ``y > 0`` (a new boolean array), then
+the product. One compiled loop reads g and y once and writes the result, with no mask array: about
+15 % fewer bytes moved and one allocation fewer, on a pass over every activation of the network
+(benchmarks/NOTES.md, round 4). It runs at any thread count.
+
+Split over the threads (round 9). These passes move memory and do next to no arithmetic; on one core
+NumPy's ``maximum`` and ``+`` are single passes already, but they leave a second core idle where the
+convolutions split each batch over the Numba threads (``conv_numba.threads_here``: inside
+``kernels.conv_threads``, as ``minivq train`` runs one process). There each pass over at least
+``SPLIT_MIN`` numbers is cut into one contiguous share per thread (``prange`` over the shares). On a
+2-core AVX-512 VM, caches cold as in a step, an 8 MiB ReLU took 0.9 ms instead of 1.4, and the
+batch-128 step 0.96-0.97x the time (NOTES.md, round 9). Below ``SPLIT_MIN`` the fork of the threads
+costs about what it saves. Where the split does not apply, ``relu_numba`` and ``add_numba`` return
+``None`` and the caller runs the reference.
+
+Layouts. The loops run over flat views, so the operands must share one dense layout (any order of
+axes: the channels-last activations of functional/conv.py are dense in (N, H, W, C) order); the
+result is made in that layout too. Anything else gets ``None`` back, and the caller uses the reference.
+"""
+import numpy as np
+from numba import njit, prange
+
+from minivq.backend import memory_order
+
+from .conv_numba import threads_here
+
+SPLIT_MIN = 2 ** 18     # numbers: a share of a smaller pass costs about as much as the fork (NOTES.md, round 9)
+_ALIGN = 16             # share bounds fall on multiples of 16 numbers: no two threads write one cache line
+
+
+# ---------------------------------------------------------------- the loops, over whole (flat) arrays
+# Each loop runs from 0: from a bound passed in, Numba cannot prove the index non-negative and checks
+# every load for a negative index's wraparound, and the loop ran 1.5x slower. Shares are slices.
+@njit(nogil=True, cache=True)
+def _rectified(x, out):
+    zero = out.dtype.type(0)
+    for i in range(x.size):
+        v = x[i]
+        out[i] = v if not v <= 0 else zero     # np.maximum(v, 0): +0.0 for -0.0 and below, NaN stays NaN
+
+
+@njit(nogil=True, cache=True)
+def _masked(g, y, out):
+    for i in range(g.size):
+        out[i] = g[i] * (y[i] > 0)
+
+
+@njit(nogil=True, cache=True)
+def _summed(a, b, out):
+    for i in range(a.size):
+        out[i] = a[i] + b[i]
+
+
+# ---------------------------------------------------------------- one share per thread
+@njit(parallel=True, nogil=True, cache=True)
+def _rectified_shares(x, out, bounds):
+    for s in prange(bounds.size - 1):
+        lo, hi = bounds[s], bounds[s + 1]
+        _rectified(x[lo:hi], out[lo:hi])
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _masked_shares(g, y, out, bounds):
+    for s in prange(bounds.size - 1):
+        lo, hi = bounds[s], bounds[s + 1]
+        _masked(g[lo:hi], y[lo:hi], out[lo:hi])
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _summed_shares(a, b, out, bounds):
+    for s in prange(bounds.size - 1):
+        lo, hi = bounds[s], bounds[s + 1]
+        _summed(a[lo:hi], b[lo:hi], out[lo:hi])
+
+
+# ---------------------------------------------------------------- drivers
+def share_count(size):
+    """Shares for a pass over ``size`` numbers from this thread: ``threads_here()`` from ``SPLIT_MIN`` on, else 1."""
+    return max(1, threads_here()) if size >= SPLIT_MIN else 1
+
+
+def _bounds(size, count):
+    """0..size in ``count`` contiguous shares whose inner bounds are multiples of ``_ALIGN``."""
+    inner = [size * s // count // _ALIGN * _ALIGN for s in range(1, count)]
+    return np.array([0] + inner + [size], dtype=np.int64)
+
+
+def _flat(first, *others):
+    """A new array in ``first``'s layout, then flat views of ``first``, ``others`` and it; ``None`` unless all
+    are NumPy float32/float64 arrays of one shape, dtype and dense layout (Numba does no float16 arithmetic)."""
+    if first.dtype not in (np.float32, np.float64) or any(
+            o.shape != first.shape or o.dtype != first.dtype for o in others):
+        return None
+    order = memory_order(first)                  # first's axes, slowest first
+    out = np.empty_like(first)                   # first's layout
+    views = [a.transpose(order) for a in (first, *others, out)]
+    if not all(v.flags.c_contiguous for v in views):
+        return None
+    return out, [v.reshape(-1) for v in views]   # views: each is C-contiguous in that order
+
+
+def relu_numba(x):
+    """``np.maximum(x, 0)`` split over the threads; ``None`` where it would run on one (the caller's
+    single NumPy pass is as fast there) or cannot take ``x``."""
+    count = share_count(x.size)
+    made = _flat(x) if count > 1 else None
+    if made is None:
+        return None
+    out, (flat_x, flat_out) = made
+    _rectified_shares(flat_x, flat_out, _bounds(x.size, count))
+    return out
+
+
+def relu_grad_numba(g, y):
+    """``g * (y > 0)`` in one pass, split over the threads where ``share_count`` allows; ``None`` for
+    arrays it cannot take."""
+    made = _flat(g, y)
+    if made is None:
+        return None
+    out, flats = made
+    count = share_count(g.size)
+    if count > 1:
+        _masked_shares(*flats, _bounds(g.size, count))
+    else:
+        _masked(*flats)
+    return out
+
+
+def add_numba(a, b):
+    """``a + b`` for arrays of one shape, dtype and dense layout, split over the threads; ``None`` where
+    it would run on one or cannot take them (broadcasting among them: the caller's ``a + b`` runs)."""
+    count = share_count(a.size)
+    made = _flat(a, b) if count > 1 else None
+    if made is None:
+        return None
+    out, flats = made
+    _summed_shares(*flats, _bounds(a.size, count))
+    return out
