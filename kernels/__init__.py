@@ -66,11 +66,11 @@ _loaded = {}
 
 
 def _load(name):
-    """The backend module for ``name`` (``"numba"``, ``"cupy"``, ``"numba-windows"``, ``"numba-elementwise"``,
+    """The backend module for ``name`` (``"numba"``, ``"cupy"``, ``"numba-windows"``, ``"numba-elementwise"``, ``"numba-scatter"``,
     ``"numba-adam"``, ``"numba-conv"``, ``"cuda-windows"``, ``"cuda-adam"``), or a string saying why it is unusable."""
     if name not in _loaded:
         try:
-            on_cpu = ("numba", "numba-windows", "numba-elementwise", "numba-adam", "numba-conv")
+            on_cpu = ("numba", "numba-windows", "numba-elementwise", "numba-scatter", "numba-adam", "numba-conv")
             if name not in on_cpu and not _backend.cuda_available():
                 raise ImportError("CuPy is not importable or sees no CUDA GPU")
             if name == "numba":
@@ -79,6 +79,8 @@ def _load(name):
                 from . import windows_numba as module
             elif name == "numba-elementwise":
                 from . import elementwise_numba as module
+            elif name == "numba-scatter":
+                from . import scatter_numba as module
             elif name == "numba-adam":
                 from . import adam_numba as module
             elif name == "numba-conv":
@@ -430,6 +432,23 @@ def conv_threads(dtype):
         yield
 
 
+# ---------------------------------------------------------------- rows added by index
+def index_add(indices, values, num_rows):
+    """``out[indices[i]] += values[i]`` for rows, into a fresh ``(num_rows, ...)`` array: the embedding's
+    gradient and the EMA quantiser's sums. The reference is ``backend.index_add`` (a sort and
+    ``np.add.reduceat``; atomic adds on CuPy); for NumPy float32/float64 rows, where Numba imports, one
+    compiled pass over the rows in their order (scatter_numba.py: 0.07 ms against 2.4 for 8,192 rows of
+    64 into 512), equal to the reference to float tolerance. An index out of range raises IndexError.
+    """
+    if indices.ndim != 1 or values.shape[:1] != indices.shape:
+        raise ValueError(f"index_add wants indices (M,) and values (M, ...), got {indices.shape} and {values.shape}")
+    if _backend.get_array_module(values) is np and not isinstance(_load("numba-scatter"), str):
+        out = _load("numba-scatter").index_add_numba(indices, values, num_rows)
+        if out is not None:
+            return out
+    return _backend.index_add(indices, values, num_rows)
+
+
 # ---------------------------------------------------------------- elementwise passes
 def _elementwise(a):
     """elementwise_numba.py for NumPy arrays where Numba imports, else None."""
@@ -520,6 +539,6 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, st
     return True
 
 
-__all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "relu", "relu_grad", "add", "adam_step",
+__all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "relu", "relu_grad", "add", "index_add", "adam_step",
            "set_cpu_threads", "correlate", "correlate_weight_grad", "direct_correlation",
            "BACKENDS", "METRICS", "WINDOW_BACKENDS", "NonFiniteError"]

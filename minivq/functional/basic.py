@@ -477,7 +477,7 @@ class Embedding(Function):
             return None, None
         d = g.shape[-1]
         # dL/dW[k] = sum of g over the positions that picked row k
-        return None, backend.index_add(self.indices.reshape(-1), g.reshape(-1, d), self.num_rows)
+        return None, kernels.index_add(self.indices.reshape(-1), g.reshape(-1, d), self.num_rows)
 
 
 def embedding(indices, weight):

@@ -19,7 +19,7 @@ from .. import backend
 from ..autograd import Tensor
 from ..functional.basic import embedding, matmul, transpose
 from ..functional.quantize import ESTIMATORS, flatten_latents, l2_normalize, vector_quantize
-from ..kernels import nearest_code
+from ..kernels import index_add, nearest_code
 from .conv import Conv2d
 from .module import Module, Parameter
 
@@ -115,7 +115,7 @@ def kmeans_plus_plus(vectors, k, iterations=10, metric="l2"):
     for _ in range(iterations):
         assign = nearest_code(host, centres, backend="numpy", metric=metric)
         counts = np.bincount(assign, minlength=k)
-        sums = backend.index_add(assign, host, k)
+        sums = index_add(assign, host, k)
         used = counts > 0
         centres[used] = sums[used] / counts[used, None]
         if metric == "ip":
@@ -464,7 +464,7 @@ class VectorQuantizerEMA(_QuantizerBase):
     def _update(self, flat, indices):
         k = self.num_embeddings
         counts = backend.bincount(indices, k, self.cluster_size.dtype)
-        sums = backend.index_add(indices, flat.astype(self.embed_sum.dtype, copy=False), k)
+        sums = index_add(indices, flat.astype(self.embed_sum.dtype, copy=False), k)
         if self._distributed():   # the statistics of the global batch: one sum of (counts | sums)
             xp = backend.get_array_module(sums)
             both = self.reducer.sum(xp.concatenate([counts[:, None], sums], axis=1))
