@@ -1,8 +1,12 @@
-"""The training step's elementwise passes compiled with Numba: ReLU, its gradient, and a sum of two arrays.
+"""The training step's passes over memory compiled with Numba: ReLU, its gradient, a sum of two arrays,
+and two sums over many numbers (a squared error's, a bias gradient's).
 
 The references are NumPy's expressions (kernels/__init__.py): ``np.maximum(x, 0)``, ``g * (y > 0)``
-and ``a + b``. Each loop here does that arithmetic, number by number, so the results equal the
-references to the bit (signed zeros and NaNs included).
+and ``a + b``; each loop here does that arithmetic, number by number, so the results equal the
+references to the bit (signed zeros and NaNs included). The two sums, ``((a - b) ** 2).mean()``
+(with ``a - b`` kept for the gradient) and a bias gradient's column sums, add in another order than
+NumPy's and BLAS's: they agree to float tolerance (the squared error sums in float64, so closer to
+the exact sum than the float32 reference), deterministic for a given thread count.
 
 ReLU's gradient. NumPy's expression makes two passes: the mask ``y > 0`` (a new boolean array), then
 the product. One compiled loop reads g and y once and writes the result, with no mask array: about
@@ -57,6 +61,26 @@ def _summed(a, b, out):
         out[i] = a[i] + b[i]
 
 
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _squared_error(a, b, diff):
+    """diff = a - b; returns the sum of diff**2, in float64 (reassociated: vector lanes of partial sums)."""
+    total = 0.0
+    for i in range(a.size):
+        d = a[i] - b[i]
+        diff[i] = d
+        total += np.float64(d) * np.float64(d)
+    return total
+
+
+@njit(nogil=True, cache=True)
+def _column_sums(rows, out):
+    """out[c] = the sum over i of rows[i, c], row after row (the inner loop runs along a row: vector lanes)."""
+    out[:] = 0
+    for i in range(rows.shape[0]):
+        for c in range(rows.shape[1]):
+            out[c] += rows[i, c]
+
+
 # ---------------------------------------------------------------- one share per thread
 @njit(parallel=True, nogil=True, cache=True)
 def _rectified_shares(x, out, bounds):
@@ -77,6 +101,19 @@ def _summed_shares(a, b, out, bounds):
     for s in prange(bounds.size - 1):
         lo, hi = bounds[s], bounds[s + 1]
         _summed(a[lo:hi], b[lo:hi], out[lo:hi])
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _squared_error_shares(a, b, diff, bounds, totals):
+    for s in prange(bounds.size - 1):
+        lo, hi = bounds[s], bounds[s + 1]
+        totals[s] = _squared_error(a[lo:hi], b[lo:hi], diff[lo:hi])
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _column_sums_shares(rows, bounds, partial):
+    for s in prange(bounds.size - 1):
+        _column_sums(rows[bounds[s]:bounds[s + 1]], partial[s])
 
 
 # ---------------------------------------------------------------- drivers
@@ -142,3 +179,33 @@ def add_numba(a, b):
     out, flats = made
     _summed_shares(*flats, _bounds(a.size, count))
     return out
+
+
+def squared_error_numba(a, b):
+    """``(a - b, mean((a - b) ** 2))`` for arrays of one shape, dtype and dense layout, split over the
+    threads (the mean summed in float64, per share, then the shares in order; returned in a's dtype);
+    ``None`` where it would run on one or cannot take them."""
+    count = share_count(a.size)
+    made = _flat(a, b) if count > 1 else None
+    if made is None:
+        return None
+    diff, flats = made
+    totals = np.zeros(count, dtype=np.float64)
+    _squared_error_shares(*flats, _bounds(a.size, count), totals)
+    return diff, a.dtype.type(totals.sum() / a.size)
+
+
+def column_sums_numba(rows):
+    """The sum of ``rows`` (M, C) over M, C-contiguous float32/float64, split over the threads by rows
+    (each share's sums, then the shares in order); ``None`` where it would run on one or cannot take them."""
+    count = share_count(rows.size)
+    if (count == 1 or rows.ndim != 2 or not rows.flags.c_contiguous
+            or rows.dtype not in (np.float32, np.float64)):
+        return None
+    bounds = np.array([rows.shape[0] * s // count for s in range(count + 1)], dtype=np.int64)
+    partial = np.empty((count, rows.shape[1]), dtype=rows.dtype)
+    _column_sums_shares(rows, bounds, partial)
+    total = partial[0].copy()
+    for share in partial[1:]:
+        total += share
+    return total

@@ -147,10 +147,12 @@ def test_the_passes_split_over_two_real_threads_inside_conv_threads(monkeypatch,
         pytest.skip("one core: Numba has one thread")
     import minivq as mv
     splits = []
-    for name in ("_rectified_shares", "_masked_shares", "_summed_shares"):
+    # each driver with the position of its share bounds among its arguments
+    for name, at in (("_rectified_shares", 2), ("_masked_shares", 3), ("_summed_shares", 3),
+                     ("_squared_error_shares", 3), ("_column_sums_shares", 1)):
         real = getattr(elementwise, name)
-        monkeypatch.setattr(elementwise, name, lambda *args, real=real, name=name: (
-            splits.append((name, args[-1].size - 1)), real(*args))[1])
+        monkeypatch.setattr(elementwise, name, lambda *args, real=real, name=name, at=at: (
+            splits.append((name, args[at].size - 1)), real(*args))[1])
     gen = np.random.default_rng(5)
     big = (2, 64, 64, 33)                                   # 270,336 numbers, channels-last as the convs make them
     x = awkward(gen, big, np.float32).transpose(0, 3, 1, 2)
@@ -160,11 +162,65 @@ def test_the_passes_split_over_two_real_threads_inside_conv_threads(monkeypatch,
         assert mv.backend.blas_thread_count() == 1
         y = kernels.relu(x)
         results = [(y, np.maximum(x, 0)), (kernels.relu_grad(g, y), g * (y > 0)), (kernels.add(x, g), x + g)]
-        assert sorted(splits) == [("_masked_shares", 2), ("_rectified_shares", 2), ("_summed_shares", 2)]
+        diff, mean = kernels.squared_error(x, g)
+        finite = np.isfinite(diff)
+        rows = np.where(finite, diff, 0).transpose(0, 2, 3, 1).reshape(-1, big[-1])     # channels-last rows
+        sums = kernels.column_sums(rows)
+        assert sorted(splits) == [("_column_sums_shares", 2), ("_masked_shares", 2), ("_rectified_shares", 2),
+                                  ("_squared_error_shares", 2), ("_summed_shares", 2)]
         splits.clear()
         small = np.ascontiguousarray(x[:, :, :8])            # below SPLIT_MIN
         assert same_bits(kernels.relu(small), np.maximum(small, 0)) and splits == []
     for mine, reference in results:
         assert same_bits(mine, reference)
+    assert same_bits(diff, x - g) and np.isnan(mean)          # awkward values: an inf - inf among them
+    np.testing.assert_allclose(sums, rows.astype(np.float64).sum(axis=0), rtol=1e-4, atol=1e-3)
     with mv.backend.blas_threads(2):
         assert elementwise.relu_numba(x) is None and same_bits(kernels.relu(x), np.maximum(x, 0)) and splits == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shares", [2, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_the_split_sums_agree_with_their_references(monkeypatch, dtype, shares, seed):
+    """The squared error (its difference to the bit, its mean to float tolerance, closer to the float64 sum
+    than NumPy's float32 mean) and the column sums, forced into shares, on random shapes and layouts."""
+    monkeypatch.setattr(elementwise, "share_count", lambda size: shares)
+    gen = np.random.default_rng(seed)
+    shape = tuple(int(v) for v in gen.integers(1, 9, int(gen.integers(1, 5))))
+    a = random_layout(gen, dtype, shape)
+    a[~np.isfinite(a)] = 1.5                                           # finite values: a mean to compare
+    b = np.empty_like(a)
+    b[...] = gen.standard_normal(shape)
+    diff, mean = elementwise.squared_error_numba(a, b)
+    assert same_bits(diff, a - b) and type(mean) is np.dtype(dtype).type
+    exact = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean()
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    assert abs(mean - exact) <= tol * exact
+    assert same_bits(kernels.squared_error(a, b)[0], a - b)
+    rows = gen.standard_normal((int(gen.integers(1, 500)), int(gen.integers(1, 70)))).astype(dtype)
+    sums = elementwise.column_sums_numba(rows)
+    np.testing.assert_allclose(sums, rows.astype(np.float64).sum(axis=0), rtol=tol * 10, atol=tol * 100)
+    assert sums.dtype == dtype and sums.shape == rows.shape[1:]
+
+
+def test_sums_it_cannot_split_are_the_references(monkeypatch):
+    """At one share, for operands it cannot take, and without Numba: exactly the reference expressions."""
+    gen = np.random.default_rng(6)
+    a, b = gen.standard_normal((2, 3, 40)).astype(np.float32), gen.standard_normal((2, 3, 40)).astype(np.float32)
+    rows = gen.standard_normal((50, 7)).astype(np.float32)
+
+    def reference_sums():
+        diff = a - b
+        assert same_bits(kernels.squared_error(a, b)[0], diff)
+        assert kernels.squared_error(a, b)[1] == (diff * diff).mean()
+        assert same_bits(kernels.column_sums(rows), np.ones(50, np.float32) @ rows)
+    monkeypatch.setattr(elementwise, "share_count", lambda size: 1)
+    assert elementwise.squared_error_numba(a, b) is None and elementwise.column_sums_numba(rows) is None
+    reference_sums()
+    monkeypatch.setattr(elementwise, "share_count", lambda size: 2)
+    assert elementwise.squared_error_numba(a, np.asfortranarray(b)) is None          # another layout
+    assert elementwise.column_sums_numba(np.asfortranarray(rows)) is None            # rows not C-contiguous
+    assert elementwise.column_sums_numba(rows.astype(np.float16)) is None
+    monkeypatch.setitem(kernels._loaded, "numba-elementwise", "ImportError: no numba here")
+    reference_sums()

@@ -278,13 +278,6 @@ def _col2im_pass(grid, wmat, g, bias=None, grid_rows=None, may_flip=True):
     return image.transpose(0, 3, 1, 2)
 
 
-def _column_sums(rows):
-    """The bias gradient: the sum of ``rows`` (M, C) over M, as one GEMV (threaded by the BLAS, and a third
-    of the time of ``rows.sum(axis=0)``'s single-core pass on the CPU; benchmarks/NOTES.md, round 3)."""
-    xp = get_array_module(rows)
-    return xp.ones(rows.shape[0], dtype=rows.dtype) @ rows
-
-
 # ---------------------------------------------------------------- the ops
 class Conv2d(Function):
     """y = conv2d(x, W) + b: x is the image, y the grid of windows."""
@@ -336,7 +329,7 @@ class Conv2d(Function):
                 _, dwmat, _ = _im2col_pass(self.x, self.g, grid_rows=gy_rows, cols=self.cols)
                 gw = _weight_from_matrix(dwmat, self.weight_shape)
         if need_b:
-            gb = _column_sums(gy_rows)
+            gb = kernels.column_sums(gy_rows)      # dL/db: gy summed over its pixels
         return gx, gw, gb
 
 
@@ -364,7 +357,7 @@ class ConvTranspose2d(Function):
             if need_w:
                 gw = _weight_from_matrix(dwmat, self.weight_shape)
         if need_b:
-            gb = _column_sums(_rows(gy))
+            gb = kernels.column_sums(_rows(gy))
         return gx, gw, gb
 
 
