@@ -31,9 +31,13 @@ windows_numba.py, windows_cuda.py); "auto" takes Numba for NumPy arrays when
 it imports and the CUDA kernels for CuPy arrays when they compile. ReLU's
 gradient ``relu_grad(g, y)`` is one compiled pass on the CPU when Numba
 imports (elementwise_numba.py), the expression ``g * (y > 0)`` elsewhere; it,
-ReLU itself (``relu(x)``) and the sum of two activations (``add(a, b)``) are
-split over the threads where the convolutions split each batch over them
-(inside ``conv_threads``), NumPy's single passes elsewhere. And Adam's
+ReLU itself (``relu(x)``), the sum of two activations (``add(a, b)``), the MSE
+loss's pass (``squared_error(a, b)``) and a bias gradient's sums
+(``column_sums(rows)``) are split over the threads where the convolutions split
+each batch over them (inside ``conv_threads``), NumPy's passes elsewhere. Rows
+added by index (``index_add``: the embedding's gradient, the EMA sums) are one
+compiled pass over the rows (scatter_numba.py), ``backend.index_add`` (a sort
+and ``np.add.reduceat``; CuPy's atomic adds) elsewhere. And Adam's
 update of a parameter as one pass (``adam_step``): a Numba loop on the CPU
 (adam_numba.py; the array ops' dozen passes cost ~2 ms a step), one launch on a
 GPU (adam_cuda.py; a training step there is bound by kernel launches, not
