@@ -18,10 +18,12 @@ NumPy's ``maximum`` and ``+`` are single passes already, but they leave a second
 convolutions split each batch over the Numba threads (``conv_numba.threads_here``: inside
 ``kernels.conv_threads``, as ``minivq train`` runs one process). There each pass over at least
 ``SPLIT_MIN`` numbers is cut into one contiguous share per thread (``prange`` over the shares). On a
-2-core AVX-512 VM, caches cold as in a step, an 8 MiB ReLU took 0.9 ms instead of 1.4, and the
-batch-128 step 0.96-0.97x the time (NOTES.md, round 9). Below ``SPLIT_MIN`` the fork of the threads
-costs about what it saves. Where the split does not apply, ``relu_numba`` and ``add_numba`` return
-``None`` and the caller runs the reference.
+2-core AVX-512 VM, caches cold as in a step, an 8 MiB ReLU took 0.9 ms instead of 1.4; ReLU and the
+adds split, the step took 0.95x the time at batch 128 and 0.94x at batch 32, and the two sums split
+too, 0.98-0.99x again at batch 128 (alternated in one process; NOTES.md, round 9). Below ``SPLIT_MIN``
+the fork of the threads costs about what it saves. Where the split does not apply, ``relu_numba``,
+``add_numba``, ``squared_error_numba`` and ``column_sums_numba`` return ``None`` and the caller runs
+the reference (the gradient's one-pass loop still runs, whole).
 
 Layouts. The loops run over flat views, so the operands must share one dense layout (any order of
 axes: the channels-last activations of functional/conv.py are dense in (N, H, W, C) order); the
