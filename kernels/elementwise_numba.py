@@ -137,10 +137,13 @@ def _flat(first, *others):
             o.shape != first.shape or o.dtype != first.dtype for o in others):
         return None
     order = memory_order(first)                  # first's axes, slowest first
-    out = np.empty_like(first)                   # first's layout
-    views = [a.transpose(order) for a in (first, *others, out)]
+    views = [a.transpose(order) for a in (first, *others)]
     if not all(v.flags.c_contiguous for v in views):
         return None
+    out = np.empty_like(first)                   # first's layout
+    views.append(out.transpose(order))
+    if not views[-1].flags.c_contiguous:         # (never seen: empty_like keeps a dense layout) a flat
+        return None                              # copy of out would take the results, not out
     return out, [v.reshape(-1) for v in views]   # views: each is C-contiguous in that order
 
 
