@@ -70,8 +70,9 @@ _loaded = {}
 
 
 def _load(name):
-    """The backend module for ``name`` (``"numba"``, ``"cupy"``, ``"numba-windows"``, ``"numba-elementwise"``, ``"numba-scatter"``,
-    ``"numba-adam"``, ``"numba-conv"``, ``"cuda-windows"``, ``"cuda-adam"``), or a string saying why it is unusable."""
+    """The backend module for ``name`` (``"numba"``, ``"cupy"``, ``"numba-windows"``, ``"numba-elementwise"``,
+    ``"numba-scatter"``, ``"numba-adam"``, ``"numba-conv"``, ``"cuda-windows"``, ``"cuda-adam"``), or a string
+    saying why it is unusable."""
     if name not in _loaded:
         try:
             on_cpu = ("numba", "numba-windows", "numba-elementwise", "numba-scatter", "numba-adam", "numba-conv")
@@ -509,9 +510,10 @@ def squared_error(a, b):
 
 
 def column_sums(rows):
-    """The sum of ``rows`` (M, C) over M: the reference ``ones(M) @ rows`` (one GEMV, threaded by the BLAS, a third
-    of the time of ``rows.sum(axis=0)`` on one core); for C-contiguous NumPy rows, split over the threads as
-    ``relu``'s where that applies (elementwise_numba.py; equal to the reference to float tolerance)."""
+    """The sum of ``rows`` (M, C) over M: the reference ``ones(M) @ rows`` (one GEMV, threaded by the BLAS, a
+    third of the time of ``rows.sum(axis=0)`` on one core: NOTES.md, round 3); for C-contiguous NumPy rows,
+    split over the threads as ``relu``'s where that applies (elementwise_numba.py; equal to the reference
+    to float tolerance)."""
     module = _elementwise(rows)
     out = module.column_sums_numba(rows) if module is not None else None
     if out is not None:
@@ -567,6 +569,7 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, st
     return True
 
 
-__all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "relu", "relu_grad", "add", "squared_error", "column_sums", "index_add", "adam_step",
-           "set_cpu_threads", "correlate", "correlate_weight_grad", "direct_correlation",
+__all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "relu", "relu_grad", "add",
+           "squared_error", "column_sums", "index_add", "adam_step", "set_cpu_threads", "correlate",
+           "correlate_weight_grad", "direct_correlation",
            "BACKENDS", "METRICS", "WINDOW_BACKENDS", "NonFiniteError"]
