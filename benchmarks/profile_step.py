@@ -232,6 +232,7 @@ def steps(args, compute_loss, opt, recorder):
                                     recorder.flops.get(label)))
     return per_step, totals, adam
 
+
 def profile_torch(args, inputs, top=12):
     """The PyTorch twin's step on the same ``inputs`` (codes, or images and their variance) under
     torch.profiler: self CPU ms per step of its ops, the convolutions summed."""

@@ -443,10 +443,9 @@ def index_add(indices, values, num_rows):
     gradient and the EMA quantiser's sums. The reference is ``backend.index_add`` (a sort and
     ``np.add.reduceat``; atomic adds on CuPy); for NumPy float32/float64 rows, where Numba imports, one
     compiled pass over the rows in their order (scatter_numba.py: 0.07 ms against 2.4 for 8,192 rows of
-    64 into 512), equal to the reference to float tolerance. An index out of range raises IndexError.
+    64 into 512), equal to the reference to float tolerance. An index out of range raises IndexError;
+    operands of the wrong shapes get the reference's ValueError.
     """
-    if indices.ndim != 1 or values.shape[:1] != indices.shape:
-        raise ValueError(f"index_add wants indices (M,) and values (M, ...), got {indices.shape} and {values.shape}")
     if _backend.get_array_module(values) is np and not isinstance(_load("numba-scatter"), str):
         out = _load("numba-scatter").index_add_numba(indices, values, num_rows)
         if out is not None:

@@ -34,8 +34,10 @@ def _scatter_add(indices, values, out):
 
 def index_add_numba(indices, values, num_rows):
     """``backend.index_add`` for NumPy float32/float64 ``values`` (M, ...) and integer ``indices`` (M,);
-    ``None`` for anything else (float16 among them: Numba does no float16 arithmetic on the CPU)."""
-    if values.dtype not in (np.float32, np.float64) or indices.dtype.kind not in "iu" or indices.ndim != 1:
+    ``None`` for anything else (float16 among them: Numba does no float16 arithmetic on the CPU; and
+    operands of mismatched shapes, which the loop, reading without bounds checks, must never see)."""
+    if (values.dtype not in (np.float32, np.float64) or indices.dtype.kind not in "iu" or indices.ndim != 1
+            or values.shape[:1] != indices.shape):
         return None
     out = np.zeros((num_rows,) + values.shape[1:], dtype=values.dtype)
     if indices.size == 0:
