@@ -18,6 +18,11 @@ Backends:
   live in, so it is also the GEMM-based path for CuPy arrays.
 - ``"numba"``: a fused, parallel CPU kernel that never materialises the
   N x K distance matrix (nearest_numba.py). Needs ``pip install -e .[numba]``.
+  On CPUs with AMX (Intel Xeons since Sapphire Rapids) float32 searches are
+  first screened in bf16 on the AMX tiles, which rules out all but a few codes
+  a row with a proof, and those few are scored as the fused kernel scores
+  them: the same indices, 3-4x sooner at D = 256 (nearest_amx.py, amx.py;
+  ``MINIVQ_NUMBA_AMX=0`` turns the screen off).
 - ``"cupy"``: a fused CUDA kernel loaded from nearest_code.cu through CuPy
   (nearest_cuda.py). Needs ``pip install -e .[cuda]`` and a GPU.
 - ``"auto"``: CuPy arrays go to ``"cupy"``; otherwise ``"numba"`` when it

@@ -66,6 +66,12 @@ Why ``fastmath={"contract"}`` and nothing more
     neither is needed for speed here, so neither is allowed.
 
 Compiled on first use per dtype and cached on disk (unless the tile is forced).
+
+Where the CPU has AMX, ``nearest_code_numba`` hands float32 searches to the
+bf16 screen of nearest_amx.py first. It returns this kernel's indices, so
+nothing above can tell, except by the clock; the rows it cannot settle (NaN
+or inf, magnitudes near float32's range, dozens of near-equal codes) come
+back here.
 """
 import os
 
@@ -145,6 +151,13 @@ def one_thread():
     return get_num_threads() == 1
 
 
+def score_norms(codebook, metric="l2"):
+    """The term every score starts from: ``||e||^2`` per code, or zeros for ``metric="ip"``."""
+    if metric == "l2":
+        return np.einsum("kd,kd->k", codebook, codebook)
+    return np.zeros(codebook.shape[0], dtype=codebook.dtype)
+
+
 def pack_codebook(codebook, metric="l2"):
     """``(packed, norms)``: the codebook in tiles of CODES codes, transposed and scaled by -2 (see the module doc).
 
@@ -155,7 +168,7 @@ def pack_codebook(codebook, metric="l2"):
     padded = np.zeros((tiles * CODES, d), dtype=codebook.dtype)
     padded[:k] = codebook
     norms = np.full(tiles * CODES, np.inf, dtype=codebook.dtype)
-    norms[:k] = np.einsum("kd,kd->k", codebook, codebook) if metric == "l2" else 0
+    norms[:k] = score_norms(codebook, metric)
     packed = np.ascontiguousarray(padded.reshape(tiles, CODES, d).transpose(0, 2, 1))
     packed *= -2
     return packed, norms.reshape(tiles, CODES)
@@ -228,16 +241,24 @@ def tiles_per_block(dim, itemsize):
     return max(1, CODE_BLOCK_BYTES // (max(1, dim) * CODES * itemsize))
 
 
-def nearest_code_numba(x, codebook, metric="l2", check_x=None):
+def nearest_code_numba(x, codebook, metric="l2", check_x=None, amx=True):
     """Index of the nearest code for every row of ``x`` (validated NumPy float arrays of one dtype).
 
     ``metric``: ``"l2"`` (squared distance) or ``"ip"`` (largest inner product). ``check_x``: called when
     some row's best score is not finite, which every row holding a NaN or an inf gives (its scores are
     all NaN or infinite), and which a finite row gives only when a score overflows; so the caller need
     not check x for NaN and inf in a pass of its own first (at N = 65536, D = 256 that pass was 5 of
-    117 ms). It raises for a non-finite x; otherwise the indices are returned.
+    117 ms). It raises for a non-finite x; otherwise the indices are returned. ``amx=False``: never the
+    AMX screen (nearest_amx.py), which gives the same indices where it runs (float32, AMX CPUs).
     """
+    from . import nearest_amx       # here, not at the top: nearest_amx imports this module
     x = np.ascontiguousarray(x)
+    screened = nearest_amx.nearest_code_amx(x, codebook, score_norms(codebook, metric)) if amx and x.shape[0] else None
+    if screened is not None:        # the same indices, screened on AMX tiles (nearest_amx.py)
+        out, spilled = screened
+        if spilled.any():
+            out[spilled] = nearest_code_numba(x[spilled], codebook, metric, check_x, amx=False)
+        return out
     packed, norms = pack_codebook(codebook, metric)
     out = np.empty(x.shape[0], dtype=np.int64)
     lows = np.empty(x.shape[0], dtype=x.dtype)        # each row's best score

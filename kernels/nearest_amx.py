@@ -1,0 +1,333 @@
+"""The nearest-code search screened in bf16 on AMX tiles, then decided in float32: the same answer, faster.
+
+The fused float32 kernel (nearest_numba.py) runs at what the CPU's FMA units
+allow, about as fast as SGEMM. On a CPU with AMX (amx.py) a bf16 tile product
+runs about twenty times faster. bf16 keeps 8 significant bits, so its scores
+cannot pick the nearest code themselves; but they can rule codes *out*, with a
+proof, and the few codes they cannot rule out are scored again exactly as the
+float32 kernel scores them. The result is the float32 kernel's, index for
+index and tie for tie; only the time changes.
+
+Scores (per row x of the input and code e)
+    exact:    s_e  = ||e||^2 + sum_d x_d (-2 e_d)            (real numbers)
+    float32:  s^_e = the fused kernel's value: start at ||e||^2 (float32),
+              one FMA per feature d in order (``_decide`` repeats it)
+    screen:   s'_e = ||e||^2 + (tile product of bf16(x) and bf16(-2 e))
+
+The certificate (``margin``)
+    |s'_e - s^_e| <= B for every code of a row, where, with P = ||x|| max ||e||,
+    Nmax = max ||e||^2, u = 2^-23 and g = D u / (1 - D u):
+
+        B = 2 (2^-7 + 2^-16) P                 rounding x and e to bf16
+          + (2 g + 2^-21) (Nmax + 2.1 P)       the float32 sums of both (any order), and the last add
+          + D 2^-118 (1 + max|x|)(1 + max|e|)  subnormals flushed to zero by the tiles
+
+    (bf16 rounds to nearest even: relative error 2^-8 per operand, so a
+    product is off by at most 2^-7 + 2^-16 of |x_d e_d|; sum_d |x_d e_d| <=
+    ||x|| ||e|| by Cauchy-Schwarz; g bounds a float32 sum of D terms; u is
+    twice float32's unit roundoff, room for any rounding direction.)
+
+    So if m' is the lowest screen score of the row, every code with the lowest
+    float32 score has s' <= s^ + B <= s^_j + B <= s'_j + 2B for all j, that is
+    s' <= m' + 2B. Every code above ``m' + 2B`` is ruled out.
+
+The sweep (``_screen_loops``)
+    Tasks of ``TASK_ROWS`` rows run in parallel. A task sweeps the codebook in
+    blocks (``CODE_BLOCK_BYTES`` of bf16, kept in L2), and for every 32 rows x
+    32 codes runs ``D / 32`` steps of four tile products (tiles 0-3 hold the
+    2 x 2 blocks of 16 x 16 scores, 4-5 the rows, 6-7 the codes), stores the
+    scores and compares them with each row's running threshold ``m' + 2B``. A
+    score at or under it is kept as a candidate (up to ``CAPACITY`` a row)
+    and may lower the threshold. The threshold only falls, so every code
+    within the final one was kept when it came.
+
+Deciding (``_decide``)
+    A row left with one candidate within its final threshold has its code.
+    Where several remain, each gets its float32 score from the fused kernel's
+    arithmetic, and the lowest wins, ties to the lowest index, as in the fused
+    kernel. A row with more than ``CAPACITY`` candidates at once (a codebook of
+    many near-equal codes) is handed back as "spilled": the caller runs the
+    fused kernel on it.
+
+When this path declines (``nearest_code_amx`` returns None)
+    float64 inputs, a CPU or kernel without AMX, any non-finite value, or
+    magnitudes near float32's range (scores could overflow, so the fused
+    kernel's own handling stays in charge).
+"""
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+from . import amx
+from .amx import (lanes_within, lowest_bit, row_minimum, rows_within, tile_config, tile_dot_bf16, tile_load,
+                  tile_release, tile_store, tile_zero)
+from .nearest_numba import _stack_buffer
+
+ROWS = 32                       # rows of x per tile block (tiles 4 and 5)
+CODES = 32                      # codes per tile block (tiles 6 and 7)
+CHUNK = 32                      # features per tile step: 64 bytes of bf16
+TASK_ROWS = 128                 # rows per parallel task
+CODE_BLOCK_BYTES = 128 * 1024   # bf16 codes a task sweeps before the next block
+CAPACITY = 32                   # candidates a row may hold at once
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_RANGE_LIMIT = 2.0 ** 100       # larger norms: the fused kernel decides (scores could overflow)
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def _row_to_bf16(x, x_bits, i, out, t):
+    """Row i of x rounded to nearest even bf16 into row t of ``out`` (uint16 bits); ``(||x_i||, max |x_id|)``.
+
+    ``x_bits``: x viewed as uint32. Rounding keeps the top 16 bits after adding 0x7FFF plus the lowest kept
+    bit (ties to even). The float64 sum of squares may be reassociated: it only feeds the bound, far from
+    its precision. A NaN or inf in the row makes the norm NaN or inf.
+    """
+    total = 0.0
+    peak = 0.0
+    for d in range(x.shape[1]):
+        bits = x_bits[i, d]
+        out[t, d] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        v = np.float64(x[i, d])
+        total += v * v
+        peak = max(peak, abs(v))
+    return np.sqrt(total), peak
+
+
+def bf16_bits(a):
+    """float32 ``a`` rounded to nearest even bf16, as uint16 bits (finite inputs)."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def pack_codes(codebook, norms):
+    """``(tiles, padded_norms)``: bf16(-2 e) in tile order, and the float32 norms padded with +inf.
+
+    ``tiles[p, c, h, q, j, s]`` is feature ``32 c + 2 q + s`` of code ``32 p + 16 h + j``: for each block
+    of 32 codes and 32 features, two 1 KiB B tiles of 16 rows (feature pairs) x 16 codes x 2.
+    """
+    k, dim = codebook.shape
+    pairs = -(-k // CODES)
+    chunks = -(-dim // CHUNK)
+    padded = np.zeros((pairs * CODES, chunks * CHUNK), dtype=np.float32)
+    padded[:k, :dim] = codebook
+    padded *= -2                                            # exact: a power of two
+    tiles = bf16_bits(padded).reshape(pairs, 2, 16, chunks, 16, 2).transpose(0, 3, 1, 4, 2, 5)
+    padded_norms = np.full(pairs * CODES, np.inf, dtype=np.float32)
+    padded_norms[:k] = norms
+    return np.ascontiguousarray(tiles), padded_norms.reshape(pairs, CODES)
+
+
+def codebook_terms(codebook, norms):
+    """The codebook's share of the bound: ``(max ||e||, max |e_d|, max ||e||^2)`` in float64."""
+    e64 = codebook.astype(np.float64)
+    return (float(np.sqrt((e64 * e64).sum(axis=1)).max(initial=0.0)), float(np.abs(e64).max(initial=0.0)),
+            float(np.abs(norms.astype(np.float64)).max(initial=0.0)))
+
+
+@njit(nogil=True, cache=True)
+def margin(x_norm, x_peak, code_norm, code_peak, norm_max, dim):
+    """``2 B`` for one row (float32, rounded up): how far over the row's lowest screen score a code may
+    still be the nearest (the module doc derives B). Not finite where x is not."""
+    u = 2.0 ** -23
+    g = dim * u / (1 - dim * u)
+    p = x_norm * code_norm
+    bound = (2 * (2.0 ** -7 + 2.0 ** -16) * p + (2 * g + 2.0 ** -21) * (norm_max + 2.1 * p)
+             + dim * 2.0 ** -118 * (1 + x_peak) * (1 + code_peak))
+    return np.float32(2 * bound * (1 + 2.0 ** -20))      # the factor covers rounding to float32
+
+
+@njit(nogil=True, cache=True)
+def _keep(codes, scores, count, limit):
+    """Drop a row's candidates whose score is over ``limit``; the new count."""
+    kept = 0
+    for j in range(count):
+        if scores[j] <= limit:
+            codes[kept] = codes[j]
+            scores[kept] = scores[j]
+            kept += 1
+    return kept
+
+
+@njit(nogil=True, cache=True)
+def _scan(scores, rows, screen_norms, pair, sub, state, count, candidates, candidate_scores):
+    """Compare a tile block's screen scores (``scores[r, c] + screen_norms[pair, c]``, rows ``sub + r`` of
+    the task) with the rows' thresholds, and keep the codes within them.
+
+    ``state``: the task's thresholds, lowest screen scores and margins (float32 rows 0, 1, 2). A row with
+    a score within its threshold first lowers it to the block's lowest score plus the margin, where that
+    is lower, then keeps every code still within it. ``count[t]`` goes over CAPACITY (and the threshold
+    to -inf) when they do not fit.
+    """
+    s = scores.ctypes.data
+    norms_at = screen_norms.ctypes.data + pair * CODES * 4
+    threshold_at = state.ctypes.data                          # row 0 of state
+    hit = rows_within(s, norms_at, threshold_at + sub * 4)
+    for r in range(rows):
+        if not hit >> r & 1:
+            continue
+        t = sub + r
+        low = row_minimum(s + r * CODES * 4, norms_at)
+        if low < state[1, t]:
+            state[1, t] = low
+            state[0, t] = low + state[2, t]
+        lanes = lanes_within(s + r * CODES * 4, norms_at, state[0, t])
+        while lanes:
+            c = lowest_bit(lanes)
+            lanes &= lanes - np.uint32(1)
+            if count[t] == CAPACITY:
+                count[t] = _keep(candidates[t], candidate_scores[t], count[t], state[0, t])
+                if count[t] == CAPACITY:
+                    count[t] = CAPACITY + 1
+                    state[0, t] = -np.inf
+                    break
+            candidates[t, count[t]] = pair * CODES + c
+            candidate_scores[t, count[t]] = scores[r, c] + screen_norms[pair, c]    # what the masks compared
+            count[t] += 1
+
+
+@njit(nogil=True, cache=True, fastmath={"contract"})
+def _decide(x, first, rows, neg2e, norms, candidates, candidate_scores, count, threshold, out, spilled):
+    """Each row's code from its candidates within its final threshold: the only one, or else the lowest
+    float32 score (the fused kernel's arithmetic), ties to the lowest index as in the fused kernel.
+
+    The exact scores of all the task's rows run together, eight (row, code) chains at a time, so the FMA's
+    latency is hidden even where a row has two candidates.
+    """
+    dim = x.shape[1]
+    pair_rows = np.empty(rows * CAPACITY, dtype=np.int64)
+    pair_codes = np.empty(rows * CAPACITY, dtype=np.int64)
+    pairs = 0
+    for t in range(rows):
+        if count[t] > CAPACITY:
+            spilled[first + t] = True
+        if spilled[first + t]:
+            continue
+        kept = _keep(candidates[t], candidate_scores[t], count[t], threshold[t])
+        count[t] = kept
+        if kept == 1:
+            out[first + t] = candidates[t, 0]
+            continue
+        for j in range(kept):
+            pair_rows[pairs] = first + t
+            pair_codes[pairs] = candidates[t, j]
+            pairs += 1
+    exact = np.empty(pairs, dtype=np.float32)
+    acc = _stack_buffer(8, np.float32)
+    row = _stack_buffer(8, np.int64)
+    code = _stack_buffer(8, np.int64)
+    for j0 in range(0, pairs, 8):
+        width = min(8, pairs - j0)
+        for j in range(8):
+            row[j] = pair_rows[j0 + min(j, width - 1)]
+            code[j] = pair_codes[j0 + min(j, width - 1)]
+            acc[j] = norms[code[j]]
+        for d in range(dim):               # one FMA per feature in order, as the fused kernel scores
+            for j in range(8):
+                acc[j] += x[row[j], d] * neg2e[code[j], d]
+        for j in range(width):
+            exact[j0 + j] = acc[j]
+    j = 0
+    while j < pairs:                       # the pairs of a row are consecutive, in code order
+        i = pair_rows[j]
+        best = j
+        j += 1
+        while j < pairs and pair_rows[j] == i:
+            if exact[j] < exact[best]:     # strict: the lowest index of a tie stays
+                best = j
+            j += 1
+        out[i] = pair_codes[best]
+
+
+def _screen_loops(blocks):
+    """The sweep and the decisions, tasks handed out by ``blocks``: ``prange`` or ``range`` (one thread)."""
+    def kernel(x, x_bits, tiles, screen_norms, neg2e, norms, code_terms, config, pairs_per_block, out, spilled):
+        n, dim = x.shape
+        chunks = tiles.shape[1]
+        pairs = tiles.shape[0]
+        row_bytes = chunks * CHUNK * 2
+        code_norm, code_peak, norm_max = code_terms
+        for task in blocks((n + TASK_ROWS - 1) // TASK_ROWS):
+            first = task * TASK_ROWS
+            rows = min(TASK_ROWS, n - first)
+            x16 = np.zeros((TASK_ROWS, chunks * CHUNK), dtype=np.uint16)      # the task's rows in bf16
+            scores = np.empty((2, ROWS, CODES), dtype=np.float32)    # two blocks: one computed, one compared
+            state = np.empty((3, TASK_ROWS), dtype=np.float32)      # thresholds, lowest scores, margins
+            state[0] = _FLOAT32_MAX
+            state[1] = np.inf
+            count = np.zeros(TASK_ROWS, dtype=np.int64)
+            candidates = np.empty((TASK_ROWS, CAPACITY), dtype=np.int64)
+            candidate_scores = np.empty((TASK_ROWS, CAPACITY), dtype=np.float32)
+            for t in range(rows):
+                x_norm, x_peak = _row_to_bf16(x, x_bits, first + t, x16, t)
+                state[2, t] = margin(x_norm, x_peak, code_norm, code_peak, norm_max, dim)
+                if not x_norm * code_norm + norm_max <= _RANGE_LIMIT:    # NaN, inf or near overflow
+                    spilled[first + t] = True
+                    state[0, t] = -np.inf
+            tile_config(config.ctypes.data)
+            for block_start in range(0, pairs, pairs_per_block):
+                block_stop = min(pairs, block_start + pairs_per_block)
+                for sub in range(0, rows, ROWS):
+                    a = x16.ctypes.data + sub * row_bytes
+                    # one block behind: while the tiles multiply block ``pair``, the scores of ``pair - 1``
+                    # are compared (reading a tile's stored scores at once would wait for the store)
+                    for pair in range(block_start, block_stop + 1):
+                        if pair < block_stop:
+                            tile_zero(0)
+                            tile_zero(1)
+                            tile_zero(2)
+                            tile_zero(3)
+                            b = tiles.ctypes.data + pair * chunks * 2048
+                            for chunk in range(chunks):
+                                tile_load(4, a + chunk * 64, row_bytes)
+                                tile_load(5, a + 16 * row_bytes + chunk * 64, row_bytes)
+                                tile_load(6, b + chunk * 2048, 64)
+                                tile_load(7, b + chunk * 2048 + 1024, 64)
+                                tile_dot_bf16(0, 4, 6)
+                                tile_dot_bf16(1, 4, 7)
+                                tile_dot_bf16(2, 5, 6)
+                                tile_dot_bf16(3, 5, 7)
+                        if pair > block_start:
+                            _scan(scores[(pair - 1) & 1], min(ROWS, rows - sub), screen_norms, pair - 1, sub, state,
+                                  count, candidates, candidate_scores)
+                        if pair < block_stop:           # scores[pair & 1][r, c]: row sub + r, code 32 pair + c
+                            s = scores.ctypes.data + (pair & 1) * ROWS * CODES * 4
+                            tile_store(0, s, CODES * 4)
+                            tile_store(1, s + 64, CODES * 4)
+                            tile_store(2, s + 16 * CODES * 4, CODES * 4)
+                            tile_store(3, s + 16 * CODES * 4 + 64, CODES * 4)
+            tile_release()
+            _decide(x, first, rows, neg2e, norms, candidates, candidate_scores, count, state[0], out, spilled)
+    return kernel
+
+
+_screen_kernel = njit(parallel=True, nogil=True, cache=True)(_screen_loops(prange))
+_screen_kernel_serial = njit(nogil=True, cache=True)(_screen_loops(range))
+
+
+def pairs_per_block(dim):
+    """How many blocks of 32 codes make one code block (``CODE_BLOCK_BYTES`` of bf16; at least one)."""
+    chunks = -(-max(1, dim) // CHUNK)
+    return max(1, CODE_BLOCK_BYTES // (chunks * 2048))
+
+
+def nearest_code_amx(x, codebook, norms):
+    """``(indices, spilled)`` for float32 ``x`` (N, D) and ``codebook`` (K, D), or None where this path
+    declines (module doc). ``norms``: the fused kernel's ``||e||^2`` (zeros for the inner-product search).
+    Rows marked in ``spilled`` are left for the fused kernel: those holding NaN or inf, those near
+    float32's range, and those with too many near-equal codes. Every other index is the fused kernel's.
+    """
+    if x.dtype != np.float32 or codebook.dtype != np.float32 or not amx.available():
+        return None
+    n, dim = x.shape
+    if n == 0 or dim == 0 or not (np.isfinite(codebook).all() and np.isfinite(norms).all()):
+        return None
+    code_terms = codebook_terms(codebook, norms)
+    if not code_terms[0] + code_terms[2] <= _RANGE_LIMIT:
+        return None
+    x = np.ascontiguousarray(x)
+    tiles, screen_norms = pack_codes(codebook, norms)
+    out = np.empty(n, dtype=np.int64)
+    spilled = np.zeros(n, dtype=np.bool_)
+    compiled = _screen_kernel_serial if get_num_threads() == 1 else _screen_kernel
+    compiled(x, x.view(np.uint32), tiles, screen_norms, np.ascontiguousarray(codebook * np.float32(-2)),
+             np.ascontiguousarray(norms, dtype=np.float32), np.array(code_terms), amx.tile_config_bytes(),
+             pairs_per_block(dim), out, spilled)
+    return out, spilled
