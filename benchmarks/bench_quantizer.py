@@ -9,7 +9,11 @@ stopped spinning (OpenBLAS and OpenMP pools busy-wait after a call and would
 otherwise steal the cores from the next one). Medians are reported.
 
 CPU (``--device cpu``):
-    minivq-numba   kernels.nearest_code(backend="numba"): the fused kernel
+    minivq-numba   kernels.nearest_code(backend="numba"): on a CPU with AMX, the bf16 screen on the tiles
+                   and the float32 decision of the few codes it leaves (nearest_amx.py); elsewhere the
+                   fused kernel
+    minivq-numba-fp32  the fused float32 kernel alone (listed where the CPU has AMX; it gives the same
+                   indices as minivq-numba, which the JSON records per case as ``screen_equals_fused``)
     minivq-numpy   kernels.nearest_code(backend="numpy"): the chunked GEMM reference
     faiss          faiss.IndexFlatL2(D) holding the codebook (added outside the timing), search(x, 1)
     torch-cdist    torch.cdist(x, e).argmin(1)
@@ -69,6 +73,11 @@ def machine_description():
     except ImportError:
         machine["blas_architecture"] = None
     machine["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE")
+    try:
+        from minivq.kernels import amx
+        machine["amx_screen"] = amx.available()
+    except ImportError:                           # no Numba
+        machine["amx_screen"] = False
     return machine
 
 
@@ -116,6 +125,10 @@ def cpu_impls():
     if "numba" in kernels.available_backends():
         impls.append(Impl("minivq-numba", "minivq",
                           lambda x, e: (lambda: kernels.nearest_code(x, e, backend="numba"))))
+        from minivq.kernels import amx, nearest_numba
+        if amx.available():
+            impls.append(Impl("minivq-numba-fp32", "minivq",
+                              lambda x, e: (lambda: nearest_numba.nearest_code_numba(x, e, amx=False))))
     impls.append(Impl("minivq-numpy", "minivq", lambda x, e: (lambda: kernels.nearest_code(x, e, backend="numpy"))))
     try:
         import faiss
@@ -203,6 +216,9 @@ def run_case(impls, n, k, d, args, peak):
         del indices
         gc.collect()
     reference = next((c[3] for c in calls if c[0].name == "minivq-numpy"), calls[0][3])
+    ours = {c[0].name: c[3] for c in calls}
+    if "minivq-numba-fp32" in ours:
+        case["screen_equals_fused"] = bool(np.array_equal(ours["minivq-numba"], ours["minivq-numba-fp32"]))
     slowest = sum(c[2] for c in calls)
     repeats = max(1, min(args.repeats, int(args.case_seconds // max(slowest, 1e-9))))
     times = {c[0].name: [] for c in calls}
@@ -232,13 +248,15 @@ def run_case(impls, n, k, d, args, peak):
 def print_case(case):
     print(f"\nN={case['n']} K={case['k']} D={case['d']}  ({case['flop'] / 1e9:.1f} GFLOP, "
           f"{case['repeats']} repeats, best peer: {case['best_peer']})")
-    print(f"  {'implementation':14s} {'ms':>10s} {'GF/s':>8s} {'%SGEMM':>7s} {'vs best peer':>13s} {'agree':>7s}")
+    print(f"  {'implementation':17s} {'ms':>10s} {'GF/s':>8s} {'%SGEMM':>7s} {'vs best peer':>13s} {'agree':>7s}")
     for name, r in sorted(case["results"].items(), key=lambda item: item[1]["median_s"]):
         ratio = f"{r['ratio_to_best_peer']:.2f}x" if r["ratio_to_best_peer"] else "-"
-        print(f"  {name:14s} {r['median_s'] * 1e3:10.1f} {r['gflops']:8.1f} {100 * r['share_of_sgemm_peak']:6.0f}% "
+        print(f"  {name:17s} {r['median_s'] * 1e3:10.1f} {r['gflops']:8.1f} {100 * r['share_of_sgemm_peak']:6.0f}% "
               f"{ratio:>13s} {r['agreement_with_reference']:7.4f}")
     for name, why in case["skipped"].items():
-        print(f"  {name:14s} skipped: {why}")
+        print(f"  {name:17s} skipped: {why}")
+    if "screen_equals_fused" in case:
+        print(f"  minivq-numba's indices equal the fused kernel's: {case['screen_equals_fused']}")
     sys.stdout.flush()
 
 
