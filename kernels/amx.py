@@ -153,30 +153,27 @@ def tile_zero(typingctx, tile):
     return types.none(tile), codegen
 
 
-@intrinsic
-def tile_load(typingctx, tile, address, stride):
-    """``tileloadd``: tile row r := the 64 bytes at ``address + r * stride``."""
+def _strided(llvm_name, tile):
+    """Typing and code for a tile instruction on memory: (tile, address, stride in bytes)."""
     number = _tile_number(tile)
 
     def codegen(context, builder, signature, args):
         pointer = _pointer(builder, args[1])
-        builder.call(_declare(builder, "llvm.x86.tileloadd64", [_I8, pointer.type, _I64]),
-                     [number, pointer, args[2]])
+        builder.call(_declare(builder, llvm_name, [_I8, pointer.type, _I64]), [number, pointer, args[2]])
         return context.get_dummy_value()
     return types.none(tile, types.intp, types.intp), codegen
+
+
+@intrinsic
+def tile_load(typingctx, tile, address, stride):
+    """``tileloadd``: tile row r := the 64 bytes at ``address + r * stride``."""
+    return _strided("llvm.x86.tileloadd64", tile)
 
 
 @intrinsic
 def tile_store(typingctx, tile, address, stride):
     """``tilestored``: the 64 bytes at ``address + r * stride`` := tile row r."""
-    number = _tile_number(tile)
-
-    def codegen(context, builder, signature, args):
-        pointer = _pointer(builder, args[1])
-        builder.call(_declare(builder, "llvm.x86.tilestored64", [_I8, pointer.type, _I64]),
-                     [number, pointer, args[2]])
-        return context.get_dummy_value()
-    return types.none(tile, types.intp, types.intp), codegen
+    return _strided("llvm.x86.tilestored64", tile)
 
 
 @intrinsic
