@@ -128,7 +128,7 @@ def cpu_impls():
         from minivq.kernels import amx, nearest_numba
         if amx.available():
             impls.append(Impl("minivq-numba-fp32", "minivq",
-                              lambda x, e: (lambda: nearest_numba.nearest_code_numba(x, e, amx=False))))
+                              lambda x, e: (lambda: nearest_numba.nearest_code_numba(x, e))))
     impls.append(Impl("minivq-numpy", "minivq", lambda x, e: (lambda: kernels.nearest_code(x, e, backend="numpy"))))
     try:
         import faiss

@@ -75,16 +75,20 @@ _loaded = {}
 
 
 def _load(name):
-    """The backend module for ``name`` (``"numba"``, ``"cupy"``, ``"numba-windows"``, ``"numba-elementwise"``,
+    """The backend module for ``name`` (``"numba"``, ``"numba-screen"``, ``"cupy"``, ``"numba-windows"``,
+    ``"numba-elementwise"``,
     ``"numba-scatter"``, ``"numba-adam"``, ``"numba-conv"``, ``"cuda-windows"``, ``"cuda-adam"``), or a string
     saying why it is unusable."""
     if name not in _loaded:
         try:
-            on_cpu = ("numba", "numba-windows", "numba-elementwise", "numba-scatter", "numba-adam", "numba-conv")
+            on_cpu = ("numba", "numba-screen", "numba-windows", "numba-elementwise", "numba-scatter", "numba-adam",
+                      "numba-conv")
             if name not in on_cpu and not _backend.cuda_available():
                 raise ImportError("CuPy is not importable or sees no CUDA GPU")
             if name == "numba":
                 from . import nearest_numba as module
+            elif name == "numba-screen":
+                from . import nearest_amx as module
             elif name == "numba-windows":
                 from . import windows_numba as module
             elif name == "numba-elementwise":
@@ -235,7 +239,9 @@ def nearest_code(x, codebook, backend="auto", metric="l2"):
         from .nearest_numpy import nearest_code_numpy
         return nearest_code_numpy(x, codebook, **options)
     if name == "numba":
-        return _load("numba").nearest_code_numba(x, codebook, **options, check_x=lambda: _check_finite(both))
+        screen = _load("numba-screen")      # the AMX screen where the CPU has it, else the fused kernel
+        search = _load("numba").nearest_code_numba if isinstance(screen, str) else screen.nearest_code_screened
+        return search(x, codebook, **options, check_x=lambda: _check_finite(both))
     return _load("cupy").nearest_code_cupy(x, codebook, **options)
 
 

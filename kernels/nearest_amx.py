@@ -60,6 +60,7 @@ from numba import get_num_threads, njit, prange
 from . import amx
 from .amx import (lanes_within, lowest_bit, row_minimum, rows_within, tile_config, tile_dot_bf16, tile_load,
                   tile_release, tile_store, tile_zero)
+from . import nearest_numba
 from .nearest_numba import _stack_buffer
 
 ROWS = 32                       # rows of x per tile block (tiles 4 and 5)
@@ -331,3 +332,17 @@ def nearest_code_amx(x, codebook, norms):
              np.ascontiguousarray(norms, dtype=np.float32), np.array(code_terms), amx.tile_config_bytes(),
              pairs_per_block(dim), out, spilled)
     return out, spilled
+
+
+def nearest_code_screened(x, codebook, metric="l2", check_x=None):
+    """The ``"numba"`` backend's search: the screen where it runs, the fused kernel (nearest_numba.py)
+    where it declines and for the rows it leaves. Arguments as ``nearest_code_numba``'s; the same indices.
+    """
+    x = np.ascontiguousarray(x)
+    screened = nearest_code_amx(x, codebook, nearest_numba.score_norms(codebook, metric)) if x.shape[0] else None
+    if screened is None:
+        return nearest_numba.nearest_code_numba(x, codebook, metric, check_x)
+    out, spilled = screened
+    if spilled.any():
+        out[spilled] = nearest_numba.nearest_code_numba(x[spilled], codebook, metric, check_x)
+    return out

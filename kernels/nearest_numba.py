@@ -67,7 +67,7 @@ Why ``fastmath={"contract"}`` and nothing more
 
 Compiled on first use per dtype and cached on disk (unless the tile is forced).
 
-Where the CPU has AMX, ``nearest_code_numba`` hands float32 searches to the
+Where the CPU has AMX, the ``"numba"`` backend hands float32 searches to the
 bf16 screen of nearest_amx.py first. It returns this kernel's indices, so
 nothing above can tell, except by the clock; the rows it cannot settle (NaN
 or inf, magnitudes near float32's range, dozens of near-equal codes) come
@@ -241,24 +241,16 @@ def tiles_per_block(dim, itemsize):
     return max(1, CODE_BLOCK_BYTES // (max(1, dim) * CODES * itemsize))
 
 
-def nearest_code_numba(x, codebook, metric="l2", check_x=None, amx=True):
+def nearest_code_numba(x, codebook, metric="l2", check_x=None):
     """Index of the nearest code for every row of ``x`` (validated NumPy float arrays of one dtype).
 
     ``metric``: ``"l2"`` (squared distance) or ``"ip"`` (largest inner product). ``check_x``: called when
     some row's best score is not finite, which every row holding a NaN or an inf gives (its scores are
     all NaN or infinite), and which a finite row gives only when a score overflows; so the caller need
     not check x for NaN and inf in a pass of its own first (at N = 65536, D = 256 that pass was 5 of
-    117 ms). It raises for a non-finite x; otherwise the indices are returned. ``amx=False``: never the
-    AMX screen (nearest_amx.py), which gives the same indices where it runs (float32, AMX CPUs).
+    117 ms). It raises for a non-finite x; otherwise the indices are returned.
     """
-    from . import nearest_amx       # here, not at the top: nearest_amx imports this module
     x = np.ascontiguousarray(x)
-    screened = nearest_amx.nearest_code_amx(x, codebook, score_norms(codebook, metric)) if amx and x.shape[0] else None
-    if screened is not None:        # the same indices, screened on AMX tiles (nearest_amx.py)
-        out, spilled = screened
-        if spilled.any():
-            out[spilled] = nearest_code_numba(x[spilled], codebook, metric, check_x, amx=False)
-        return out
     packed, norms = pack_codebook(codebook, metric)
     out = np.empty(x.shape[0], dtype=np.int64)
     lows = np.empty(x.shape[0], dtype=x.dtype)        # each row's best score

@@ -15,7 +15,12 @@ needs_amx = pytest.mark.skipif(not amx.available(), reason="this CPU or kernel h
 
 
 def fused(x, codebook, metric="l2"):
-    return nearest_numba.nearest_code_numba(x, codebook, metric, amx=False)
+    return nearest_numba.nearest_code_numba(x, codebook, metric)
+
+
+def backend(x, codebook, metric="l2"):
+    """What ``kernels.nearest_code(backend="numba")`` runs: the screen, and the fused kernel for what it leaves."""
+    return nearest_amx.nearest_code_screened(x, codebook, metric)
 
 
 def screened(x, codebook, metric="l2"):
@@ -29,7 +34,8 @@ def assert_same_as_fused(x, codebook, metric="l2"):
     indices, spilled = screened(x, codebook, metric)
     expected = fused(x, codebook, metric)
     np.testing.assert_array_equal(indices[~spilled], expected[~spilled])
-    np.testing.assert_array_equal(nearest_numba.nearest_code_numba(x, codebook, metric), expected)
+    np.testing.assert_array_equal(backend(x, codebook, metric), expected)
+    np.testing.assert_array_equal(kernels.nearest_code(x, codebook, backend="numba", metric=metric), expected)
     return spilled
 
 
@@ -73,7 +79,7 @@ def test_duplicated_codes_tie_to_the_first_copy(rng, copies):
     codebook = codebook[rng.permutation(codebook.shape[0])]
     x = (base[rng.integers(0, 10, 600)] + 0.01 * rng.standard_normal((600, 48))).astype(np.float32)
     spilled = assert_same_as_fused(x, codebook)
-    got = nearest_numba.nearest_code_numba(x, codebook)
+    got = backend(x, codebook)
     first = {}
     for i, row in enumerate(codebook.tolist()):
         first.setdefault(tuple(row), i)
@@ -123,7 +129,7 @@ def test_rows_near_float32s_range_go_to_the_fused_kernel(rng):
     codebook = rng.standard_normal((20, 8)).astype(np.float32)
     indices, spilled = screened(x, codebook)
     assert np.flatnonzero(spilled).tolist() == [5]
-    np.testing.assert_array_equal(nearest_numba.nearest_code_numba(x, codebook), fused(x, codebook))
+    np.testing.assert_array_equal(backend(x, codebook), fused(x, codebook))
 
 
 @needs_amx
