@@ -31,28 +31,37 @@ The certificate (``margin``)
     float32 score has s' <= s^ + B <= s^_j + B <= s'_j + 2B for all j, that is
     s' <= m' + 2B. Every code above ``m' + 2B`` is ruled out.
 
+The codes (``pack_codes``, once per call)
+    bf16(-2 e) in the B tiles' layout (pairs of features of 16 codes a row),
+    the norms padded with +inf, and the codebook's terms of the bound, in one
+    parallel pass over the codebook.
+
 The sweep (``_screen_loops``)
-    Tasks of ``TASK_ROWS`` rows run in parallel. A task sweeps the codebook in
-    blocks (``CODE_BLOCK_BYTES`` of bf16, kept in L2), and for every 32 rows x
-    32 codes runs ``D / 32`` steps of four tile products (tiles 0-3 hold the
-    2 x 2 blocks of 16 x 16 scores, 4-5 the rows, 6-7 the codes), stores the
-    scores and compares them with each row's running threshold ``m' + 2B``. A
-    score at or under it is kept as a candidate (up to ``CAPACITY`` a row)
-    and may lower the threshold. The threshold only falls, so every code
-    within the final one was kept when it came.
+    Tasks of ``TASK_ROWS`` rows run in parallel. A task first rounds its rows
+    to bf16 (to nearest even, into a buffer that stays in L2) with each row's
+    margin 2B. It then sweeps the codebook in blocks (``CODE_BLOCK_BYTES`` of
+    bf16, kept in L2), and for every 32 rows x 32 codes runs ``D / 32`` steps
+    of four tile products (tiles 0-3 hold the 2 x 2 blocks of 16 x 16 scores,
+    4-5 the rows, 6-7 the codes), stores the scores and compares them with
+    each row's running threshold ``m' + 2B`` (``_scan``, one block behind the
+    tiles, so the compare never waits for the store). A score at or under it
+    is kept as a candidate (up to ``CAPACITY`` a row) and may lower the
+    threshold. The threshold only falls, so every code within the final one
+    was kept when it came.
 
 Deciding (``_decide``)
     A row left with one candidate within its final threshold has its code.
     Where several remain, each gets its float32 score from the fused kernel's
     arithmetic, and the lowest wins, ties to the lowest index, as in the fused
-    kernel. A row with more than ``CAPACITY`` candidates at once (a codebook of
-    many near-equal codes) is handed back as "spilled": the caller runs the
-    fused kernel on it.
+    kernel.
 
-When this path declines (``nearest_code_amx`` returns None)
-    float64 inputs, a CPU or kernel without AMX, any non-finite value, or
-    magnitudes near float32's range (scores could overflow, so the fused
-    kernel's own handling stays in charge).
+What goes back to the fused kernel
+    The whole search (``nearest_code_amx`` returns None) for float64 inputs, a
+    CPU or kernel without AMX, a codebook holding NaN or inf or one near
+    float32's range; single rows ("spilled") that hold NaN or inf, that are
+    near float32's range (scores could overflow: the fused kernel's own
+    handling stays in charge), or that meet more than ``CAPACITY``
+    near-equal codes at once. ``nearest_code_screened`` puts the two together.
 """
 import numpy as np
 from numba import get_num_threads, njit, prange
@@ -92,35 +101,51 @@ def _row_to_bf16(x, x_bits, i, out, t):
     return np.sqrt(total), peak
 
 
-def bf16_bits(a):
-    """float32 ``a`` rounded to nearest even bf16, as uint16 bits (finite inputs)."""
-    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+def _pack_loops(blocks):
+    """The loops of ``pack_codes``, one block of 32 codes per task handed out by ``blocks`` (``prange``, or
+    ``range`` at one thread); ``stats[p]``: block p's largest ``||e||`` and ``|e_d|``. The float64 sums
+    may be reassociated: they only feed the bound."""
+    def pack(codebook, neg2e_bits, norms, tiles, screen_norms, stats):
+        k, dim = codebook.shape
+        for p in blocks(tiles.shape[0]):
+            for c in range(min(CODES, k - p * CODES)):
+                code = p * CODES + c
+                total = 0.0
+                peak = 0.0
+                for f in range(dim):
+                    bits = neg2e_bits[code, f]
+                    tiles[p, f // CHUNK, c // 16, (f % CHUNK) // 2, c % 16, f % 2] = np.uint16(
+                        (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+                    v = np.float64(codebook[code, f])
+                    total += v * v
+                    peak = max(peak, abs(v))
+                screen_norms[p, c] = norms[code]
+                stats[p, 0] = max(stats[p, 0], np.sqrt(total))
+                stats[p, 1] = max(stats[p, 1], peak)
+    return pack
 
 
-def pack_codes(codebook, norms):
-    """``(tiles, padded_norms)``: bf16(-2 e) in tile order, and the float32 norms padded with +inf.
+_pack_codes = njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})(_pack_loops(prange))
+_pack_codes_serial = njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})(_pack_loops(range))
 
-    ``tiles[p, c, h, q, j, s]`` is feature ``32 c + 2 q + s`` of code ``32 p + 16 h + j``: for each block
-    of 32 codes and 32 features, two 1 KiB B tiles of 16 rows (feature pairs) x 16 codes x 2.
+
+def pack_codes(codebook, norms, neg2e):
+    """``(tiles, screen_norms, terms)``: the codes for the tiles, and the codebook's share of the bound.
+
+    ``tiles[p, c, h, q, j, s]`` is bf16(-2 e), feature ``32 c + 2 q + s`` of code ``32 p + 16 h + j``: for
+    each block of 32 codes and 32 features, two 1 KiB B tiles of 16 rows (feature pairs) x 16 codes x 2;
+    zero past the codebook. ``screen_norms[p, j]``: the float32 norms, +inf past the codebook.
+    ``terms``: ``(max ||e||, max |e_d|, max |norm|)`` in float64. ``neg2e``: ``-2 * codebook`` (float32).
     """
     k, dim = codebook.shape
     pairs = -(-k // CODES)
-    chunks = -(-dim // CHUNK)
-    padded = np.zeros((pairs * CODES, chunks * CHUNK), dtype=np.float32)
-    padded[:k, :dim] = codebook
-    padded *= -2                                            # exact: a power of two
-    tiles = bf16_bits(padded).reshape(pairs, 2, 16, chunks, 16, 2).transpose(0, 3, 1, 4, 2, 5)
-    padded_norms = np.full(pairs * CODES, np.inf, dtype=np.float32)
-    padded_norms[:k] = norms
-    return np.ascontiguousarray(tiles), padded_norms.reshape(pairs, CODES)
-
-
-def codebook_terms(codebook, norms):
-    """The codebook's share of the bound: ``(max ||e||, max |e_d|, max ||e||^2)`` in float64."""
-    e64 = codebook.astype(np.float64)
-    return (float(np.sqrt((e64 * e64).sum(axis=1)).max(initial=0.0)), float(np.abs(e64).max(initial=0.0)),
-            float(np.abs(norms.astype(np.float64)).max(initial=0.0)))
+    tiles = np.zeros((pairs, -(-dim // CHUNK), 2, 16, 16, 2), dtype=np.uint16)
+    screen_norms = np.full((pairs, CODES), np.inf, dtype=np.float32)
+    stats = np.zeros((pairs, 2))
+    pack = _pack_codes_serial if get_num_threads() == 1 else _pack_codes
+    pack(codebook, neg2e.view(np.uint32), norms, tiles, screen_norms, stats)
+    norm_max = float(np.abs(norms).max(initial=0.0))
+    return tiles, screen_norms, (float(stats[:, 0].max()), float(stats[:, 1].max()), norm_max)
 
 
 @njit(nogil=True, cache=True)
@@ -318,18 +343,17 @@ def nearest_code_amx(x, codebook, norms):
     if x.dtype != np.float32 or codebook.dtype != np.float32 or not amx.available():
         return None
     n, dim = x.shape
-    if n == 0 or dim == 0 or not (np.isfinite(codebook).all() and np.isfinite(norms).all()):
+    if n == 0 or dim == 0 or not np.isfinite(codebook).all():
         return None
-    code_terms = codebook_terms(codebook, norms)
-    if not code_terms[0] + code_terms[2] <= _RANGE_LIMIT:
+    neg2e = np.ascontiguousarray(codebook * np.float32(-2))    # exact: a power of two
+    tiles, screen_norms, code_terms = pack_codes(codebook, norms, neg2e)
+    if not code_terms[0] + code_terms[2] <= _RANGE_LIMIT:     # norms that overflowed included
         return None
     x = np.ascontiguousarray(x)
-    tiles, screen_norms = pack_codes(codebook, norms)
     out = np.empty(n, dtype=np.int64)
     spilled = np.zeros(n, dtype=np.bool_)
     compiled = _screen_kernel_serial if get_num_threads() == 1 else _screen_kernel
-    compiled(x, x.view(np.uint32), tiles, screen_norms, np.ascontiguousarray(codebook * np.float32(-2)),
-             np.ascontiguousarray(norms, dtype=np.float32), np.array(code_terms), amx.tile_config_bytes(),
+    compiled(x, x.view(np.uint32), tiles, screen_norms, neg2e, norms, np.array(code_terms), amx.tile_config_bytes(),
              pairs_per_block(dim), out, spilled)
     return out, spilled
 
