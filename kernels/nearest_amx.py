@@ -228,13 +228,15 @@ def _decide(x, first, rows, neg2e, norms, candidates, candidate_scores, count, t
             continue
         kept = _keep(candidates[t], candidate_scores[t], count[t], threshold[t])
         count[t] = kept
-        if kept == 1:
+        if kept == 0:                      # cannot happen (the lowest score is always within): left, not guessed
+            spilled[first + t] = True
+        elif kept == 1:
             out[first + t] = candidates[t, 0]
-            continue
-        for j in range(kept):
-            pair_rows[pairs] = first + t
-            pair_codes[pairs] = candidates[t, j]
-            pairs += 1
+        else:
+            for j in range(kept):
+                pair_rows[pairs] = first + t
+                pair_codes[pairs] = candidates[t, j]
+                pairs += 1
     exact = np.empty(pairs, dtype=np.float32)
     acc = _stack_buffer(8, np.float32)
     row = _stack_buffer(8, np.int64)
@@ -343,7 +345,7 @@ def nearest_code_amx(x, codebook, norms):
     if x.dtype != np.float32 or codebook.dtype != np.float32 or not amx.available():
         return None
     n, dim = x.shape
-    if n == 0 or dim == 0 or not np.isfinite(codebook).all():
+    if n == 0 or dim == 0 or codebook.shape[0] == 0 or not np.isfinite(codebook).all():
         return None
     neg2e = np.ascontiguousarray(codebook * np.float32(-2))    # exact: a power of two
     tiles, screen_norms, code_terms = pack_codes(codebook, norms, neg2e)
