@@ -102,6 +102,36 @@ def test_codes_one_ulp_apart_are_decided_by_float32_rounding(rng):
 
 
 @needs_amx
+def test_a_new_lowest_score_in_every_block_fills_and_compacts_the_candidates(rng):
+    # block b of 32 codes holds one code nearer to every row than all of blocks 0..b-1 (the rest point
+    # away): each block lowers the rows' thresholds and adds a candidate, so a row gathers more than
+    # CAPACITY over the sweep and must drop those the threshold has passed (while only the last few
+    # stay within it: no row is handed back)
+    d, blocks = 24, 3 * nearest_amx.CAPACITY
+    direction = rng.standard_normal(d).astype(np.float32)
+    codebook = (-direction[None] * (3 + rng.random((blocks * 32, 1)))).astype(np.float32)    # scores >= 15 |d|^2
+    codebook[::32] = direction[None] * (1 + np.linspace(2.0, 0.0, blocks, dtype=np.float32)[:, None])  # <= 3 |d|^2
+    x = (direction[None] + 1e-3 * rng.standard_normal((70, d))).astype(np.float32)
+    assert not assert_same_as_fused(x, codebook).any()
+    np.testing.assert_array_equal(fused(x, codebook), np.full(70, (blocks - 1) * 32))
+
+
+@needs_amx
+@pytest.mark.parametrize("seed", range(4))
+def test_clusters_of_near_equal_codes(seed):
+    # each cluster: one code and copies a few ulps away in a few features, shuffled through the codebook
+    rng = np.random.default_rng(seed)
+    k, d = 600, int(rng.integers(8, 130))
+    centres = rng.standard_normal((30, d)).astype(np.float32)
+    codebook = centres[rng.integers(0, 30, k)]
+    nudge = rng.random((k, d)) < 0.05
+    codebook = np.where(nudge, np.nextafter(codebook, np.float32(np.inf) * np.sign(rng.standard_normal((k, d)))),
+                        codebook).astype(np.float32)
+    x = (centres[rng.integers(0, 30, 900)] + 1e-5 * rng.standard_normal((900, d))).astype(np.float32)
+    assert_same_as_fused(x, codebook)
+
+
+@needs_amx
 def test_rows_halfway_between_two_codes(rng):
     a = rng.standard_normal((50, 20)).astype(np.float32)
     b = a + rng.standard_normal((50, 20)).astype(np.float32)
