@@ -174,7 +174,8 @@ def test_bench_train_step_times_round_sevens_way_beside_and_records_the_threads(
 
 def test_as_avx2_holds_the_numba_kernels_to_avx2_registers():
     """benchmarks/as_avx2.sh: minivq's AVX2 tile, Numba compiling without AVX-512 (no zmm register in the
-    search's code), OpenBLAS on its Haswell kernels; without a command, a usage line and exit 2."""
+    search's code), OpenBLAS on its Haswell kernels, no AMX screen; without a command, a usage line and
+    exit 2."""
     pytest.importorskip("numba")
     script = os.path.join(BENCH, "as_avx2.sh")
     check = ("import os, numba, numpy as np; from minivq.kernels import nearest_numba as K; "
@@ -184,9 +185,24 @@ def test_as_avx2_holds_the_numba_kernels_to_avx2_registers():
              "x = np.ones((8, 4), np.float32); p, n = K.pack_codebook(np.ones((40, 4), np.float32)); "
              "f(x, p, n, 1, np.empty(8, np.int64), np.empty(8, np.float32)); "
              "asm = f.inspect_asm(f.signatures[0]); assert 'ymm' in asm and 'zmm' not in asm; "
-             "assert os.environ['OPENBLAS_CORETYPE'] == 'Haswell'")
+             "assert os.environ['OPENBLAS_CORETYPE'] == 'Haswell'; "
+             "from minivq.kernels import amx; assert not amx.available()")
     done = subprocess.run(["bash", script, sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
                           cwd=os.path.join(BENCH, os.pardir))
     assert done.returncode == 0, done.stderr[-2000:]
     usage = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and usage.stderr.startswith("usage:")
+
+
+def test_amx_peak_measures_the_three_peaks(tmp_path):
+    pytest.importorskip("numba")
+    pytest.importorskip("threadpoolctl")
+    out = tmp_path / "peak.json"
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "amx_peak.py"), "--seconds", "0.02", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rates = json.loads(out.read_text())["flops_per_s"]
+    assert rates["fma-float32"] > 0 and rates["sgemm"] > 0
+    from minivq.kernels import amx
+    assert (rates["amx-bf16"] is not None) == amx.available()
+    assert ("no AMX here" in done.stdout) == (not amx.available())

@@ -1,0 +1,123 @@
+"""One core's arithmetic peaks, side by side: AMX's bf16 tile product, float32 FMAs, and SGEMM.
+
+Why the nearest-code search screens in bf16 on the tiles (kernels/nearest_amx.py, benchmarks/NOTES.md
+round 10): the fused float32 kernel and SGEMM both stop near two thirds of the FMA units' peak, while
+the tiles multiply bf16 many times faster. All three are measured on one thread, in one process:
+
+    amx-bf16     tiles 0-3 accumulate ``tdpbf16ps`` of tiles 4-7, loaded once: 4 x 16 x 16 x 32
+                 multiply-adds a step, nothing read from memory (the rate the tiles allow)
+    fma-float32  16 x 16 independent float32 multiply-adds a step, in registers (Numba, the
+                 same flags as the fused kernel; LLVM turns them into vector FMAs)
+    sgemm        NumPy float32 2048^3 (``_machine.sgemm_rate``), BLAS held to one thread
+
+    python benchmarks/amx_peak.py [--out benchmarks/results/amx-peak-<date>.json]
+
+Where the CPU or the kernel has no AMX, the first row says so and the others still run.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from _machine import describe_machine, sgemm_rate     # noqa: E402
+
+
+def amx_rate(steps):
+    """bf16 FLOP/s of the tile product on resident tiles, or None without AMX."""
+    from numba import njit
+    from minivq.kernels import amx
+    if not amx.available():
+        return None
+
+    @njit(nogil=True)
+    def products(config, a, b, steps):
+        amx.tile_config(config.ctypes.data)
+        amx.tile_zero(0)
+        amx.tile_zero(1)
+        amx.tile_zero(2)
+        amx.tile_zero(3)
+        amx.tile_load(4, a.ctypes.data, 64)
+        amx.tile_load(5, a.ctypes.data, 64)
+        amx.tile_load(6, b.ctypes.data, 64)
+        amx.tile_load(7, b.ctypes.data, 64)
+        for _ in range(steps):
+            amx.tile_dot_bf16(0, 4, 6)
+            amx.tile_dot_bf16(1, 4, 7)
+            amx.tile_dot_bf16(2, 5, 6)
+            amx.tile_dot_bf16(3, 5, 7)
+        amx.tile_release()
+
+    ones = np.full(512, 0x3F80, dtype=np.uint16)          # bf16 1.0: 16 rows of 64 bytes
+    products(amx.tile_config_bytes(), ones, ones, 10)
+    start = time.perf_counter()
+    products(amx.tile_config_bytes(), ones, ones, steps)
+    return steps * 4 * 16 * 16 * 32 * 2 / (time.perf_counter() - start)
+
+
+def fma_rate(steps):
+    """float32 FLOP/s of independent multiply-adds held in registers: 256 chains in a stack buffer that
+    LLVM keeps in 16 vector registers (``_vector_width_hint``: full-width AVX-512 where the CPU has it)."""
+    from numba import njit
+    from minivq.kernels.nearest_numba import _stack_buffer, _vector_width_hint
+
+    @njit(nogil=True, fastmath={"contract"})
+    def multiply_adds(a, b, steps):
+        _vector_width_hint()
+        acc = _stack_buffer(256, np.float32)
+        for j in range(256):
+            acc[j] = 0
+        for _ in range(steps):
+            for j in range(256):
+                acc[j] = acc[j] * a + b
+        total = np.float32(0)
+        for j in range(256):
+            total += acc[j]
+        return total
+
+    a, b = np.float32(0.999), np.float32(1e-3)
+    multiply_adds(a, b, 10)
+    start = time.perf_counter()
+    multiply_adds(a, b, steps)
+    return steps * 256 * 2 / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=1.0, help="about how long each peak runs")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/amx-peak-<date>.json)")
+    args = parser.parse_args(argv)
+    import numba
+    import threadpoolctl
+    numba.set_num_threads(1)
+    threadpoolctl.threadpool_limits(1)
+    rates = {}
+    amx_probe = amx_rate(1000)
+    rates["amx-bf16"] = amx_rate(max(1000, int(args.seconds * amx_probe / 65536))) if amx_probe else None
+    fma_probe = fma_rate(1000)
+    rates["fma-float32"] = fma_rate(max(1000, int(args.seconds * fma_probe / 512)))
+    rates["sgemm"] = sgemm_rate("cpu", repeats=5, pick=min, gap=0.2)["gflops"] * 1e9
+    for name, rate in rates.items():
+        print(f"{name:12s} " + ("no AMX here" if rate is None else f"{rate / 1e9:9.1f} GFLOP/s, one core"))
+    if rates["amx-bf16"]:
+        print(f"the tiles are {rates['amx-bf16'] / rates['sgemm']:.1f}x SGEMM")
+    date = datetime.date.today().isoformat()
+    out = args.out or os.path.join(HERE, "results", f"amx-peak-{date}.json")
+    record = {"benchmark": "one core's peaks (amx_peak.py)", "date": date, "argv": sys.argv[1:],
+              "flops_per_s": rates, "machine": describe_machine()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
