@@ -76,9 +76,8 @@ _loaded = {}
 
 def _load(name):
     """The backend module for ``name`` (``"numba"``, ``"numba-screen"``, ``"cupy"``, ``"numba-windows"``,
-    ``"numba-elementwise"``,
-    ``"numba-scatter"``, ``"numba-adam"``, ``"numba-conv"``, ``"cuda-windows"``, ``"cuda-adam"``), or a string
-    saying why it is unusable."""
+    ``"numba-elementwise"``, ``"numba-scatter"``, ``"numba-adam"``, ``"numba-conv"``, ``"cuda-windows"``,
+    ``"cuda-adam"``), or a string saying why it is unusable."""
     if name not in _loaded:
         try:
             on_cpu = ("numba", "numba-screen", "numba-windows", "numba-elementwise", "numba-scatter", "numba-adam",

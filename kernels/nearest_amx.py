@@ -365,7 +365,9 @@ def nearest_code_screened(x, codebook, metric="l2", check_x=None):
     where it declines and for the rows it leaves. Arguments as ``nearest_code_numba``'s; the same indices.
     """
     x = np.ascontiguousarray(x)
-    screened = nearest_code_amx(x, codebook, nearest_numba.score_norms(codebook, metric)) if x.shape[0] else None
+    screened = None
+    if x.shape[0] and x.dtype == np.float32 and amx.available():
+        screened = nearest_code_amx(x, codebook, nearest_numba.score_norms(codebook, metric))
     if screened is None:
         return nearest_numba.nearest_code_numba(x, codebook, metric, check_x)
     out, spilled = screened
