@@ -15,9 +15,9 @@ constants (LLVM wants them as immediates). Addresses are plain integers
 Before a thread may touch a tile it must load a tile configuration (the
 shape of every tile, ``tile_config``) and the process must have asked Linux
 for the right to use the tile state (``request_permission``: the kernel then
-saves it on context switches). ``available()`` says whether both the CPU (as
-LLVM sees it) and the kernel allow it; where either does not, nothing here
-is ever called.
+saves it on context switches). ``available()`` says whether the CPU (as
+Numba compiles for it) and the kernel allow it and a first tile product
+comes out right; where not, nothing here is ever called.
 """
 import ctypes
 import os
@@ -63,10 +63,11 @@ def request_permission():
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.syscall.restype = ctypes.c_long
-        if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+        call, long = libc.syscall, ctypes.c_long        # syscall(2) is variadic: pass longs, not C ints
+        if call(long(_SYS_ARCH_PRCTL), long(_ARCH_REQ_XCOMP_PERM), long(_XFEATURE_XTILEDATA)) != 0:
             return False          # a kernel older than 5.16, or one that refuses
         granted = ctypes.c_uint64(0)
-        if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, ctypes.byref(granted)) != 0:
+        if call(long(_SYS_ARCH_PRCTL), long(_ARCH_GET_XCOMP_PERM), ctypes.byref(granted)) != 0:
             return False
         return bool(granted.value >> _XFEATURE_XTILEDATA & 1)
     except Exception:
