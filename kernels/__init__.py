@@ -21,7 +21,8 @@ Backends:
   On CPUs with AMX (Intel Xeons since Sapphire Rapids) float32 searches are
   first screened in bf16 on the AMX tiles, which rules out all but a few codes
   a row with a proof, and those few are scored as the fused kernel scores
-  them: the same indices, 3-4x sooner at D = 256 (nearest_amx.py, amx.py;
+  them: the same indices, 2.9-3.7x sooner at K = 4096, D = 256 on the Xeon
+  of benchmarks/NOTES.md round 10 (nearest_amx.py, amx.py;
   ``MINIVQ_NUMBA_AMX=0`` turns the screen off).
 - ``"cupy"``: a fused CUDA kernel loaded from nearest_code.cu through CuPy
   (nearest_cuda.py). Needs ``pip install -e .[cuda]`` and a GPU.
