@@ -173,16 +173,16 @@ def _keep(codes, scores, count, limit):
 
 
 @njit(nogil=True, cache=True)
-def _scan(scores, rows, screen_norms, pair, sub, state, count, candidates, candidate_scores):
-    """Compare a tile block's screen scores (``scores[r, c] + screen_norms[pair, c]``, rows ``sub + r`` of
-    the task) with the rows' thresholds, and keep the codes within them.
+def _scan(scores, half, rows, screen_norms, pair, sub, state, count, candidates, candidate_scores):
+    """Compare a tile block's screen scores (``scores[half, r, c] + screen_norms[pair, c]``, rows ``sub + r``
+    of the task) with the rows' thresholds, and keep the codes within them.
 
     ``state``: the task's thresholds, lowest screen scores and margins (float32 rows 0, 1, 2). A row with
     a score within its threshold first lowers it to the block's lowest score plus the margin, where that
     is lower, then keeps every code still within it. ``count[t]`` goes over CAPACITY (and the threshold
     to -inf) when they do not fit.
     """
-    s = scores.ctypes.data
+    s = scores.ctypes.data + half * ROWS * CODES * 4
     norms_at = screen_norms.ctypes.data + pair * CODES * 4
     threshold_at = state.ctypes.data                          # row 0 of state
     hit = rows_within(s, norms_at, threshold_at + sub * 4)
@@ -205,7 +205,7 @@ def _scan(scores, rows, screen_norms, pair, sub, state, count, candidates, candi
                     state[0, t] = -np.inf
                     break
             candidates[t, count[t]] = pair * CODES + c
-            candidate_scores[t, count[t]] = scores[r, c] + screen_norms[pair, c]    # what the masks compared
+            candidate_scores[t, count[t]] = scores[half, r, c] + screen_norms[pair, c]    # what the masks compared
             count[t] += 1
 
 
@@ -313,8 +313,8 @@ def _screen_loops(blocks):
                                 tile_dot_bf16(2, 5, 6)
                                 tile_dot_bf16(3, 5, 7)
                         if pair > block_start:
-                            _scan(scores[(pair - 1) & 1], min(ROWS, rows - sub), screen_norms, pair - 1, sub, state,
-                                  count, candidates, candidate_scores)
+                            _scan(scores, (pair - 1) & 1, min(ROWS, rows - sub), screen_norms, pair - 1, sub,
+                                  state, count, candidates, candidate_scores)
                         if pair < block_stop:           # scores[pair & 1][r, c]: row sub + r, code 32 pair + c
                             s = scores.ctypes.data + (pair & 1) * ROWS * CODES * 4
                             tile_store(0, s, CODES * 4)
