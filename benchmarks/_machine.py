@@ -6,10 +6,12 @@ torch, numba, faiss and cupy are described when present. Versions come from
 the installed package metadata, so describing a machine never imports torch
 or cupy. ``timed(call)`` times one call; ``sgemm_rate(device)`` measures the
 float32 GEMM rate that the scripts hold their GFLOP/s against;
+``write_record(record, out)`` saves a run's JSON;
 ``run_single_threaded(commands, jobs)`` runs training processes side by side, and
 ``run_training_jobs`` is the training studies' ``run`` command on top of it.
 """
 import datetime
+import json
 import os
 import platform
 import socket
@@ -100,6 +102,14 @@ def describe_machine():
     }
 
 
+def write_record(record, out):
+    """Write a benchmark's JSON record to ``out`` (its folder made if missing) and say where."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {out}")
+
+
 def slug(machine=None):
     """``<hostname-or-cpu>-<date>`` for result file names: letters, digits and dashes only."""
     machine = machine or describe_machine()
@@ -150,7 +160,6 @@ def sgemm_rate(device="cpu", repeats=5, size=None, pick=min, gap=0.0):
 
 
 if __name__ == "__main__":
-    import json
     print(json.dumps(describe_machine(), indent=2))
 
 

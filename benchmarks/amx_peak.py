@@ -16,7 +16,6 @@ Where the CPU or the kernel has no AMX, the first row says so and the others sti
 """
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from _machine import describe_machine, sgemm_rate     # noqa: E402
+from _machine import describe_machine, sgemm_rate, write_record     # noqa: E402
 
 
 def amx_rate(steps):
@@ -112,10 +111,7 @@ def main(argv=None):
     out = args.out or os.path.join(HERE, "results", f"amx-peak-{date}.json")
     record = {"benchmark": "one core's peaks (amx_peak.py)", "date": date, "argv": sys.argv[1:],
               "flops_per_s": rates, "machine": describe_machine()}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"wrote {out}")
+    write_record(record, out)
     return record
 
 

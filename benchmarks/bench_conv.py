@@ -18,7 +18,6 @@ im2col+GEMM implementation could not beat.
 """
 import contextlib
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ sys.path.insert(0, HERE)
 import minivq as mv                                              # noqa: E402
 from minivq.functional import conv as conv_module                # noqa: E402
 from minivq.functional.conv import conv2d, conv_transpose2d      # noqa: E402
-from _machine import describe_machine, sgemm_rate, slug, timed  # noqa: E402
+from _machine import describe_machine, sgemm_rate, slug, timed, write_record  # noqa: E402
 
 # name, transposed, c_in, c_out, kernel, stride, padding, input size, input needs a gradient
 LAYERS = [
@@ -285,10 +284,7 @@ def main(argv=None):
     report.update(machine=machine, repeats=repeats, warmup=warmup, gap_s=args.gap, batches=batches,
                   benchmark="conv2d/conv_transpose2d forward+backward, float32, VQ-VAE layer shapes")
     out = args.out or os.path.join(HERE, "results", f"conv-{slug(machine)}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {out}")
+    write_record(report, out)
 
 
 if __name__ == "__main__":

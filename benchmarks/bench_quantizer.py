@@ -45,7 +45,6 @@ benchmarks/results/quantizer-<device>-<date>.json with the machine described.
 import argparse
 import datetime
 import gc
-import json
 import os
 import statistics
 import sys
@@ -58,7 +57,7 @@ sys.path.insert(0, HERE)
 
 from minivq import kernels                      # noqa: E402
 
-from _machine import describe_machine, sgemm_rate, timed     # noqa: E402
+from _machine import describe_machine, sgemm_rate, timed, write_record     # noqa: E402
 
 FULL = {"n": [8192, 65536, 262144], "k": [512, 1024, 8192], "d": [64, 256]}
 QUICK = {"n": [8192, 65536], "k": [512, 1024], "d": [64]}
@@ -337,10 +336,7 @@ def main(argv=None):
         "sgemm_peak_gflops": peak, "sgemm_before": peak_before, "sgemm_after": peak_after,
         "sweep": sweep, "machine": machine, "cases": cases,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"wrote {out}")
+    write_record(record, out)
     return record
 
 

@@ -82,19 +82,24 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _RANGE_LIMIT = 2.0 ** 100       # larger norms: the fused kernel decides (scores could overflow)
 
 
+@njit(nogil=True, cache=True)
+def _bf16(bits):
+    """The bf16 nearest (ties to even) to the float32 with these uint32 bits, as uint16 bits: keep the top
+    16 bits after adding 0x7FFF plus the lowest kept bit."""
+    return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
 @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def _row_to_bf16(x, x_bits, i, out, t):
     """Row i of x rounded to nearest even bf16 into row t of ``out`` (uint16 bits); ``(||x_i||, max |x_id|)``.
 
-    ``x_bits``: x viewed as uint32. Rounding keeps the top 16 bits after adding 0x7FFF plus the lowest kept
-    bit (ties to even). The float64 sum of squares may be reassociated: it only feeds the bound, far from
-    its precision. A NaN or inf in the row makes the norm NaN or inf.
+    ``x_bits``: x viewed as uint32 (``_bf16`` rounds them). The float64 sum of squares may be reassociated:
+    it only feeds the bound, far from its precision. A NaN or inf in the row makes the norm NaN or inf.
     """
     total = 0.0
     peak = 0.0
     for d in range(x.shape[1]):
-        bits = x_bits[i, d]
-        out[t, d] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        out[t, d] = _bf16(x_bits[i, d])
         v = np.float64(x[i, d])
         total += v * v
         peak = max(peak, abs(v))
@@ -113,9 +118,7 @@ def _pack_loops(blocks):
                 total = 0.0
                 peak = 0.0
                 for f in range(dim):
-                    bits = neg2e_bits[code, f]
-                    tiles[p, f // CHUNK, c // 16, (f % CHUNK) // 2, c % 16, f % 2] = np.uint16(
-                        (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+                    tiles[p, f // CHUNK, c // 16, (f % CHUNK) // 2, c % 16, f % 2] = _bf16(neg2e_bits[code, f])
                     v = np.float64(codebook[code, f])
                     total += v * v
                     peak = max(peak, abs(v))
