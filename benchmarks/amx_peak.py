@@ -1,4 +1,4 @@
-"""One core's arithmetic peaks, side by side: AMX's bf16 tile product, float32 FMAs, and SGEMM.
+"""One core's arithmetic peaks, side by side: AMX's bf16 tile product, VNNI's int16 block, float32 FMAs, SGEMM.
 
 Why the nearest-code search screens in bf16 on the tiles (kernels/nearest_amx.py, benchmarks/NOTES.md
 round 10): the fused float32 kernel and SGEMM both stop near two thirds of the FMA units' peak, while
@@ -6,13 +6,16 @@ the tiles multiply bf16 many times faster. All three are measured on one thread,
 
     amx-bf16     tiles 0-3 accumulate ``tdpbf16ps`` of tiles 4-7, loaded once: 4 x 16 x 16 x 32
                  multiply-adds a step, nothing read from memory (the rate the tiles allow)
+    vnni-int16   the int16 screen's block product (simd.dot_s16_block: 32 rows x 32 codes x 64
+                 features of ``vpdpwssd``, in L1), counted as 2 operations a multiply-add
+                 (nearest_vnni.py)
     fma-float32  16 x 16 independent float32 multiply-adds a step, in registers (Numba, the
                  same flags as the fused kernel; LLVM turns them into vector FMAs)
     sgemm        NumPy float32 2048^3 (``_machine.sgemm_rate``), BLAS held to one thread
 
     python benchmarks/amx_peak.py [--out benchmarks/results/amx-peak-<date>.json]
 
-Where the CPU or the kernel has no AMX, the first row says so and the others still run.
+Where the CPU or the kernel has no AMX (or no AVX-512 VNNI), its row says so and the others still run.
 """
 import argparse
 import datetime
@@ -61,6 +64,27 @@ def amx_rate(steps):
     return steps * 4 * 16 * 16 * 32 * 2 / (time.perf_counter() - start)
 
 
+def vnni_rate(steps):
+    """Operations a second of the int16 block product on blocks held in L1, or None without AVX-512 VNNI."""
+    from numba import njit
+    from minivq.kernels import nearest_vnni, simd
+    if not nearest_vnni.available():
+        return None
+
+    @njit(nogil=True)
+    def products(q, codes, scales, out, steps):
+        for _ in range(steps):
+            simd.dot_s16_block(q.ctypes.data, 128, 32, codes.ctypes.data, 32, scales.ctypes.data, out.ctypes.data)
+
+    q = np.ones((32, 64), dtype=np.int16)
+    codes = np.ones((32, 2, 16, 2), dtype=np.int16)
+    scales, out = np.ones(32, dtype=np.float32), np.empty((32, 32), dtype=np.float32)
+    products(q, codes, scales, out, 10)
+    start = time.perf_counter()
+    products(q, codes, scales, out, steps)
+    return steps * 32 * 32 * 64 * 2 / (time.perf_counter() - start)
+
+
 def fma_rate(steps):
     """float32 FLOP/s of independent multiply-adds held in registers: 256 chains in a stack buffer that
     LLVM keeps in 16 vector registers (``_vector_width_hint``: full-width AVX-512 where the CPU has it)."""
@@ -100,11 +124,14 @@ def main(argv=None):
     rates = {}
     amx_probe = amx_rate(1000)
     rates["amx-bf16"] = amx_rate(max(1000, int(args.seconds * amx_probe / 65536))) if amx_probe else None
+    vnni_probe = vnni_rate(1000)
+    rates["vnni-int16"] = vnni_rate(max(1000, int(args.seconds * vnni_probe / 131072))) if vnni_probe else None
     fma_probe = fma_rate(1000)
     rates["fma-float32"] = fma_rate(max(1000, int(args.seconds * fma_probe / 512)))
     rates["sgemm"] = sgemm_rate("cpu", repeats=5, pick=min, gap=0.2)["gflops"] * 1e9
     for name, rate in rates.items():
-        print(f"{name:12s} " + ("no AMX here" if rate is None else f"{rate / 1e9:9.1f} GFLOP/s, one core"))
+        missing = "no AMX here" if name == "amx-bf16" else "no AVX-512 VNNI here"
+        print(f"{name:12s} " + (missing if rate is None else f"{rate / 1e9:9.1f} G operations/s, one core"))
     if rates["amx-bf16"]:
         print(f"the tiles are {rates['amx-bf16'] / rates['sgemm']:.1f}x SGEMM")
     date = datetime.date.today().isoformat()

@@ -12,7 +12,8 @@ if [ "$#" -eq 0 ]; then
 fi
 export OPENBLAS_CORETYPE=Haswell        # NumPy's (and faiss's) OpenBLAS: its AVX2 kernels
 export MINIVQ_NUMBA_WIDE=0              # minivq's AVX2 tiles
-export MINIVQ_NUMBA_AMX=0               # and no AMX screen (an AVX2 CPU has no tiles)
+export MINIVQ_NUMBA_AMX=0               # and no AMX screen (an AVX2 CPU has no tiles; the features below
+                                        # also leave out AVX-512 VNNI, so no int16 screen either)
 export NUMBA_CPU_NAME=haswell           # Numba compiles for Haswell, AVX-512 off
 export NUMBA_CPU_FEATURES="+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fsgsbase,+fxsr,+lzcnt,+mmx,+movbe,+pclmul,+popcnt,+rdrnd,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt,-avx512f,-avx512bw,-avx512dq,-avx512vl,-avx512cd,-avx512vnni,-avx512bf16,-avx512fp16,-avx512vbmi,-avx512vbmi2,-avx512ifma,-avx512bitalg,-avx512vpopcntdq"
 export ATEN_CPU_CAPABILITY=avx2         # PyTorch's own kernels

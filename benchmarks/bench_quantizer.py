@@ -9,11 +9,12 @@ stopped spinning (OpenBLAS and OpenMP pools busy-wait after a call and would
 otherwise steal the cores from the next one). Medians are reported.
 
 CPU (``--device cpu``):
-    minivq-numba   kernels.nearest_code(backend="numba"): on a CPU with AMX, the bf16 screen on the tiles
-                   and the float32 decision of the few codes it leaves (nearest_amx.py); elsewhere the
-                   fused kernel
-    minivq-numba-fp32  the fused float32 kernel alone (listed where the CPU has AMX; it gives the same
-                   indices as minivq-numba, which the JSON records per case as ``screen_equals_fused``)
+    minivq-numba   kernels.nearest_code(backend="numba"): a certified screen and the float32 decision of
+                   the few codes it leaves (bf16 on AMX tiles, nearest_amx.py, or else int16 with AVX-512
+                   VNNI, nearest_vnni.py); the fused kernel alone on CPUs with neither
+    minivq-numba-fp32  the fused float32 kernel alone (listed where a screen runs; it gives the same
+                   indices as minivq-numba, which the JSON records per case as ``screen_equals_fused``;
+                   ``machine.screen`` names the screen)
     minivq-numpy   kernels.nearest_code(backend="numpy"): the chunked GEMM reference
     faiss          faiss.IndexFlatL2(D) holding the codebook (added outside the timing), search(x, 1)
     torch-cdist    torch.cdist(x, e).argmin(1)
@@ -73,10 +74,10 @@ def machine_description():
         machine["blas_architecture"] = None
     machine["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE")
     try:
-        from minivq.kernels import amx
-        machine["amx_screen"] = amx.available()
+        from minivq.kernels import nearest_screened
+        machine["screen"] = nearest_screened.screen_name()
     except ImportError:                           # no Numba
-        machine["amx_screen"] = False
+        machine["screen"] = None
     return machine
 
 
@@ -124,8 +125,8 @@ def cpu_impls():
     if "numba" in kernels.available_backends():
         impls.append(Impl("minivq-numba", "minivq",
                           lambda x, e: (lambda: kernels.nearest_code(x, e, backend="numba"))))
-        from minivq.kernels import amx, nearest_numba
-        if amx.available():
+        from minivq.kernels import nearest_numba, nearest_screened
+        if nearest_screened.screen_name():
             impls.append(Impl("minivq-numba-fp32", "minivq",
                               lambda x, e: (lambda: nearest_numba.nearest_code_numba(x, e))))
     impls.append(Impl("minivq-numpy", "minivq", lambda x, e: (lambda: kernels.nearest_code(x, e, backend="numpy"))))

@@ -18,12 +18,13 @@ Backends:
   live in, so it is also the GEMM-based path for CuPy arrays.
 - ``"numba"``: a fused, parallel CPU kernel that never materialises the
   N x K distance matrix (nearest_numba.py). Needs ``pip install -e .[numba]``.
-  On CPUs with AMX (Intel Xeons since Sapphire Rapids) float32 searches are
-  first screened in bf16 on the AMX tiles, which rules out all but a few codes
-  a row with a proof, and those few are scored as the fused kernel scores
-  them: the same indices, 2.9-3.7x sooner at K = 4096, D = 256 on the Xeon
-  of benchmarks/NOTES.md round 10 (nearest_amx.py, amx.py;
-  ``MINIVQ_NUMBA_AMX=0`` turns the screen off).
+  float32 searches are first screened (nearest_screened.py): in bf16 on the
+  AMX tiles where the CPU has them (Intel Xeons since Sapphire Rapids;
+  nearest_amx.py, amx.py), else in int8 with AVX2 (nearest_int8.py). A screen
+  rules out all but a few codes a row with a proof, and those few are scored
+  as the fused kernel scores them (screen.py): the same indices, 2.9-3.7x
+  sooner at K = 4096, D = 256 with AMX on the Xeon of benchmarks/NOTES.md
+  round 10. ``MINIVQ_NUMBA_AMX=0`` and ``MINIVQ_NUMBA_INT8=0`` turn them off.
 - ``"cupy"``: a fused CUDA kernel loaded from nearest_code.cu through CuPy
   (nearest_cuda.py). Needs ``pip install -e .[cuda]`` and a GPU.
 - ``"auto"``: CuPy arrays go to ``"cupy"``; otherwise ``"numba"`` when it
@@ -88,7 +89,7 @@ def _load(name):
             if name == "numba":
                 from . import nearest_numba as module
             elif name == "numba-screen":
-                from . import nearest_amx as module
+                from . import nearest_screened as module
             elif name == "numba-windows":
                 from . import windows_numba as module
             elif name == "numba-elementwise":
@@ -239,8 +240,8 @@ def nearest_code(x, codebook, backend="auto", metric="l2"):
         from .nearest_numpy import nearest_code_numpy
         return nearest_code_numpy(x, codebook, **options)
     if name == "numba":
-        screen = _load("numba-screen")      # the AMX screen where the CPU has it, else the fused kernel
-        search = _load("numba").nearest_code_numba if isinstance(screen, str) else screen.nearest_code_screened
+        screen = _load("numba-screen")      # a screen where the CPU has one (AMX or AVX2), else the fused kernel
+        search = _load("numba").nearest_code_numba if isinstance(screen, str) else screen.nearest_code
         return search(x, codebook, **options, check_x=lambda: _check_finite(both))
     return _load("cupy").nearest_code_cupy(x, codebook, **options)
 

@@ -31,6 +31,8 @@ from numba.core import cgutils
 from numba.core.errors import RequireLiteralValue
 from numba.extending import intrinsic
 
+from .simd import target_features
+
 _SYS_ARCH_PRCTL = 158             # x86-64 Linux
 _ARCH_GET_XCOMP_PERM = 0x1022
 _ARCH_REQ_XCOMP_PERM = 0x1023
@@ -38,22 +40,6 @@ _XFEATURE_XTILEDATA = 18
 
 TILE_ROWS = 16                    # rows of every tile used here
 TILE_BYTES = 64                   # bytes per row: 32 bf16 or 16 float32
-
-
-def _target_features():
-    """The CPU features Numba compiles for: the host's, or the ones ``NUMBA_CPU_NAME`` /
-    ``NUMBA_CPU_FEATURES`` name (benchmarks/as_avx2.sh holds Numba to Haswell that way; a named CPU
-    without a feature list counts as having no AMX)."""
-    from numba.core import config
-    if config.CPU_FEATURES is not None:
-        return set(config.CPU_FEATURES.split(","))
-    if config.CPU_NAME not in (None, "host"):
-        return set()
-    try:
-        from llvmlite import binding
-        return set(binding.get_host_cpu_features().flatten().split(","))
-    except Exception:             # an llvmlite that cannot say: no AMX
-        return set()
 
 
 def request_permission():
@@ -87,7 +73,7 @@ def available():
         return False
     if _available is None:
         _available = False
-        if {"+amx-tile", "+amx-bf16"} <= _target_features() and request_permission():
+        if {"+amx-tile", "+amx-bf16"} <= target_features() and request_permission():
             try:
                 _available = _self_test()
             except Exception:         # an llvmlite that cannot emit the intrinsics: the fused kernel runs
@@ -192,89 +178,6 @@ def tile_dot_bf16(typingctx, out, a, b):
         builder.call(_declare(builder, "llvm.x86.tdpbf16ps", [_I8, _I8, _I8]), numbers)
         return context.get_dummy_value()
     return types.none(out, a, b), codegen
-
-
-# ---------------------------------------------------------------- reading the scores back
-# The tiles' scores come back through memory, 32 float32 (two vector registers) per row. Numba's own loops
-# over 32 codes are unrolled by LLVM before its vectoriser sees them and then stay scalar (four cycles per
-# score for a running minimum), so the three reads the screen needs are written out in vector IR here.
-_F32 = ir.FloatType()
-_I32 = ir.IntType(32)
-_F32X16 = ir.VectorType(_F32, 16)
-
-
-def _load(builder, address, byte_offset, kind):
-    pointer = builder.inttoptr(builder.add(address, ir.Constant(_I64, byte_offset)), ir.PointerType(kind))
-    return builder.load(pointer, align=4)
-
-
-def _row_scores(builder, scores_at, byte_offset, norms):
-    """The two registers ``scores[c] + norms[c]`` of one row (c < 16, c >= 16)."""
-    return [builder.fadd(_load(builder, scores_at, byte_offset + 64 * h, _F32X16), norms[h]) for h in (0, 1)]
-
-
-def _norms(builder, norms_at):
-    return [_load(builder, norms_at, 64 * h, _F32X16) for h in (0, 1)]
-
-
-def _at_most(builder, row, limit):
-    """A 32-bit mask of the lanes of ``row`` (two registers) that are <= ``limit`` (a float32 value)."""
-    splat = builder.insert_element(ir.Constant(_F32X16, None), limit, ir.Constant(_I32, 0))
-    splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(_I32, 16), None))
-    halves = [builder.zext(builder.bitcast(builder.fcmp_ordered("<=", half, splat), ir.IntType(16)), _I32)
-              for half in row]
-    return builder.or_(halves[0], builder.shl(halves[1], ir.Constant(_I32, 16)))
-
-
-@intrinsic
-def rows_within(typingctx, scores, norms, limits):
-    """A 32-bit mask: bit r is set when some ``scores[r, c] + norms[c] <= limits[r]`` (c < 32).
-
-    ``scores``: the address of a 32 x 32 float32 block (rows of 128 bytes), ``norms``: of 32 float32,
-    ``limits``: of 32 float32.
-    """
-    def codegen(context, builder, signature, args):
-        scores_at, norms_at, limits_at = args
-        norms = _norms(builder, norms_at)
-        mask = ir.Constant(_I32, 0)
-        for r in range(32):
-            lanes = _at_most(builder, _row_scores(builder, scores_at, 128 * r, norms),
-                             _load(builder, limits_at, 4 * r, _F32))
-            hit = builder.zext(builder.icmp_unsigned("!=", lanes, ir.Constant(_I32, 0)), _I32)
-            mask = builder.or_(mask, builder.shl(hit, ir.Constant(_I32, r)))
-        return mask
-    return types.uint32(types.intp, types.intp, types.intp), codegen
-
-
-@intrinsic
-def lanes_within(typingctx, scores, norms, limit):
-    """A 32-bit mask: bit c is set when ``scores[c] + norms[c] <= limit`` (one row of 32 float32)."""
-    def codegen(context, builder, signature, args):
-        scores_at, norms_at, limit = args
-        return _at_most(builder, _row_scores(builder, scores_at, 0, _norms(builder, norms_at)), limit)
-    return types.uint32(types.intp, types.intp, types.float32), codegen
-
-
-@intrinsic
-def row_minimum(typingctx, scores, norms):
-    """min over c < 32 of ``scores[c] + norms[c]`` (float32; no NaN may occur)."""
-    def codegen(context, builder, signature, args):
-        low, high = _row_scores(builder, args[0], 0, _norms(builder, args[1]))
-        lower = builder.select(builder.fcmp_ordered("<", low, high), low, high)
-        reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32X16]),
-                                                "llvm.vector.reduce.fmin.v16f32")
-        return builder.call(reduce, [lower])
-    return types.float32(types.intp, types.intp), codegen
-
-
-@intrinsic
-def lowest_bit(typingctx, mask):
-    """The index of the lowest set bit of a nonzero uint32 (``cttz``)."""
-    def codegen(context, builder, signature, args):
-        cttz = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_I32, ir.IntType(1)]),
-                                              "llvm.cttz.i32")
-        return builder.zext(builder.call(cttz, [args[0], ir.Constant(ir.IntType(1), 1)]), _I64)
-    return types.int64(types.uint32), codegen
 
 
 # ---------------------------------------------------------------- a check before first use

@@ -11,7 +11,7 @@ index and tie for tie; only the time changes.
 Scores (per row x of the input and code e)
     exact:    s_e  = ||e||^2 + sum_d x_d (-2 e_d)            (real numbers)
     float32:  s^_e = the fused kernel's value: start at ||e||^2 (float32),
-              one FMA per feature d in order (``_decide`` repeats it)
+              one FMA per feature d in order (``decide`` repeats it)
     screen:   s'_e = ||e||^2 + (tile product of bf16(x) and bf16(-2 e))
 
 The certificate (``margin``)
@@ -43,13 +43,13 @@ The sweep (``_screen_loops``)
     bf16, kept in L2), and for every 32 rows x 32 codes runs ``D / 32`` steps
     of four tile products (tiles 0-3 hold the 2 x 2 blocks of 16 x 16 scores,
     4-5 the rows, 6-7 the codes), stores the scores and compares them with
-    each row's running threshold ``m' + 2B`` (``_scan``, one block behind the
+    each row's running threshold ``m' + 2B`` (screen.py's ``scan``, one block behind the
     tiles, so the compare never waits for the store). A score at or under it
     is kept as a candidate (up to ``CAPACITY`` a row) and may lower the
     threshold. The threshold only falls, so every code within the final one
     was kept when it came.
 
-Deciding (``_decide``)
+Deciding (screen.py's ``decide``)
     A row left with one candidate within its final threshold has its code.
     Where several remain, each gets its float32 score from the fused kernel's
     arithmetic, and the lowest wins, ties to the lowest index, as in the fused
@@ -61,25 +61,18 @@ What goes back to the fused kernel
     float32's range; single rows ("spilled") that hold NaN or inf, that are
     near float32's range (scores could overflow: the fused kernel's own
     handling stays in charge), or that meet more than ``CAPACITY``
-    near-equal codes at once. ``nearest_code_screened`` puts the two together.
+    near-equal codes at once. nearest_screened.py puts the two together.
 """
 import numpy as np
 from numba import get_num_threads, njit, prange
 
 from . import amx
-from .amx import (lanes_within, lowest_bit, row_minimum, rows_within, tile_config, tile_dot_bf16, tile_load,
-                  tile_release, tile_store, tile_zero)
-from . import nearest_numba
-from .nearest_numba import _stack_buffer
+from .amx import tile_config, tile_dot_bf16, tile_load, tile_release, tile_store, tile_zero
+from .screen import CAPACITY, CODES, FLOAT32_MAX, RANGE_LIMIT, ROWS, decide, scan
 
-ROWS = 32                       # rows of x per tile block (tiles 4 and 5)
-CODES = 32                      # codes per tile block (tiles 6 and 7)
 CHUNK = 32                      # features per tile step: 64 bytes of bf16
 TASK_ROWS = 128                 # rows per parallel task
 CODE_BLOCK_BYTES = 128 * 1024   # bf16 codes a task sweeps before the next block
-CAPACITY = 32                   # candidates a row may hold at once
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-_RANGE_LIMIT = 2.0 ** 100       # larger norms: the fused kernel decides (scores could overflow)
 
 
 @njit(nogil=True, cache=True)
@@ -163,110 +156,6 @@ def margin(x_norm, x_peak, code_norm, code_peak, norm_max, dim):
     return np.float32(2 * bound * (1 + 2.0 ** -20))      # the factor covers rounding to float32
 
 
-@njit(nogil=True, cache=True)
-def _keep(codes, scores, count, limit):
-    """Drop a row's candidates whose score is over ``limit``; the new count."""
-    kept = 0
-    for j in range(count):
-        if scores[j] <= limit:
-            codes[kept] = codes[j]
-            scores[kept] = scores[j]
-            kept += 1
-    return kept
-
-
-@njit(nogil=True, cache=True)
-def _scan(scores, half, rows, screen_norms, pair, sub, state, count, candidates, candidate_scores):
-    """Compare a tile block's screen scores (``scores[half, r, c] + screen_norms[pair, c]``, rows ``sub + r``
-    of the task) with the rows' thresholds, and keep the codes within them.
-
-    ``state``: the task's thresholds, lowest screen scores and margins (float32 rows 0, 1, 2). A row with
-    a score within its threshold first lowers it to the block's lowest score plus the margin, where that
-    is lower, then keeps every code still within it. ``count[t]`` goes over CAPACITY (and the threshold
-    to -inf) when they do not fit.
-    """
-    s = scores.ctypes.data + half * ROWS * CODES * 4
-    norms_at = screen_norms.ctypes.data + pair * CODES * 4
-    threshold_at = state.ctypes.data                          # row 0 of state
-    hit = rows_within(s, norms_at, threshold_at + sub * 4)
-    for r in range(rows):
-        if not hit >> r & 1:
-            continue
-        t = sub + r
-        low = row_minimum(s + r * CODES * 4, norms_at)
-        if low < state[1, t]:
-            state[1, t] = low
-            state[0, t] = low + state[2, t]
-        lanes = lanes_within(s + r * CODES * 4, norms_at, state[0, t])
-        while lanes:
-            c = lowest_bit(lanes)
-            lanes &= lanes - np.uint32(1)
-            if count[t] == CAPACITY:
-                count[t] = _keep(candidates[t], candidate_scores[t], count[t], state[0, t])
-                if count[t] == CAPACITY:
-                    count[t] = CAPACITY + 1
-                    state[0, t] = -np.inf
-                    break
-            candidates[t, count[t]] = pair * CODES + c
-            candidate_scores[t, count[t]] = scores[half, r, c] + screen_norms[pair, c]    # what the masks compared
-            count[t] += 1
-
-
-@njit(nogil=True, cache=True, fastmath={"contract"})
-def _decide(x, first, rows, neg2e, norms, candidates, candidate_scores, count, threshold, out, spilled):
-    """Each row's code from its candidates within its final threshold: the only one, or else the lowest
-    float32 score (the fused kernel's arithmetic), ties to the lowest index as in the fused kernel.
-
-    The exact scores of all the task's rows run together, eight (row, code) chains at a time, so the FMA's
-    latency is hidden even where a row has two candidates.
-    """
-    dim = x.shape[1]
-    pair_rows = np.empty(rows * CAPACITY, dtype=np.int64)
-    pair_codes = np.empty(rows * CAPACITY, dtype=np.int64)
-    pairs = 0
-    for t in range(rows):
-        if count[t] > CAPACITY:
-            spilled[first + t] = True
-        if spilled[first + t]:
-            continue
-        kept = _keep(candidates[t], candidate_scores[t], count[t], threshold[t])
-        count[t] = kept
-        if kept == 0:                      # cannot happen (the lowest score is always within): left, not guessed
-            spilled[first + t] = True
-        elif kept == 1:
-            out[first + t] = candidates[t, 0]
-        else:
-            for j in range(kept):
-                pair_rows[pairs] = first + t
-                pair_codes[pairs] = candidates[t, j]
-                pairs += 1
-    exact = np.empty(pairs, dtype=np.float32)
-    acc = _stack_buffer(8, np.float32)
-    row = _stack_buffer(8, np.int64)
-    code = _stack_buffer(8, np.int64)
-    for j0 in range(0, pairs, 8):
-        width = min(8, pairs - j0)
-        for j in range(8):
-            row[j] = pair_rows[j0 + min(j, width - 1)]
-            code[j] = pair_codes[j0 + min(j, width - 1)]
-            acc[j] = norms[code[j]]
-        for d in range(dim):               # one FMA per feature in order, as the fused kernel scores
-            for j in range(8):
-                acc[j] += x[row[j], d] * neg2e[code[j], d]
-        for j in range(width):
-            exact[j0 + j] = acc[j]
-    j = 0
-    while j < pairs:                       # the pairs of a row are consecutive, in code order
-        i = pair_rows[j]
-        best = j
-        j += 1
-        while j < pairs and pair_rows[j] == i:
-            if exact[j] < exact[best]:     # strict: the lowest index of a tie stays
-                best = j
-            j += 1
-        out[i] = pair_codes[best]
-
-
 def _screen_loops(blocks):
     """The sweep and the decisions, tasks handed out by ``blocks``: ``prange`` or ``range`` (one thread)."""
     def kernel(x, x_bits, tiles, screen_norms, neg2e, norms, code_terms, config, pairs_per_block, out, spilled):
@@ -281,7 +170,7 @@ def _screen_loops(blocks):
             x16 = np.zeros((TASK_ROWS, chunks * CHUNK), dtype=np.uint16)      # the task's rows in bf16
             scores = np.empty((2, ROWS, CODES), dtype=np.float32)    # two blocks: one computed, one compared
             state = np.empty((3, TASK_ROWS), dtype=np.float32)      # thresholds, lowest scores, margins
-            state[0] = _FLOAT32_MAX
+            state[0] = FLOAT32_MAX
             state[1] = np.inf
             count = np.zeros(TASK_ROWS, dtype=np.int64)
             candidates = np.empty((TASK_ROWS, CAPACITY), dtype=np.int64)
@@ -289,7 +178,7 @@ def _screen_loops(blocks):
             for t in range(rows):
                 x_norm, x_peak = _row_to_bf16(x, x_bits, first + t, x16, t)
                 state[2, t] = margin(x_norm, x_peak, code_norm, code_peak, norm_max, dim)
-                if not x_norm * code_norm + norm_max <= _RANGE_LIMIT:    # NaN, inf or near overflow
+                if not x_norm * code_norm + norm_max <= RANGE_LIMIT:    # NaN, inf or near overflow
                     spilled[first + t] = True
                     state[0, t] = -np.inf
             tile_config(config.ctypes.data)
@@ -316,7 +205,7 @@ def _screen_loops(blocks):
                                 tile_dot_bf16(2, 5, 6)
                                 tile_dot_bf16(3, 5, 7)
                         if pair > block_start:
-                            _scan(scores, (pair - 1) & 1, min(ROWS, rows - sub), screen_norms, pair - 1, sub,
+                            scan(scores, (pair - 1) & 1, min(ROWS, rows - sub), screen_norms, pair - 1, sub,
                                   state, count, candidates, candidate_scores)
                         if pair < block_stop:           # scores[pair & 1][r, c]: row sub + r, code 32 pair + c
                             s = scores.ctypes.data + (pair & 1) * ROWS * CODES * 4
@@ -325,7 +214,7 @@ def _screen_loops(blocks):
                             tile_store(2, s + 16 * CODES * 4, CODES * 4)
                             tile_store(3, s + 16 * CODES * 4 + 64, CODES * 4)
             tile_release()
-            _decide(x, first, rows, neg2e, norms, candidates, candidate_scores, count, state[0], out, spilled)
+            decide(x, first, rows, neg2e, norms, candidates, candidate_scores, count, state[0], out, spilled)
     return kernel
 
 
@@ -352,7 +241,7 @@ def nearest_code_amx(x, codebook, norms):
         return None
     neg2e = np.ascontiguousarray(codebook * np.float32(-2))    # exact: a power of two
     tiles, screen_norms, code_terms = pack_codes(codebook, norms, neg2e)
-    if not code_terms[0] + code_terms[2] <= _RANGE_LIMIT:     # norms that overflowed included
+    if not code_terms[0] + code_terms[2] <= RANGE_LIMIT:     # norms that overflowed included
         return None
     x = np.ascontiguousarray(x)
     out = np.empty(n, dtype=np.int64)
@@ -361,19 +250,3 @@ def nearest_code_amx(x, codebook, norms):
     compiled(x, x.view(np.uint32), tiles, screen_norms, neg2e, norms, np.array(code_terms), amx.tile_config_bytes(),
              pairs_per_block(dim), out, spilled)
     return out, spilled
-
-
-def nearest_code_screened(x, codebook, metric="l2", check_x=None):
-    """The ``"numba"`` backend's search: the screen where it runs, the fused kernel (nearest_numba.py)
-    where it declines and for the rows it leaves. Arguments as ``nearest_code_numba``'s; the same indices.
-    """
-    x = np.ascontiguousarray(x)
-    screened = None
-    if x.shape[0] and x.dtype == np.float32 and amx.available():
-        screened = nearest_code_amx(x, codebook, nearest_numba.score_norms(codebook, metric))
-    if screened is None:
-        return nearest_numba.nearest_code_numba(x, codebook, metric, check_x)
-    out, spilled = screened
-    if spilled.any():
-        out[spilled] = nearest_numba.nearest_code_numba(x[spilled], codebook, metric, check_x)
-    return out

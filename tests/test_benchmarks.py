@@ -186,7 +186,7 @@ def test_as_avx2_holds_the_numba_kernels_to_avx2_registers():
              "f(x, p, n, 1, np.empty(8, np.int64), np.empty(8, np.float32)); "
              "asm = f.inspect_asm(f.signatures[0]); assert 'ymm' in asm and 'zmm' not in asm; "
              "assert os.environ['OPENBLAS_CORETYPE'] == 'Haswell'; "
-             "from minivq.kernels import amx; assert not amx.available()")
+             "from minivq.kernels import nearest_screened; assert nearest_screened.screen_name() is None")
     done = subprocess.run(["bash", script, sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
                           cwd=os.path.join(BENCH, os.pardir))
     assert done.returncode == 0, done.stderr[-2000:]
@@ -194,7 +194,7 @@ def test_as_avx2_holds_the_numba_kernels_to_avx2_registers():
     assert usage.returncode == 2 and usage.stderr.startswith("usage:")
 
 
-def test_amx_peak_measures_the_three_peaks(tmp_path):
+def test_amx_peak_measures_the_four_peaks(tmp_path):
     pytest.importorskip("numba")
     pytest.importorskip("threadpoolctl")
     out = tmp_path / "peak.json"
@@ -203,6 +203,8 @@ def test_amx_peak_measures_the_three_peaks(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rates = json.loads(out.read_text())["flops_per_s"]
     assert rates["fma-float32"] > 0 and rates["sgemm"] > 0
-    from minivq.kernels import amx
+    from minivq.kernels import amx, nearest_vnni
     assert (rates["amx-bf16"] is not None) == amx.available()
     assert ("no AMX here" in done.stdout) == (not amx.available())
+    assert (rates["vnni-int16"] is not None) == nearest_vnni.available()
+    assert ("no AVX-512 VNNI here" in done.stdout) == (not nearest_vnni.available())

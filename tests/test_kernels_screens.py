@@ -1,0 +1,215 @@
+"""The certified screens of the nearest-code search (screen.py with nearest_amx.py's bf16 tiles and
+nearest_vnni.py's int16 products): the same indices as the fused float32 kernel on every input, ties and
+near-ties included, and the ways out (NaN, huge values, float64, too many near-equal codes, the
+switches). Each test runs once per screen this CPU has and is skipped for the others."""
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from minivq import kernels  # noqa: E402
+from minivq.kernels import nearest_amx, nearest_numba, nearest_screened, nearest_vnni, screen  # noqa: E402
+
+SCREENS = {  # name: (module, its search, its switch)
+    "amx": (nearest_amx, nearest_amx.nearest_code_amx, "MINIVQ_NUMBA_AMX"),
+    "vnni": (nearest_vnni, nearest_vnni.nearest_code_vnni, "MINIVQ_NUMBA_VNNI"),
+}
+
+
+@pytest.fixture(params=sorted(SCREENS))
+def which(request, monkeypatch):
+    """The screen under test, the only one switched on (so the backend runs it)."""
+    name = request.param
+    for other, (_, _, switch) in SCREENS.items():
+        if other != name:
+            monkeypatch.setenv(switch, "0")
+    if nearest_screened.screen_name() != name:
+        pytest.skip(f"this CPU or Numba has no {name} screen")
+    return name
+
+
+def fused(x, codebook, metric="l2"):
+    return nearest_numba.nearest_code_numba(x, codebook, metric)
+
+
+def backend(x, codebook, metric="l2"):
+    """What ``kernels.nearest_code(backend="numba")`` runs: the screen, and the fused kernel for what it leaves."""
+    return nearest_screened.nearest_code(x, codebook, metric)
+
+
+def screened(x, codebook, metric="l2"):
+    """The screen switched on alone: (indices, spilled); fails the test where it declines."""
+    search = SCREENS[nearest_screened.screen_name()][1]
+    got = search(np.ascontiguousarray(x), codebook, nearest_numba.score_norms(codebook, metric))
+    assert got is not None, "the screen declined"
+    return got
+
+
+def assert_same_as_fused(x, codebook, metric="l2"):
+    indices, spilled = screened(x, codebook, metric)
+    expected = fused(x, codebook, metric)
+    np.testing.assert_array_equal(indices[~spilled], expected[~spilled])
+    np.testing.assert_array_equal(backend(x, codebook, metric), expected)
+    np.testing.assert_array_equal(kernels.nearest_code(x, codebook, backend="numba", metric=metric), expected)
+    return spilled
+
+
+# ----------------------------------------------------------------- the same indices as the fused kernel
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (5, 3, 2), (31, 33, 31), (33, 31, 33), (129, 65, 64), (300, 512, 64),
+                                   (257, 100, 257), (1000, 40, 7), (130, 2048, 96)])
+def test_the_screen_gives_the_fused_kernels_indices(which, rng, metric, n, k, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    codebook = rng.standard_normal((k, d)).astype(np.float32)
+    assert not assert_same_as_fused(x, codebook, metric).any()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_sizes_scales_and_offsets(which, seed):
+    rng = np.random.default_rng(seed)
+    n, k, d = rng.integers(1, 400), rng.integers(1, 700), rng.integers(1, 300)
+    scale = 10.0 ** rng.uniform(-18, 12)          # norms stay under the screen's range limit (2^100)
+    offset = rng.standard_normal(d) * rng.choice([0, 1, 100])     # far from the origin: a wide margin
+    x = ((rng.standard_normal((n, d)) + offset) * scale).astype(np.float32)
+    codebook = ((rng.standard_normal((k, d)) + offset) * scale).astype(np.float32)
+    assert_same_as_fused(x, codebook)
+
+
+def test_training_like_latents_near_their_codes(which, rng):
+    codebook = rng.standard_normal((512, 64)).astype(np.float32)
+    x = (codebook[rng.integers(0, 512, 4000)] + 0.05 * rng.standard_normal((4000, 64))).astype(np.float32)
+    assert not assert_same_as_fused(x, codebook).any()
+
+
+# ----------------------------------------------------------------- ties and near-ties
+@pytest.mark.parametrize("copies", [2, 31, 32, 33, 200])
+def test_duplicated_codes_tie_to_the_first_copy(which, rng, copies):
+    # more copies than a row may hold at once (CAPACITY) must still end at the lowest index
+    base = rng.standard_normal((10, 48)).astype(np.float32)
+    codebook = np.concatenate([base, np.repeat(base[3:4], copies, axis=0), base[:2]])
+    codebook = codebook[rng.permutation(codebook.shape[0])]
+    x = (base[rng.integers(0, 10, 600)] + 0.01 * rng.standard_normal((600, 48))).astype(np.float32)
+    spilled = assert_same_as_fused(x, codebook)
+    got = backend(x, codebook)
+    first = {}
+    for i, row in enumerate(codebook.tolist()):
+        first.setdefault(tuple(row), i)
+    assert all(first[tuple(codebook[j].tolist())] == j for j in got)
+    if copies > screen.CAPACITY:
+        assert spilled.any()          # the rows nearest the repeated code were handed to the fused kernel
+
+
+def test_codes_one_ulp_apart_are_decided_by_float32_rounding(which, rng):
+    # 64 codes that differ from one another by an ulp in a few features: the screen cannot tell them apart,
+    # so every row's answer comes from the float32 scores, and must be the fused kernel's to the index
+    base = rng.standard_normal(40).astype(np.float32)
+    codebook = np.repeat(base[None], 64, axis=0)
+    for j in range(64):
+        feature = rng.integers(0, 40, 3)
+        codebook[j, feature] = np.nextafter(codebook[j, feature], np.float32(rng.choice([-1, 1]) * np.inf))
+    x = (base + 1e-6 * rng.standard_normal((500, 40))).astype(np.float32)
+    assert_same_as_fused(x, codebook)
+
+
+def test_a_new_lowest_score_in_every_block_fills_and_compacts_the_candidates(which, rng):
+    # block b of 32 codes holds one code nearer to every row than all of blocks 0..b-1 (the rest point
+    # away): each block lowers the rows' thresholds and adds a candidate, so a row gathers more than
+    # CAPACITY over the sweep and must drop those the threshold has passed (while only the last few
+    # stay within it: no row is handed back)
+    d, blocks = 24, 3 * screen.CAPACITY
+    direction = rng.standard_normal(d).astype(np.float32)
+    codebook = (-direction[None] * (3 + rng.random((blocks * 32, 1)))).astype(np.float32)    # scores >= 15 |d|^2
+    codebook[::32] = direction[None] * (1 + np.linspace(2.0, 0.0, blocks, dtype=np.float32)[:, None])  # <= 3 |d|^2
+    x = (direction[None] + 1e-3 * rng.standard_normal((70, d))).astype(np.float32)
+    assert not assert_same_as_fused(x, codebook).any()
+    np.testing.assert_array_equal(fused(x, codebook), np.full(70, (blocks - 1) * 32))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_clusters_of_near_equal_codes(which, seed):
+    # each cluster: one code and copies a few ulps away in a few features, shuffled through the codebook
+    rng = np.random.default_rng(seed)
+    k, d = 600, int(rng.integers(8, 130))
+    centres = rng.standard_normal((30, d)).astype(np.float32)
+    codebook = centres[rng.integers(0, 30, k)]
+    nudge = rng.random((k, d)) < 0.05
+    codebook = np.where(nudge, np.nextafter(codebook, np.float32(np.inf) * np.sign(rng.standard_normal((k, d)))),
+                        codebook).astype(np.float32)
+    x = (centres[rng.integers(0, 30, 900)] + 1e-5 * rng.standard_normal((900, d))).astype(np.float32)
+    assert_same_as_fused(x, codebook)
+
+
+def test_rows_halfway_between_two_codes(which, rng):
+    a = rng.standard_normal((50, 20)).astype(np.float32)
+    b = a + rng.standard_normal((50, 20)).astype(np.float32)
+    codebook = np.concatenate([a, b, rng.standard_normal((50, 20)).astype(np.float32) + 20])
+    assert_same_as_fused((a + b) / 2, codebook)
+
+
+# ----------------------------------------------------------------- the ways out
+def test_rows_holding_nan_or_inf_go_to_the_fused_kernel(which, rng):
+    x = rng.standard_normal((200, 16)).astype(np.float32)
+    codebook = rng.standard_normal((30, 16)).astype(np.float32)
+    x[7, 3] = np.nan
+    x[150, 0] = np.inf
+    indices, spilled = screened(x, codebook)
+    assert set(np.flatnonzero(spilled)) == {7, 150}
+    with pytest.raises(kernels.NonFiniteError):
+        kernels.nearest_code(x, codebook, backend="numba")
+
+
+def test_rows_near_float32s_range_go_to_the_fused_kernel(which, rng):
+    x = rng.standard_normal((100, 8)).astype(np.float32)
+    x[5] *= np.float32(1e30)
+    codebook = rng.standard_normal((20, 8)).astype(np.float32)
+    indices, spilled = screened(x, codebook)
+    assert np.flatnonzero(spilled).tolist() == [5]
+    np.testing.assert_array_equal(backend(x, codebook), fused(x, codebook))
+
+
+def test_the_screen_declines_float64_huge_codebooks_and_empty_inputs(which, rng):
+    search = SCREENS[which][1]
+    x = rng.standard_normal((10, 4))
+    codebook = rng.standard_normal((5, 4))
+    norms = nearest_numba.score_norms(codebook)
+    assert search(x, codebook, norms) is None
+    big = (codebook * 1e36).astype(np.float32)
+    assert search(x.astype(np.float32), big, nearest_numba.score_norms(big)) is None
+    empty = np.empty((0, 4), np.float32)
+    assert search(empty, codebook.astype(np.float32), norms.astype(np.float32)) is None
+
+
+@pytest.mark.parametrize("name", sorted(SCREENS))
+def test_the_switch_turns_the_screen_off(name, monkeypatch, rng):
+    _, search, switch = SCREENS[name]
+    monkeypatch.setenv(switch, "0")
+    x = rng.standard_normal((10, 4)).astype(np.float32)
+    codebook = rng.standard_normal((5, 4)).astype(np.float32)
+    assert search(x, codebook, nearest_numba.score_norms(codebook)) is None
+    assert nearest_screened.screen_name() != name
+
+
+def test_without_amx_an_avx512_vnni_cpu_gets_the_int16_screen(monkeypatch):
+    monkeypatch.setenv("MINIVQ_NUMBA_AMX", "0")
+    expected = "vnni" if nearest_vnni.available() else None
+    assert nearest_screened.screen_name() == expected
+
+
+def test_one_thread_runs_the_serial_sweep_with_the_same_result(which, rng, monkeypatch):
+    import numba
+    x = rng.standard_normal((700, 70)).astype(np.float32)
+    codebook = rng.standard_normal((300, 70)).astype(np.float32)
+    expected = fused(x, codebook)
+    called = []
+    module = SCREENS[which][0]
+    monkeypatch.setattr(module, "_screen_kernel", lambda *a: called.append("parallel") or
+                        module._screen_kernel_serial(*a))
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        np.testing.assert_array_equal(screened(x, codebook)[0], expected)
+    finally:
+        numba.set_num_threads(previous)
+    assert called == []
+    np.testing.assert_array_equal(screened(x, codebook)[0], expected)
+    assert called == ["parallel"] or previous == 1
