@@ -51,7 +51,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from .screen import CAPACITY, CODES, FLOAT32_MAX, RANGE_LIMIT, ROWS, decide, scan
-from .simd import BLOCK_ROWS, dot_s16_block, target_features
+from .simd import dot_s16_block, target_features
 
 PAIR_BYTES = 2 * 2 * CODES      # one pair of features of a block of 32 codes: 128 bytes
 MAX_DIM = 65536                 # L >= 181 (about eight bits) up to here
@@ -181,7 +181,7 @@ def _screen_loops(blocks):
             for sweep_start in range(0, code_blocks, blocks_per_sweep):
                 sweep_stop = min(code_blocks, sweep_start + blocks_per_sweep)
                 for sub in range(0, rows, ROWS):
-                    sub_rows = min(ROWS, rows - sub)     # rounded up to BLOCK_ROWS inside: q has the rows
+                    sub_rows = min(ROWS, rows - sub)     # rounded up to whole register blocks inside: q has the rows
                     for block in range(sweep_start, sweep_stop):
                         dot_s16_block(q.ctypes.data + sub * row_bytes, row_bytes, sub_rows,
                                       codes.ctypes.data + block * block_bytes, pairs, scales.ctypes.data + sub * 4,
