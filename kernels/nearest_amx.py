@@ -68,7 +68,7 @@ from numba import get_num_threads, njit, prange
 
 from . import amx
 from .amx import tile_config, tile_dot_bf16, tile_load, tile_release, tile_store, tile_zero
-from .screen import CAPACITY, CODES, FLOAT32_MAX, RANGE_LIMIT, ROWS, decide, scan
+from .screen import CAPACITY, CODES, FLOAT32_MAX, RANGE_LIMIT, ROWS, decide, row_terms, scan
 
 CHUNK = 32                      # features per tile step: 64 bytes of bf16
 TASK_ROWS = 128                 # rows per parallel task
@@ -82,21 +82,16 @@ def _bf16(bits):
     return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
-@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+@njit(nogil=True, cache=True)
 def _row_to_bf16(x, x_bits, i, out, t):
-    """Row i of x rounded to nearest even bf16 into row t of ``out`` (uint16 bits); ``(||x_i||, max |x_id|)``.
-
-    ``x_bits``: x viewed as uint32 (``_bf16`` rounds them). The float64 sum of squares may be reassociated:
-    it only feeds the bound, far from its precision. A NaN or inf in the row makes the norm NaN or inf.
-    """
-    total = 0.0
-    peak = 0.0
-    for d in range(x.shape[1]):
-        out[t, d] = _bf16(x_bits[i, d])
-        v = np.float64(x[i, d])
-        total += v * v
-        peak = max(peak, abs(v))
-    return np.sqrt(total), peak
+    """Row i of x rounded to nearest even bf16 into row t of ``out`` (uint16 bits); ``(||x_i||, max |x_id|)``
+    (``screen.row_terms``; NaN or inf in the row make the norm NaN or inf). ``x_bits``: x viewed as uint32
+    (``_bf16`` rounds them)."""
+    row, bits = out[t], x_bits[i]       # views: the loop vectorises
+    for d in range(bits.shape[0]):
+        row[d] = _bf16(bits[d])
+    norm, _, peak = row_terms(x, x_bits, i)
+    return norm, peak
 
 
 def _pack_loops(blocks):

@@ -50,7 +50,7 @@ import os
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from .screen import CAPACITY, CODES, FLOAT32_MAX, RANGE_LIMIT, ROWS, decide, scan
+from .screen import CAPACITY, CODES, FLOAT32_MAX, RANGE_LIMIT, ROWS, decide, row_terms, scan
 from .simd import dot_s16_block, target_features
 
 PAIR_BYTES = 2 * 2 * CODES      # one pair of features of a block of 32 codes: 128 bytes
@@ -68,23 +68,17 @@ def levels(dim):
     return level
 
 
-@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _row_to_int16(x, i, level, out, t):
+@njit(nogil=True, cache=True)
+def _row_to_int16(x, x_bits, i, level, out, t):
     """Row i of x quantised into row t of ``out`` (int16, ``L x / max|x|`` rounded); ``(||x_i||, ||x_i||_1,
-    max |x_id|)``. The float64 sums may be reassociated: they only feed the bound. NaN or inf make the norm
-    NaN or inf."""
-    total = 0.0
-    absolute = 0.0
-    peak = 0.0
-    for d in range(x.shape[1]):
-        v = abs(np.float64(x[i, d]))
-        total += v * v
-        absolute += v
-        peak = max(peak, v)
+    max |x_id|)`` (``screen.row_terms``; NaN or inf make the norm NaN or inf). ``x_bits``: x viewed as
+    uint32."""
+    norm, absolute, peak = row_terms(x, x_bits, i)
     inverse = level / peak if 0 < peak <= FLOAT32_MAX else 0.0
-    for d in range(x.shape[1]):
-        out[t, d] = np.int16(np.rint(np.float64(x[i, d]) * inverse))
-    return np.sqrt(total), absolute, peak
+    row, source = out[t], x[i]          # views, and rint through int32: LLVM vectorises it (vcvtpd2dq)
+    for d in range(source.shape[0]):
+        row[d] = np.int16(np.int32(np.rint(np.float64(source[d]) * inverse)))
+    return norm, absolute, peak
 
 
 def _pack_loops(blocks):
@@ -151,7 +145,7 @@ def margin(x_norm, x_l1, x_step, code_norm, code_l1, norm_max, code_step, dim):
 
 def _screen_loops(blocks):
     """The sweep and the decisions, tasks handed out by ``blocks``: ``prange`` or ``range`` (one thread)."""
-    def kernel(x, level, codes, screen_norms, neg2e, norms, code_terms, blocks_per_sweep, out, spilled):
+    def kernel(x, x_bits, level, codes, screen_norms, neg2e, norms, code_terms, blocks_per_sweep, out, spilled):
         n, dim = x.shape
         code_blocks, pairs = codes.shape[0], codes.shape[1]
         row_bytes = pairs * 4
@@ -170,7 +164,7 @@ def _screen_loops(blocks):
             candidates = np.empty((TASK_ROWS, CAPACITY), dtype=np.int64)
             candidate_scores = np.empty((TASK_ROWS, CAPACITY), dtype=np.float32)
             for t in range(rows):
-                x_norm, x_l1, x_peak = _row_to_int16(x, first + t, level, q, t)
+                x_norm, x_l1, x_peak = _row_to_int16(x, x_bits, first + t, level, q, t)
                 x_step = x_peak / level
                 state[2, t] = margin(x_norm, x_l1, x_step, code_norm, code_l1, norm_max, code_step, dim)
                 if not x_norm * code_norm + norm_max <= RANGE_LIMIT:    # NaN, inf or near overflow
@@ -268,6 +262,6 @@ def nearest_code_vnni(x, codebook, norms):
     out = np.empty(n, dtype=np.int64)
     spilled = np.zeros(n, dtype=np.bool_)
     compiled = _screen_kernel_serial if get_num_threads() == 1 else _screen_kernel
-    compiled(x, levels(dim), codes, screen_norms, neg2e, norms, np.array(code_terms), blocks_per_sweep(dim), out,
-             spilled)
+    compiled(x, x.view(np.uint32), levels(dim), codes, screen_norms, neg2e, norms, np.array(code_terms),
+             blocks_per_sweep(dim), out, spilled)
     return out, spilled

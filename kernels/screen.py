@@ -18,13 +18,33 @@ import numpy as np
 from numba import njit
 
 from .nearest_numba import _stack_buffer
-from .simd import lanes_within, lowest_bit, row_minimum, rows_within
+from .simd import float32_from_bits, lanes_within, lowest_bit, row_minimum, rows_within
 
 ROWS = 32                       # rows of x per block of scores
 CODES = 32                      # codes per block of scores
 CAPACITY = 32                   # candidates a row may hold at once
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 RANGE_LIMIT = 2.0 ** 100        # larger norms: the fused kernel decides (scores could overflow)
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def row_terms(x, x_bits, i):
+    """``(||x_i||, ||x_i||_1, max_d |x_id|)`` in float64, the row's share of a screen's bound.
+
+    ``x_bits``: x viewed as uint32. The largest magnitude is taken on the bits with the sign cleared (the
+    order of non-negative floats; a NaN's bits lie above inf's, so a NaN row has a NaN peak), an integer
+    maximum that vectorises with the sums, where a float ``max`` would keep the loop scalar. The sums may
+    be reassociated: they only feed the bound. NaN or inf in the row make the norm NaN or inf.
+    """
+    total = 0.0
+    absolute = 0.0
+    peak_bits = np.uint32(0)
+    for d in range(x.shape[1]):
+        v = abs(np.float64(x[i, d]))
+        total += v * v
+        absolute += v
+        peak_bits = max(peak_bits, x_bits[i, d] & np.uint32(0x7FFFFFFF))
+    return np.sqrt(total), absolute, np.float64(float32_from_bits(peak_bits))
 
 
 @njit(nogil=True, cache=True)

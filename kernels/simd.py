@@ -5,7 +5,8 @@ nearest-code search (nearest_amx.py, nearest_vnni.py, screen.py) need beyond pla
   instructions exist.
 - Reading a 32 x 32 block of float32 scores (rows of 128 bytes): which rows have a score within a
   limit (``rows_within``), which codes of a row do (``lanes_within``), a row's lowest score
-  (``row_minimum``), and the lowest set bit of a mask (``lowest_bit``).
+  (``row_minimum``), and the lowest set bit of a mask (``lowest_bit``); a bit cast from uint32 to
+  float32 (``float32_from_bits``).
 - ``dot_s16_block``: AVX-512 VNNI's int16 products (``vpdpwssd``) for up to 32 rows x 32 codes at a
   time, exact in int32.
 
@@ -115,6 +116,14 @@ def row_minimum(typingctx, scores, norms):
                                                 "llvm.vector.reduce.fmin.v16f32")
         return builder.call(reduce, [lower])
     return types.float32(types.intp, types.intp), codegen
+
+
+@intrinsic
+def float32_from_bits(typingctx, bits):
+    """The float32 whose bits are the uint32 ``bits`` (a bit cast)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _F32)
+    return types.float32(types.uint32), codegen
 
 
 @intrinsic

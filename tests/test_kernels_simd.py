@@ -94,7 +94,7 @@ def test_the_levels_keep_every_sum_inside_int32(d):
 def test_rows_quantise_to_the_nearest_level():
     x = np.array([[0.5, -1.0, 0.26, 0.0, -0.74]], np.float32)
     out = np.zeros((1, 6), np.int16)
-    norm, l1, peak = nearest_vnni._row_to_int16(x, 0, 100, out, 0)
+    norm, l1, peak = nearest_vnni._row_to_int16(x, x.view(np.uint32), 0, 100, out, 0)
     np.testing.assert_array_equal(out[0], [50, -100, 26, 0, -74, 0])
     assert peak == 1.0 and l1 == pytest.approx(2.5, rel=1e-6) and norm == pytest.approx(np.linalg.norm(x), rel=1e-6)
 
@@ -134,7 +134,7 @@ def test_the_screen_scores_lie_within_the_bound_of_exact_scores(seed):
     scales = np.zeros(32, np.float32)
     bounds = np.zeros(32)
     for t in range(32):
-        norm, l1, peak = nearest_vnni._row_to_int16(x, t, level, q, t)
+        norm, l1, peak = nearest_vnni._row_to_int16(x, x.view(np.uint32), t, level, q, t)
         scales[t] = np.float32(-2 * (peak / level) * terms[3])
         bounds[t] = nearest_vnni.margin(norm, l1, peak / level, *terms[:3], terms[3], d) / 2
     out = np.zeros((32, 32), np.float32)
