@@ -96,28 +96,23 @@ def _row_to_bf16(x, x_bits, i, out, t):
 
 def _pack_loops(blocks):
     """The loops of ``pack_codes``, one block of 32 codes per task handed out by ``blocks`` (``prange``, or
-    ``range`` at one thread); ``stats[p]``: block p's largest ``||e||`` and ``|e_d|``. The float64 sums
-    may be reassociated: they only feed the bound."""
-    def pack(codebook, neg2e_bits, norms, tiles, screen_norms, stats):
+    ``range`` at one thread); ``stats[p]``: block p's largest ``||e||`` and ``|e_d|`` (``screen.row_terms``)."""
+    def pack(codebook, code_bits, neg2e_bits, norms, tiles, screen_norms, stats):
         k, dim = codebook.shape
         for p in blocks(tiles.shape[0]):
             for c in range(min(CODES, k - p * CODES)):
                 code = p * CODES + c
-                total = 0.0
-                peak = 0.0
                 for f in range(dim):
                     tiles[p, f // CHUNK, c // 16, (f % CHUNK) // 2, c % 16, f % 2] = _bf16(neg2e_bits[code, f])
-                    v = np.float64(codebook[code, f])
-                    total += v * v
-                    peak = max(peak, abs(v))
+                norm, _, peak = row_terms(codebook, code_bits, code)
                 screen_norms[p, c] = norms[code]
-                stats[p, 0] = max(stats[p, 0], np.sqrt(total))
+                stats[p, 0] = max(stats[p, 0], norm)
                 stats[p, 1] = max(stats[p, 1], peak)
     return pack
 
 
-_pack_codes = njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})(_pack_loops(prange))
-_pack_codes_serial = njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})(_pack_loops(range))
+_pack_codes = njit(parallel=True, nogil=True, cache=True)(_pack_loops(prange))
+_pack_codes_serial = njit(nogil=True, cache=True)(_pack_loops(range))
 
 
 def pack_codes(codebook, norms, neg2e):
@@ -134,7 +129,7 @@ def pack_codes(codebook, norms, neg2e):
     screen_norms = np.full((pairs, CODES), np.inf, dtype=np.float32)
     stats = np.zeros((pairs, 2))
     pack = _pack_codes_serial if get_num_threads() == 1 else _pack_codes
-    pack(codebook, neg2e.view(np.uint32), norms, tiles, screen_norms, stats)
+    pack(codebook, codebook.view(np.uint32), neg2e.view(np.uint32), norms, tiles, screen_norms, stats)
     norm_max = float(np.abs(norms).max(initial=0.0))
     return tiles, screen_norms, (float(stats[:, 0].max()), float(stats[:, 1].max()), norm_max)
 

@@ -83,27 +83,24 @@ def _row_to_int16(x, x_bits, i, level, out, t):
 
 def _pack_loops(blocks):
     """The loops of ``pack_codes``, one block of 32 codes per task handed out by ``blocks`` (``prange``, or
-    ``range`` at one thread); ``stats[p]``: block p's largest ``||e||`` and ``||e||_1``."""
-    def pack(codebook, inverse, norms, codes, screen_norms, stats):
+    ``range`` at one thread); ``stats[p]``: block p's largest ``||e||`` and ``||e||_1`` (``screen.row_terms``)."""
+    def pack(codebook, code_bits, inverse, norms, codes, screen_norms, stats):
         k, dim = codebook.shape
         for p in blocks(codes.shape[0]):
             for c in range(min(CODES, k - p * CODES)):
                 code = p * CODES + c
-                total = 0.0
-                absolute = 0.0
                 for f in range(dim):
-                    v = np.float64(codebook[code, f])
-                    codes[p, f // 2, c // 16, c % 16, f % 2] = np.int16(np.rint(v * inverse))
-                    total += v * v
-                    absolute += abs(v)
+                    level = np.rint(np.float64(codebook[code, f]) * inverse)
+                    codes[p, f // 2, c // 16, c % 16, f % 2] = np.int16(level)
+                norm, absolute, _ = row_terms(codebook, code_bits, code)
                 screen_norms[p, c] = norms[code]
-                stats[p, 0] = max(stats[p, 0], np.sqrt(total))
+                stats[p, 0] = max(stats[p, 0], norm)
                 stats[p, 1] = max(stats[p, 1], absolute)
     return pack
 
 
-_pack_codes = njit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "contract"})(_pack_loops(prange))
-_pack_codes_serial = njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})(_pack_loops(range))
+_pack_codes = njit(parallel=True, nogil=True, cache=True)(_pack_loops(prange))
+_pack_codes_serial = njit(nogil=True, cache=True)(_pack_loops(range))
 
 
 def pack_codes(codebook, norms):
@@ -123,7 +120,7 @@ def pack_codes(codebook, norms):
     screen_norms = np.full((blocks, CODES), np.inf, dtype=np.float32)
     stats = np.zeros((blocks, 2))
     pack = _pack_codes_serial if get_num_threads() == 1 else _pack_codes
-    pack(codebook, inverse, norms, codes, screen_norms, stats)
+    pack(codebook, codebook.view(np.uint32), inverse, norms, codes, screen_norms, stats)
     norm_max = float(np.abs(norms).max(initial=0.0))
     return codes, screen_norms, (float(stats[:, 0].max()), float(stats[:, 1].max()), norm_max, peak / level)
 
