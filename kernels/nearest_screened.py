@@ -2,8 +2,9 @@
 rest. The screens give the fused kernel's indices (screen.py), so which one ran changes only the time.
 
 - AMX tiles (nearest_amx.py, bf16): Intel Xeons since Sapphire Rapids. ``MINIVQ_NUMBA_AMX=0`` turns it off.
-- Otherwise AVX-512 VNNI's int16 products (nearest_vnni.py: Intel since Cascade Lake, AMD since Zen 4).
-  ``MINIVQ_NUMBA_VNNI=0`` turns it off.
+- Otherwise VNNI's int16 products (nearest_vnni.py): in zmm registers with AVX-512 VNNI (Intel since
+  Cascade Lake, AMD since Zen 4), else in ymm registers with AVX-VNNI (Intel client cores since Alder
+  Lake, which lack AVX-512). ``MINIVQ_NUMBA_VNNI=0`` turns it off.
 - Otherwise, and for float64, for what a screen declines and for the rows it leaves: the fused float32
   kernel (nearest_numba.py).
 """
@@ -13,12 +14,11 @@ from . import amx, nearest_amx, nearest_numba, nearest_vnni
 
 
 def screen_name():
-    """Which screen float32 searches get here: ``"amx"``, ``"vnni"`` or None (the fused kernel alone)."""
+    """Which screen float32 searches get here: ``"amx"``, ``"vnni"`` (zmm), ``"avx-vnni"`` (ymm) or None (the
+    fused kernel alone)."""
     if amx.available():
         return "amx"
-    if nearest_vnni.available():
-        return "vnni"
-    return None
+    return {512: "vnni", 256: "avx-vnni", None: None}[nearest_vnni.width()]
 
 
 def nearest_code(x, codebook, metric="l2", check_x=None):

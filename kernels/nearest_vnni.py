@@ -1,10 +1,12 @@
-"""The nearest-code search screened in int16 with AVX-512 VNNI, then decided in float32: the same answer,
-faster on AVX-512 CPUs without AMX tiles.
+"""The nearest-code search screened in int16 with VNNI, then decided in float32: the same answer, faster
+on AVX-512 CPUs without AMX tiles and on AVX2 CPUs with AVX-VNNI.
 
 The fused float32 kernel (nearest_numba.py) runs near what the CPU's FMA units allow: sixteen float32
 multiply-adds an instruction. ``vpdpwssd`` (AVX-512 VNNI: Intel since Cascade Lake, AMD since Zen 4)
 multiplies 32 pairs of int16 and adds them, two by two, into 16 int32 lanes: on the Xeon of
 benchmarks/NOTES.md round 11 one core does 184 G of its multiply-adds a second against 111 G float32 FMAs.
+AVX-VNNI (Intel client cores since Alder Lake, without AVX-512) has the same instruction on ymm
+registers: 86 G against 60 G ymm FMAs there (round 12). ``width()`` picks the widest the CPU has.
 About twelve bits a number cannot pick the nearest code, but they can rule codes out with a proof, and
 the few left are scored exactly as the fused kernel scores them (screen.py). The result is the fused
 kernel's, index for index and tie for tie.
@@ -36,11 +38,11 @@ The certificate (``margin``)
 
 The sweep (``_screen_loops``) is nearest_amx.py's without the tiles: tasks of ``TASK_ROWS`` rows run in
 parallel, quantise their rows (with each row's margin), and sweep the codebook in blocks of
-``CODE_BLOCK_BYTES`` of int16, scoring 32 rows x 32 codes at a time (``simd.dot_s16_block``) and keeping
+``CODE_BLOCK_BYTES`` of int16, scoring 32 rows x 32 codes at a time (``simd.dot_s16_block[_256]``) and keeping
 the codes within each row's running threshold (``screen.scan``); ``screen.decide`` settles them.
 
 What goes back to the fused kernel: the whole search (``nearest_code_vnni`` returns None) for float64
-inputs, a CPU or a Numba without AVX-512 VNNI, D over ``MAX_DIM``, a codebook holding NaN or inf or one
+inputs, a CPU or a Numba without VNNI, D over ``MAX_DIM``, a codebook holding NaN or inf or one
 near float32's range; single rows (spilled) holding NaN or inf, near float32's range, or meeting more
 than ``CAPACITY`` near-equal codes at once. ``MINIVQ_NUMBA_VNNI=0`` turns this screen off.
 """
@@ -51,7 +53,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from .screen import CAPACITY, CODES, FLOAT32_MAX, RANGE_LIMIT, ROWS, decide, row_terms, scan
-from .simd import dot_s16_block, target_features
+from .simd import dot_s16_block, dot_s16_block_256, target_features
 
 PAIR_BYTES = 2 * 2 * CODES      # one pair of features of a block of 32 codes: 128 bytes
 MAX_DIM = 65536                 # L >= 181 (about eight bits) up to here
@@ -140,8 +142,9 @@ def margin(x_norm, x_l1, x_step, code_norm, code_l1, norm_max, code_step, dim):
     return np.float32(2 * bound * (1 + 2.0 ** -20))      # the factor covers rounding to float32
 
 
-def _screen_loops(blocks):
-    """The sweep and the decisions, tasks handed out by ``blocks``: ``prange`` or ``range`` (one thread)."""
+def _screen_loops(blocks, product):
+    """The sweep and the decisions, tasks handed out by ``blocks`` (``prange``, or ``range`` at one thread),
+    blocks scored by ``product`` (``simd.dot_s16_block`` or ``dot_s16_block_256``)."""
     def kernel(x, x_bits, level, codes, screen_norms, neg2e, norms, code_terms, blocks_per_sweep, out, spilled):
         n, dim = x.shape
         code_blocks, pairs = codes.shape[0], codes.shape[1]
@@ -174,7 +177,7 @@ def _screen_loops(blocks):
                 for sub in range(0, rows, ROWS):
                     sub_rows = min(ROWS, rows - sub)     # rounded up to whole register blocks inside: q has the rows
                     for block in range(sweep_start, sweep_stop):
-                        dot_s16_block(q.ctypes.data + sub * row_bytes, row_bytes, sub_rows,
+                        product(q.ctypes.data + sub * row_bytes, row_bytes, sub_rows,
                                       codes.ctypes.data + block * block_bytes, pairs, scales.ctypes.data + sub * 4,
                                       scores.ctypes.data)
                         scan(scores, 0, sub_rows, screen_norms, block, sub, state, count, candidates,
@@ -183,8 +186,10 @@ def _screen_loops(blocks):
     return kernel
 
 
-_screen_kernel = njit(parallel=True, nogil=True, cache=True)(_screen_loops(prange))
-_screen_kernel_serial = njit(nogil=True, cache=True)(_screen_loops(range))
+_screen_kernel = njit(parallel=True, nogil=True, cache=True)(_screen_loops(prange, dot_s16_block))
+_screen_kernel_serial = njit(nogil=True, cache=True)(_screen_loops(range, dot_s16_block))
+_screen_kernel_256 = njit(parallel=True, nogil=True, cache=True)(_screen_loops(prange, dot_s16_block_256))
+_screen_kernel_256_serial = njit(nogil=True, cache=True)(_screen_loops(range, dot_s16_block_256))
 
 
 def blocks_per_sweep(dim):
@@ -192,19 +197,26 @@ def blocks_per_sweep(dim):
     return max(1, CODE_BLOCK_BYTES // (-(-max(1, dim) // 2) * PAIR_BYTES))
 
 
-# ---------------------------------------------------------------- a check before first use
+# ---------------------------------------------------------------- which block product, checked before first use
 @njit(nogil=True, cache=True)
-def _block_product(q, codes, scales, out):
+def _block_product_512(q, codes, scales, out):
     dot_s16_block(q.ctypes.data, q.shape[1] * 2, q.shape[0], codes.ctypes.data, q.shape[1] // 2,
                   scales.ctypes.data, out.ctypes.data)
 
 
-def _self_test():
-    """Block products at the extremes of the range (the int32 sums at their largest) and at random,
-    against NumPy."""
+@njit(nogil=True, cache=True)
+def _block_product_256(q, codes, scales, out):
+    dot_s16_block_256(q.ctypes.data, q.shape[1] * 2, q.shape[0], codes.ctypes.data, q.shape[1] // 2,
+                      scales.ctypes.data, out.ctypes.data)
+
+
+def _self_test(bits):
+    """Block products of width ``bits`` at the extremes of the range (the int32 sums at their largest) and at
+    random, against NumPy."""
     rng = np.random.default_rng(0)
     dim = 40
     level = levels(dim)
+    product = _block_product_512 if bits == 512 else _block_product_256
     for extreme in (True, False):
         if extreme:
             q = np.where(rng.random((32, dim)) < 0.5, -level, level).astype(np.int16)
@@ -215,30 +227,53 @@ def _self_test():
             e = rng.integers(-level, level + 1, (CODES, dim)).astype(np.int16)
         codes = np.ascontiguousarray(e.reshape(2, 16, dim // 2, 2).transpose(2, 0, 1, 3))
         out = np.zeros((32, CODES), dtype=np.float32)
-        _block_product(q, codes, np.ones(32, dtype=np.float32), out)
+        product(q, codes, np.ones(32, dtype=np.float32), out)
         expected = (q.astype(np.int64) @ e.astype(np.int64).T).astype(np.float32)
         if not np.array_equal(out, expected):
             return False
     return True
 
 
-_available = None
+def compiled_widths():
+    """The block products Numba can compile here, widest first: 512 (zmm, AVX-512 VNNI) and 256 (ymm, with
+    AVX-VNNI or AVX-512 VNNI's 256-bit form)."""
+    features = target_features()
+    widths = []
+    if {"+avx512f", "+avx512vnni"} <= features:
+        widths.append(512)
+    if "+avxvnni" in features or {"+avx512vnni", "+avx512vl"} <= features:
+        widths.append(256)
+    return widths
+
+
+_checked = {}                     # width: whether its self-test passed
+
+
+def width():
+    """The width of the block product the screen runs here, 512 or 256 bits, or None (no screen).
+
+    The widest that Numba compiles for and that passes ``_self_test``. ``MINIVQ_NUMBA_VNNI=0`` turns the
+    screen off; ``MINIVQ_NUMBA_VNNI=256`` takes the ymm product where both run (to compare the two).
+    """
+    switch = os.environ.get("MINIVQ_NUMBA_VNNI", "1")
+    if switch == "0":
+        return None
+    for bits in compiled_widths():
+        if bits == 512 and switch == "256":
+            continue
+        if bits not in _checked:
+            try:
+                _checked[bits] = _self_test(bits)
+            except Exception:         # an llvmlite that cannot emit the instruction: the fused kernel runs
+                _checked[bits] = False
+        if _checked[bits]:
+            return bits
+    return None
 
 
 def available():
-    """Whether the int16 screen can run here: Numba compiles for a CPU with AVX-512 VNNI, a block product
-    comes out exact (``_self_test``), and ``MINIVQ_NUMBA_VNNI`` is not ``0`` (the switch that turns it off)."""
-    global _available
-    if os.environ.get("MINIVQ_NUMBA_VNNI", "1") == "0":
-        return False
-    if _available is None:
-        _available = False
-        if {"+avx512f", "+avx512vnni"} <= target_features():
-            try:
-                _available = _self_test()
-            except Exception:         # an llvmlite that cannot emit the instruction: the fused kernel runs
-                _available = False
-    return _available
+    """Whether the int16 screen can run here (``width``)."""
+    return width() is not None
 
 
 def nearest_code_vnni(x, codebook, norms):
@@ -258,7 +293,11 @@ def nearest_code_vnni(x, codebook, norms):
     neg2e = np.ascontiguousarray(codebook * np.float32(-2))    # exact: a power of two
     out = np.empty(n, dtype=np.int64)
     spilled = np.zeros(n, dtype=np.bool_)
-    compiled = _screen_kernel_serial if get_num_threads() == 1 else _screen_kernel
+    one_thread = get_num_threads() == 1
+    if width() == 512:
+        compiled = _screen_kernel_serial if one_thread else _screen_kernel
+    else:
+        compiled = _screen_kernel_256_serial if one_thread else _screen_kernel_256
     compiled(x, x.view(np.uint32), levels(dim), codes, screen_norms, neg2e, norms, np.array(code_terms),
              blocks_per_sweep(dim), out, spilled)
     return out, spilled

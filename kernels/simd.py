@@ -7,8 +7,8 @@ nearest-code search (nearest_amx.py, nearest_vnni.py, screen.py) need beyond pla
   limit (``rows_within``), which codes of a row do (``lanes_within``), a row's lowest score
   (``row_minimum``), and the lowest set bit of a mask (``lowest_bit``); a bit cast from uint32 to
   float32 (``float32_from_bits``).
-- ``dot_s16_block``: AVX-512 VNNI's int16 products (``vpdpwssd``) for up to 32 rows x 32 codes at a
-  time, exact in int32.
+- ``dot_s16_block`` and ``dot_s16_block_256``: VNNI's int16 products (``vpdpwssd``) for up to 32 rows x
+  32 codes at a time, exact in int32, in zmm registers (AVX-512 VNNI) or ymm ones (AVX-VNNI).
 
 Addresses are plain integers (``array.ctypes.data``), strides are in bytes.
 """
@@ -136,9 +136,55 @@ def lowest_bit(typingctx, mask):
     return types.int64(types.uint32), codegen
 
 
-# ---------------------------------------------------------------- AVX-512 VNNI's int16 products
-_V16I32, _V16F32 = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
-BLOCK_ROWS = 8                    # rows whose sums ``dot_s16_block`` holds in registers at once
+# ---------------------------------------------------------------- VNNI's int16 products
+BLOCK_ROWS = 8                    # the block products write their rows rounded up to a multiple of this
+
+
+def _dot_s16_codegen(lanes, rows_a_pass, codes_a_pass):
+    """The code of a block product (``dot_s16_block``'s doc) with registers of ``lanes`` int32: passes of
+    ``rows_a_pass`` rows x ``codes_a_pass`` codes, each row's sums held in ``codes_a_pass / lanes``
+    registers, over every part of the 32 codes and every ``rows_a_pass`` rows of each ``BLOCK_ROWS``."""
+    int_vector, float_vector = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
+    registers = codes_a_pass // lanes              # a row's sums
+    parts = 32 // codes_a_pass                     # passes over the codes
+    name = f"llvm.x86.avx512.vpdpwssd.{32 * lanes}"  # with AVX-VNNI alone LLVM emits its VEX form
+
+    def codegen(context, builder, signature, args):
+        rows_at, row_bytes, rows, codes_at, pairs, scales_at, out_at = args
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(int_vector, [int_vector] * 3), name)
+        sums = [[cgutils.alloca_once(builder, int_vector) for _ in range(registers)] for _ in range(rows_a_pass)]
+        step = ir.Constant(_I64, rows_a_pass)
+        blocks = builder.udiv(builder.add(rows, ir.Constant(_I64, BLOCK_ROWS - 1)), ir.Constant(_I64, BLOCK_ROWS))
+        passes = builder.mul(blocks, ir.Constant(_I64, parts * BLOCK_ROWS // rows_a_pass))
+        with cgutils.for_range(builder, passes) as pass_loop:
+            part = builder.urem(pass_loop.index, ir.Constant(_I64, parts))     # codes from codes_a_pass part
+            first = builder.mul(builder.udiv(pass_loop.index, ir.Constant(_I64, parts)), step)
+            part_bytes = builder.mul(part, ir.Constant(_I64, 4 * codes_a_pass))
+            row_at = [builder.add(rows_at, builder.mul(builder.add(first, ir.Constant(_I64, r)), row_bytes))
+                      for r in range(rows_a_pass)]
+            for row_sums in sums:
+                for register in row_sums:
+                    builder.store(ir.Constant(int_vector, [0] * lanes), register)
+            with cgutils.for_range(builder, pairs) as pair_loop:
+                p = pair_loop.index
+                block_at = builder.add(codes_at, builder.add(builder.mul(p, ir.Constant(_I64, 128)), part_bytes))
+                codes = [builder.load(_at(builder, block_at, ir.Constant(_I64, 4 * lanes * j), int_vector), align=4)
+                         for j in range(registers)]
+                for r in range(rows_a_pass):
+                    word = builder.load(_at(builder, row_at[r], builder.mul(p, ir.Constant(_I64, 4)), _I32), align=4)
+                    row = _splat(builder, word, int_vector)
+                    for j in range(registers):
+                        builder.store(builder.call(dot, [builder.load(sums[r][j]), row, codes[j]]), sums[r][j])
+            for r in range(rows_a_pass):
+                row = builder.add(first, ir.Constant(_I64, r))
+                scale = _splat(builder, builder.load(_at(builder, scales_at, builder.mul(row, ir.Constant(_I64, 4)),
+                                                         _F32)), float_vector)
+                out_row = builder.add(out_at, builder.add(builder.mul(row, ir.Constant(_I64, 128)), part_bytes))
+                for j in range(registers):
+                    value = builder.fmul(builder.sitofp(builder.load(sums[r][j]), float_vector), scale)
+                    builder.store(value, _at(builder, out_row, ir.Constant(_I64, 4 * lanes * j), float_vector), align=4)
+        return context.get_dummy_value()
+    return codegen
 
 
 @intrinsic
@@ -146,46 +192,22 @@ def dot_s16_block(typingctx, rows_at, row_bytes, rows, codes_at, pairs, scales_a
     """``out[r, c] = scales[r] * float32(sum_d q[r, d] e[c, d])`` for r < ``rows`` rounded up to a multiple
     of ``BLOCK_ROWS`` (at most 32; the rows past ``rows`` must be readable) and 32 codes c; the sums are
     exact in int32 (``vpdpwssd``: two int16 products added to an int32 lane, wrapping on overflow, so the
-    caller keeps ``D max|q| max|e| < 2^31``: nearest_vnni.py).
+    caller keeps ``D max|q| max|e| < 2^31``: nearest_vnni.py). AVX-512 VNNI, zmm registers.
 
     ``rows_at``: int16 rows q, ``row_bytes`` apart, ``2 * pairs`` features each. ``codes_at``: int16 codes
     of one block of 32, 128 bytes per pair of features: ``[p][h][c][s]``, code ``16 h + c``, feature
     ``2 p + s``. ``scales_at``: float32 per row; ``out_at``: 32 x 32 float32 (rows of 128 bytes).
 
-    Per pair of features: two registers of codes, and for each of ``BLOCK_ROWS`` rows the row's pair
-    broadcast to every lane and two ``vpdpwssd`` into the row's two registers of sums.
+    Per pair of features: two registers of codes, and for each of 8 rows the row's pair broadcast to every
+    lane and two ``vpdpwssd`` into the row's two registers of sums (16 of the 32 zmm registers; measured
+    against 2 and 4 rows in benchmarks/NOTES.md, round 11).
     """
-    def codegen(context, builder, signature, args):
-        rows_at, row_bytes, rows, codes_at, pairs, scales_at, out_at = args
-        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3),
-                                             "llvm.x86.avx512.vpdpwssd.512")
-        sums = [[cgutils.alloca_once(builder, _V16I32) for _ in range(2)] for _ in range(BLOCK_ROWS)]
-        step = ir.Constant(_I64, BLOCK_ROWS)
-        quads = builder.udiv(builder.add(rows, ir.Constant(_I64, BLOCK_ROWS - 1)), step)
-        with cgutils.for_range(builder, quads) as quad_loop:
-            first = builder.mul(quad_loop.index, step)
-            row_at = [builder.add(rows_at, builder.mul(builder.add(first, ir.Constant(_I64, r)), row_bytes))
-                      for r in range(BLOCK_ROWS)]
-            for pair in sums:
-                for h in (0, 1):
-                    builder.store(ir.Constant(_V16I32, [0] * 16), pair[h])
-            with cgutils.for_range(builder, pairs) as pair_loop:
-                p = pair_loop.index
-                block_at = builder.add(codes_at, builder.mul(p, ir.Constant(_I64, 128)))
-                codes = [builder.load(_at(builder, block_at, ir.Constant(_I64, 64 * h), _V16I32), align=4)
-                         for h in (0, 1)]
-                for r in range(BLOCK_ROWS):
-                    word = builder.load(_at(builder, row_at[r], builder.mul(p, ir.Constant(_I64, 4)), _I32), align=4)
-                    row = _splat(builder, word, _V16I32)
-                    for h in (0, 1):
-                        builder.store(builder.call(dot, [builder.load(sums[r][h]), row, codes[h]]), sums[r][h])
-            for r in range(BLOCK_ROWS):
-                row = builder.add(first, ir.Constant(_I64, r))
-                scale = _splat(builder, builder.load(_at(builder, scales_at, builder.mul(row, ir.Constant(_I64, 4)),
-                                                         _F32)), _V16F32)
-                out_row = builder.add(out_at, builder.mul(row, ir.Constant(_I64, 128)))
-                for h in (0, 1):
-                    value = builder.fmul(builder.sitofp(builder.load(sums[r][h]), _V16F32), scale)
-                    builder.store(value, _at(builder, out_row, ir.Constant(_I64, 64 * h), _V16F32), align=4)
-        return context.get_dummy_value()
-    return types.none(*([types.intp] * 7)), codegen
+    return types.none(*([types.intp] * 7)), _dot_s16_codegen(16, 8, 32)
+
+
+@intrinsic
+def dot_s16_block_256(typingctx, rows_at, row_bytes, rows, codes_at, pairs, scales_at, out_at):
+    """``dot_s16_block`` in ymm registers: AVX-VNNI (Intel client cores since Alder Lake, which have AVX2
+    and its 16 vector registers but not AVX-512). Per pair of features and half of the codes: two
+    registers of 8 codes, and for each of 4 rows a broadcast and two ``vpdpwssd`` (8 registers of sums)."""
+    return types.none(*([types.intp] * 7)), _dot_s16_codegen(8, 4, 16)

@@ -194,7 +194,25 @@ def test_as_avx2_holds_the_numba_kernels_to_avx2_registers():
     assert usage.returncode == 2 and usage.stderr.startswith("usage:")
 
 
-def test_amx_peak_measures_the_four_peaks(tmp_path):
+def test_as_avx2_with_vnni_runs_the_ymm_screen_in_vex_code():
+    """``as_avx2.sh --vnni``: an Alder Lake-like CPU, whose screen is the ymm int16 one, its products in
+    the VEX form of ``vpdpwssd`` and no zmm register."""
+    pytest.importorskip("numba")
+    from minivq.kernels.simd import target_features
+    if "+avxvnni" not in target_features():
+        pytest.skip("this CPU has no AVX-VNNI to run the held code")
+    check = ("import numba, numpy as np; from minivq.kernels import nearest_screened, nearest_vnni as V; "
+             "assert nearest_screened.screen_name() == 'avx-vnni' and V.compiled_widths() == [256]; "
+             "f = numba.njit(V._block_product_256.py_func); q = np.zeros((8, 4), np.int16); "
+             "f(q, np.zeros((2, 2, 16, 2), np.int16), np.ones(8, np.float32), np.empty((32, 32), np.float32)); "
+             "asm = f.inspect_asm(f.signatures[0]); "
+             "assert '{vex}' in asm and 'vpdpwssd' in asm and 'ymm' in asm and 'zmm' not in asm")
+    done = subprocess.run(["bash", os.path.join(BENCH, "as_avx2.sh"), "--vnni", sys.executable, "-c", check],
+                          capture_output=True, text=True, timeout=300, cwd=os.path.join(BENCH, os.pardir))
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_amx_peak_measures_the_five_peaks(tmp_path):
     pytest.importorskip("numba")
     pytest.importorskip("threadpoolctl")
     out = tmp_path / "peak.json"
@@ -206,5 +224,8 @@ def test_amx_peak_measures_the_four_peaks(tmp_path):
     from minivq.kernels import amx, nearest_vnni
     assert (rates["amx-bf16"] is not None) == amx.available()
     assert ("no AMX here" in done.stdout) == (not amx.available())
-    assert (rates["vnni-int16"] is not None) == nearest_vnni.available()
-    assert ("no AVX-512 VNNI here" in done.stdout) == (not nearest_vnni.available())
+    widths = nearest_vnni.compiled_widths()
+    assert (rates["vnni-int16"] is not None) == (512 in widths)
+    assert ("no AVX-512 VNNI here" in done.stdout) == (512 not in widths)
+    assert (rates["avx-vnni-int16"] is not None) == (256 in widths)
+    assert ("no ymm VNNI here" in done.stdout) == (256 not in widths)

@@ -1,5 +1,5 @@
 """The certified screens of the nearest-code search (screen.py with nearest_amx.py's bf16 tiles and
-nearest_vnni.py's int16 products): the same indices as the fused float32 kernel on every input, ties and
+nearest_vnni.py's int16 products in zmm and in ymm registers): the same indices as the fused float32 kernel on every input, ties and
 near-ties included, and the ways out (NaN, huge values, float64, too many near-equal codes, the
 switches). Each test runs once per screen this CPU has and is skipped for the others."""
 import numpy as np
@@ -10,9 +10,11 @@ pytest.importorskip("numba")
 from minivq import kernels  # noqa: E402
 from minivq.kernels import nearest_amx, nearest_numba, nearest_screened, nearest_vnni, screen  # noqa: E402
 
-SCREENS = {  # name: (module, its search, its switch)
-    "amx": (nearest_amx, nearest_amx.nearest_code_amx, "MINIVQ_NUMBA_AMX"),
-    "vnni": (nearest_vnni, nearest_vnni.nearest_code_vnni, "MINIVQ_NUMBA_VNNI"),
+SCREENS = {  # name: (module, its search, its switch, the settings that leave it the one to run)
+    "amx": (nearest_amx, nearest_amx.nearest_code_amx, "MINIVQ_NUMBA_AMX", {}),
+    "vnni": (nearest_vnni, nearest_vnni.nearest_code_vnni, "MINIVQ_NUMBA_VNNI", {"MINIVQ_NUMBA_AMX": "0"}),
+    "avx-vnni": (nearest_vnni, nearest_vnni.nearest_code_vnni, "MINIVQ_NUMBA_VNNI",
+                 {"MINIVQ_NUMBA_AMX": "0", "MINIVQ_NUMBA_VNNI": "256"}),   # the ymm product, also where zmm runs
 }
 
 
@@ -20,9 +22,8 @@ SCREENS = {  # name: (module, its search, its switch)
 def which(request, monkeypatch):
     """The screen under test, the only one switched on (so the backend runs it)."""
     name = request.param
-    for other, (_, _, switch) in SCREENS.items():
-        if other != name:
-            monkeypatch.setenv(switch, "0")
+    for variable, value in SCREENS[name][3].items():
+        monkeypatch.setenv(variable, value)
     if nearest_screened.screen_name() != name:
         pytest.skip(f"this CPU or Numba has no {name} screen")
     return name
@@ -181,7 +182,7 @@ def test_the_screen_declines_float64_huge_codebooks_and_empty_inputs(which, rng)
 
 @pytest.mark.parametrize("name", sorted(SCREENS))
 def test_the_switch_turns_the_screen_off(name, monkeypatch, rng):
-    _, search, switch = SCREENS[name]
+    _, search, switch, _ = SCREENS[name]
     monkeypatch.setenv(switch, "0")
     x = rng.standard_normal((10, 4)).astype(np.float32)
     codebook = rng.standard_normal((5, 4)).astype(np.float32)
@@ -189,10 +190,52 @@ def test_the_switch_turns_the_screen_off(name, monkeypatch, rng):
     assert nearest_screened.screen_name() != name
 
 
-def test_without_amx_an_avx512_vnni_cpu_gets_the_int16_screen(monkeypatch):
+def test_without_amx_the_widest_vnni_product_runs(monkeypatch):
+    from minivq.kernels.simd import target_features
     monkeypatch.setenv("MINIVQ_NUMBA_AMX", "0")
-    expected = "vnni" if nearest_vnni.available() else None
+    features = target_features()
+    if {"+avx512f", "+avx512vnni"} <= features:
+        expected = "vnni"
+    elif "+avxvnni" in features:
+        expected = "avx-vnni"
+    else:
+        expected = None
     assert nearest_screened.screen_name() == expected
+    monkeypatch.setenv("MINIVQ_NUMBA_VNNI", "256")      # asks for ymm where both run; an AVX2 CPU has neither
+    assert nearest_screened.screen_name() == (None if expected is None else "avx-vnni")
+
+
+AVX2_WITH_AVX_VNNI = {   # Numba held to an Alder Lake-like CPU: AVX2 and AVX-VNNI, no AVX-512 (benchmarks/as_avx2.sh --vnni)
+    "NUMBA_CPU_NAME": "alderlake",
+    "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,"
+                          "+popcnt,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+avxvnni,-avx512f,"
+                          "-avx512bw,-avx512dq,-avx512vl,-avx512cd,-avx512vnni,-avx512bf16,-avx512fp16",
+    "MINIVQ_NUMBA_AMX": "0",
+}
+
+
+def test_an_avx2_cpu_with_avx_vnni_runs_the_ymm_screen_with_the_fused_kernels_indices():
+    # compiled for a CPU without AVX-512 (16 vector registers, the VEX form of vpdpwssd): the screen
+    # chosen there, and its indices against the fused kernel compiled for the same CPU
+    import os
+    import subprocess
+    import sys
+    if "+avxvnni" not in __import__("minivq.kernels.simd", fromlist=["x"]).target_features():
+        pytest.skip("this CPU has no AVX-VNNI to run the held code")
+    script = (
+        "import numpy as np\n"
+        "from minivq.kernels import nearest_numba, nearest_screened\n"
+        "rng = np.random.default_rng(3)\n"
+        "for n, k, d in [(300, 100, 37), (1000, 700, 64), (77, 40, 256)]:\n"
+        "    x = rng.standard_normal((n, d)).astype(np.float32)\n"
+        "    e = np.concatenate([rng.standard_normal((k, d)), np.zeros((3, d))]).astype(np.float32)\n"
+        "    x[:5] = 0\n"                                          # ties among the three zero codes
+        "    assert (nearest_screened.nearest_code(x, e) == nearest_numba.nearest_code_numba(x, e)).all()\n"
+        "print(nearest_screened.screen_name())\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **AVX2_WITH_AVX_VNNI},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["avx-vnni"]
 
 
 def test_one_thread_runs_the_serial_sweep_with_the_same_result(which, rng, monkeypatch):
@@ -202,8 +245,8 @@ def test_one_thread_runs_the_serial_sweep_with_the_same_result(which, rng, monke
     expected = fused(x, codebook)
     called = []
     module = SCREENS[which][0]
-    monkeypatch.setattr(module, "_screen_kernel", lambda *a: called.append("parallel") or
-                        module._screen_kernel_serial(*a))
+    parallel = "_screen_kernel_256" if which == "avx-vnni" else "_screen_kernel"
+    monkeypatch.setattr(module, parallel, lambda *a: called.append("parallel") or getattr(module, parallel + "_serial")(*a))
     previous = numba.get_num_threads()
     numba.set_num_threads(1)
     try:

@@ -1,5 +1,5 @@
-"""The vector code of kernels/simd.py against NumPy (the reads of a block of scores; AVX-512 VNNI's int16
-block product, exact at the largest sums it allows), and the int16 screen's own parts (nearest_vnni.py):
+"""The vector code of kernels/simd.py against NumPy (the reads of a block of scores; VNNI's int16 block
+products in zmm and in ymm registers, exact at the largest sums they allow), and the int16 screen's own parts (nearest_vnni.py):
 the levels that keep every sum in int32, the quantising, the codes' layout, and its bound held against
 exact arithmetic. That the screen gives the fused kernel's indices is tests/test_kernels_screens.py's."""
 import numpy as np
@@ -10,7 +10,7 @@ from numba import njit  # noqa: E402
 
 from minivq.kernels import nearest_numba, nearest_vnni, simd  # noqa: E402
 
-needs_vnni = pytest.mark.skipif(not nearest_vnni.available(), reason="this CPU or Numba has no AVX-512 VNNI")
+needs_vnni = pytest.mark.skipif(not nearest_vnni.available(), reason="this CPU or Numba has no VNNI")
 
 
 # ----------------------------------------------------------------- the vector reads of the scores
@@ -51,14 +51,32 @@ def as_blocks(e):
 
 
 @njit
-def _block(q, rows, codes, scales, out):
+def _block_512(q, rows, codes, scales, out):
     simd.dot_s16_block(q.ctypes.data, q.shape[1] * 2, rows, codes.ctypes.data, q.shape[1] // 2,
                        scales.ctypes.data, out.ctypes.data)
 
 
-@needs_vnni
+@njit
+def _block_256(q, rows, codes, scales, out):
+    simd.dot_s16_block_256(q.ctypes.data, q.shape[1] * 2, rows, codes.ctypes.data, q.shape[1] // 2,
+                           scales.ctypes.data, out.ctypes.data)
+
+
+@pytest.fixture(params=[512, 256])
+def product(request):
+    """A block product this CPU runs: zmm (AVX-512 VNNI) or ymm (AVX-VNNI)."""
+    if request.param not in nearest_vnni.compiled_widths():
+        pytest.skip(f"this CPU or Numba has no {request.param}-bit VNNI")
+    return _block_512 if request.param == 512 else _block_256
+
+
+def _block(q, rows, codes, scales, out):
+    """The product the screen runs here."""
+    (_block_512 if nearest_vnni.width() == 512 else _block_256)(q, rows, codes, scales, out)
+
+
 @pytest.mark.parametrize("d", [2, 40, 256, 1000])
-def test_the_int16_block_product_is_exact_up_to_the_largest_sums(rng, d):
+def test_the_int16_block_product_is_exact_up_to_the_largest_sums(product, rng, d):
     level = nearest_vnni.levels(d)
     q = np.where(rng.random((32, d)) < 0.5, -level, level).astype(np.int16)
     e = np.where(rng.random((32, d)) < 0.5, -level, level).astype(np.int16)
@@ -67,17 +85,16 @@ def test_the_int16_block_product_is_exact_up_to_the_largest_sums(rng, d):
     assert exact[0, 0] == d * level ** 2 and exact.max() < 2 ** 31
     scales = rng.random(32).astype(np.float32)
     out = np.zeros((32, 32), np.float32)
-    _block(q, 32, as_blocks(e), scales, out)
+    product(q, 32, as_blocks(e), scales, out)
     np.testing.assert_array_equal(out, exact.astype(np.float32) * scales[:, None])
 
 
-@needs_vnni
-@pytest.mark.parametrize("rows", [1, 7, 8, 9, 31])
-def test_the_int16_block_product_writes_its_rows_rounded_up_to_whole_blocks(rng, rows):
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 7, 8, 9, 31])
+def test_the_int16_block_product_writes_its_rows_rounded_up_to_whole_blocks(product, rng, rows):
     q = rng.integers(-300, 301, (32, 64)).astype(np.int16)
     e = rng.integers(-300, 301, (32, 64)).astype(np.int16)
     out = np.full((32, 32), np.nan, np.float32)
-    _block(q, rows, as_blocks(e), np.ones(32, np.float32), out)
+    product(q, rows, as_blocks(e), np.ones(32, np.float32), out)
     written = -(-rows // simd.BLOCK_ROWS) * simd.BLOCK_ROWS
     np.testing.assert_array_equal(out[:written], (q[:written].astype(np.int64) @ e.astype(np.int64).T))
     assert np.isnan(out[written:]).all()
