@@ -6,11 +6,9 @@ the tiles multiply bf16 many times faster. All three are measured on one thread,
 
     amx-bf16     tiles 0-3 accumulate ``tdpbf16ps`` of tiles 4-7, loaded once: 4 x 16 x 16 x 32
                  multiply-adds a step, nothing read from memory (the rate the tiles allow)
-    vnni-int16   the int16 screen's block product (simd.dot_s16_block: 32 rows x 32 codes x 64
-                 features of ``vpdpwssd`` in zmm registers, in L1), counted as 2 operations a
-                 multiply-add (nearest_vnni.py)
-    avx-vnni-int16  the same in ymm registers (simd.dot_s16_block_256: AVX-VNNI, for CPUs without
-                 AVX-512)
+    int16-vnni-512  the int16 screen's block products (simd.PRODUCTS: 32 rows x 32 codes x 64
+    int16-vnni-256  features, in L1), counted as 2 operations a multiply-add (nearest_int16.py):
+    int16-madd-256  VNNI's ``vpdpwssd`` in zmm or ymm registers, AVX2's ``vpmaddwd`` and ``vpaddd``
     fma-float32  16 x 16 independent float32 multiply-adds a step, in registers (Numba, the
                  same flags as the fused kernel; LLVM turns them into vector FMAs)
     sgemm        NumPy float32 2048^3 (``_machine.sgemm_rate``), BLAS held to one thread
@@ -67,14 +65,14 @@ def amx_rate(steps):
     return steps * 4 * 16 * 16 * 32 * 2 / (time.perf_counter() - start)
 
 
-def vnni_rate(bits, steps):
-    """Operations a second of the int16 block product of width ``bits`` (512 or 256) on blocks held in L1,
-    or None where Numba cannot compile it here."""
+def int16_rate(name, steps):
+    """Operations a second of the int16 block product ``name`` (simd.PRODUCTS) on blocks held in L1, or
+    None where Numba cannot compile it here."""
     from numba import njit
-    from minivq.kernels import nearest_vnni, simd
-    if bits not in nearest_vnni.compiled_widths():
+    from minivq.kernels import nearest_int16, simd
+    if name not in nearest_int16.compiled_products():
         return None
-    product = simd.dot_s16_block if bits == 512 else simd.dot_s16_block_256
+    product = simd.PRODUCTS[name][0]
 
     @njit(nogil=True)
     def products(q, codes, scales, out, steps):
@@ -129,15 +127,16 @@ def main(argv=None):
     rates = {}
     amx_probe = amx_rate(1000)
     rates["amx-bf16"] = amx_rate(max(1000, int(args.seconds * amx_probe / 65536))) if amx_probe else None
-    for name, bits in (("vnni-int16", 512), ("avx-vnni-int16", 256)):
-        probe = vnni_rate(bits, 1000)
-        rates[name] = vnni_rate(bits, max(1000, int(args.seconds * probe / 131072))) if probe else None
+    from minivq.kernels import simd
+    for product in simd.PRODUCTS:
+        probe = int16_rate(product, 1000)
+        rates[f"int16-{product}"] = int16_rate(product, max(1000, int(args.seconds * probe / 131072))) if probe else None
     fma_probe = fma_rate(1000)
     rates["fma-float32"] = fma_rate(max(1000, int(args.seconds * fma_probe / 512)))
     rates["sgemm"] = sgemm_rate("cpu", repeats=5, pick=min, gap=0.2)["gflops"] * 1e9
-    missing = {"amx-bf16": "no AMX here", "vnni-int16": "no AVX-512 VNNI here", "avx-vnni-int16": "no ymm VNNI here"}
     for name, rate in rates.items():
-        print(f"{name:14s} " + (missing[name] if rate is None else f"{rate / 1e9:9.1f} G operations/s, one core"))
+        missing = "no AMX here" if name == "amx-bf16" else "not on this CPU"
+        print(f"{name:15s} " + (missing if rate is None else f"{rate / 1e9:9.1f} G operations/s, one core"))
     if rates["amx-bf16"]:
         print(f"the tiles are {rates['amx-bf16'] / rates['sgemm']:.1f}x SGEMM")
     date = datetime.date.today().isoformat()

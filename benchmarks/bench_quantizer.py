@@ -10,8 +10,8 @@ otherwise steal the cores from the next one). Medians are reported.
 
 CPU (``--device cpu``):
     minivq-numba   kernels.nearest_code(backend="numba"): a certified screen and the float32 decision of
-                   the few codes it leaves (bf16 on AMX tiles, nearest_amx.py, or else int16 with AVX-512
-                   VNNI, nearest_vnni.py); the fused kernel alone on CPUs with neither
+                   the few codes it leaves (bf16 on AMX tiles, nearest_amx.py, or else int16 with VNNI
+                   or AVX2's vpmaddwd, nearest_int16.py); the fused kernel alone on CPUs with neither
     minivq-numba-fp32  the fused float32 kernel alone (listed where a screen runs; it gives the same
                    indices as minivq-numba, which the JSON records per case as ``screen_equals_fused``;
                    ``machine.screen`` names the screen)

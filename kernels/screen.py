@@ -2,7 +2,7 @@
 out, then decide among them exactly as the fused float32 kernel would.
 
 Two screens compute cheap scores s' of every code for a block of rows: bf16 on AMX tiles (nearest_amx.py)
-and int16 with VNNI (nearest_vnni.py). Each proves a bound B with |s' - s^| <= B for every code of a row,
+and int16 (nearest_int16.py). Each proves a bound B with |s' - s^| <= B for every code of a row,
 s^ being the fused kernel's float32 score (nearest_numba.py). So with m' the row's lowest screen score,
 every code whose s^ is the lowest has s' <= m' + 2B: the margin ``2B`` per row is all this module needs.
 

@@ -7,8 +7,9 @@ nearest-code search (nearest_amx.py, nearest_vnni.py, screen.py) need beyond pla
   limit (``rows_within``), which codes of a row do (``lanes_within``), a row's lowest score
   (``row_minimum``), and the lowest set bit of a mask (``lowest_bit``); a bit cast from uint32 to
   float32 (``float32_from_bits``).
-- ``dot_s16_block`` and ``dot_s16_block_256``: VNNI's int16 products (``vpdpwssd``) for up to 32 rows x
-  32 codes at a time, exact in int32, in zmm registers (AVX-512 VNNI) or ymm ones (AVX-VNNI).
+- ``PRODUCTS``: int16 products for up to 32 rows x 32 codes at a time, exact in int32: VNNI's
+  ``vpdpwssd`` in zmm registers (AVX-512 VNNI) or ymm ones (AVX-VNNI), else AVX2's ``vpmaddwd`` and
+  ``vpaddd`` on ymm.
 
 Addresses are plain integers (``array.ctypes.data``), strides are in bytes.
 """
@@ -136,22 +137,36 @@ def lowest_bit(typingctx, mask):
     return types.int64(types.uint32), codegen
 
 
-# ---------------------------------------------------------------- VNNI's int16 products
+# ---------------------------------------------------------------- int16 block products
 BLOCK_ROWS = 8                    # the block products write their rows rounded up to a multiple of this
 
 
-def _dot_s16_codegen(lanes, rows_a_pass, codes_a_pass):
+def _dot_s16_codegen(lanes, rows_a_pass, codes_a_pass, vnni):
     """The code of a block product (``dot_s16_block``'s doc) with registers of ``lanes`` int32: passes of
     ``rows_a_pass`` rows x ``codes_a_pass`` codes, each row's sums held in ``codes_a_pass / lanes``
-    registers, over every part of the 32 codes and every ``rows_a_pass`` rows of each ``BLOCK_ROWS``."""
+    registers, over every part of the 32 codes and every ``rows_a_pass`` rows of each ``BLOCK_ROWS``.
+
+    ``vnni``: the products and their sum in one ``vpdpwssd``; else ``vpmaddwd`` (two int16 products
+    added into an int32 lane, exact: no input is -32768) and ``vpaddd``, the same sums.
+    """
     int_vector, float_vector = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
+    pair_vector = ir.VectorType(_I16, 2 * lanes)
     registers = codes_a_pass // lanes              # a row's sums
     parts = 32 // codes_a_pass                     # passes over the codes
-    name = f"llvm.x86.avx512.vpdpwssd.{32 * lanes}"  # with AVX-VNNI alone LLVM emits its VEX form
+
+    def add_products(builder, total, row, codes):
+        """``total`` + the row's pair of features times the codes', per int32 lane."""
+        if vnni:                                   # with AVX-VNNI alone LLVM emits the VEX form
+            dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(int_vector, [int_vector] * 3),
+                                                 f"llvm.x86.avx512.vpdpwssd.{32 * lanes}")
+            return builder.call(dot, [total, row, codes])
+        name = "llvm.x86.avx2.pmadd.wd" if lanes == 8 else "llvm.x86.avx512.pmaddw.d.512"
+        madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(int_vector, [pair_vector] * 2), name)
+        return builder.add(total, builder.call(madd, [builder.bitcast(row, pair_vector),
+                                                      builder.bitcast(codes, pair_vector)]))
 
     def codegen(context, builder, signature, args):
         rows_at, row_bytes, rows, codes_at, pairs, scales_at, out_at = args
-        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(int_vector, [int_vector] * 3), name)
         sums = [[cgutils.alloca_once(builder, int_vector) for _ in range(registers)] for _ in range(rows_a_pass)]
         step = ir.Constant(_I64, rows_a_pass)
         blocks = builder.udiv(builder.add(rows, ir.Constant(_I64, BLOCK_ROWS - 1)), ir.Constant(_I64, BLOCK_ROWS))
@@ -174,7 +189,7 @@ def _dot_s16_codegen(lanes, rows_a_pass, codes_a_pass):
                     word = builder.load(_at(builder, row_at[r], builder.mul(p, ir.Constant(_I64, 4)), _I32), align=4)
                     row = _splat(builder, word, int_vector)
                     for j in range(registers):
-                        builder.store(builder.call(dot, [builder.load(sums[r][j]), row, codes[j]]), sums[r][j])
+                        builder.store(add_products(builder, builder.load(sums[r][j]), row, codes[j]), sums[r][j])
             for r in range(rows_a_pass):
                 row = builder.add(first, ir.Constant(_I64, r))
                 scale = _splat(builder, builder.load(_at(builder, scales_at, builder.mul(row, ir.Constant(_I64, 4)),
@@ -187,12 +202,15 @@ def _dot_s16_codegen(lanes, rows_a_pass, codes_a_pass):
     return codegen
 
 
+_SIGNATURE = types.none(*([types.intp] * 7))
+
+
 @intrinsic
 def dot_s16_block(typingctx, rows_at, row_bytes, rows, codes_at, pairs, scales_at, out_at):
     """``out[r, c] = scales[r] * float32(sum_d q[r, d] e[c, d])`` for r < ``rows`` rounded up to a multiple
     of ``BLOCK_ROWS`` (at most 32; the rows past ``rows`` must be readable) and 32 codes c; the sums are
-    exact in int32 (``vpdpwssd``: two int16 products added to an int32 lane, wrapping on overflow, so the
-    caller keeps ``D max|q| max|e| < 2^31``: nearest_vnni.py). AVX-512 VNNI, zmm registers.
+    exact in int32 (two int16 products added to an int32 lane, wrapping on overflow, so the caller keeps
+    ``D max|q| max|e| < 2^31`` and no -32768: nearest_int16.py). AVX-512 VNNI, zmm registers.
 
     ``rows_at``: int16 rows q, ``row_bytes`` apart, ``2 * pairs`` features each. ``codes_at``: int16 codes
     of one block of 32, 128 bytes per pair of features: ``[p][h][c][s]``, code ``16 h + c``, feature
@@ -202,7 +220,7 @@ def dot_s16_block(typingctx, rows_at, row_bytes, rows, codes_at, pairs, scales_a
     lane and two ``vpdpwssd`` into the row's two registers of sums (16 of the 32 zmm registers; measured
     against 2 and 4 rows in benchmarks/NOTES.md, round 11).
     """
-    return types.none(*([types.intp] * 7)), _dot_s16_codegen(16, 8, 32)
+    return _SIGNATURE, _dot_s16_codegen(16, 8, 32, vnni=True)
 
 
 @intrinsic
@@ -210,4 +228,18 @@ def dot_s16_block_256(typingctx, rows_at, row_bytes, rows, codes_at, pairs, scal
     """``dot_s16_block`` in ymm registers: AVX-VNNI (Intel client cores since Alder Lake, which have AVX2
     and its 16 vector registers but not AVX-512). Per pair of features and half of the codes: two
     registers of 8 codes, and for each of 4 rows a broadcast and two ``vpdpwssd`` (8 registers of sums)."""
-    return types.none(*([types.intp] * 7)), _dot_s16_codegen(8, 4, 16)
+    return _SIGNATURE, _dot_s16_codegen(8, 4, 16, vnni=True)
+
+
+@intrinsic
+def madd_s16_block_256(typingctx, rows_at, row_bytes, rows, codes_at, pairs, scales_at, out_at):
+    """``dot_s16_block_256`` without VNNI: ``vpmaddwd`` and ``vpaddd`` on ymm registers (AVX2), the same
+    layout and sums."""
+    return _SIGNATURE, _dot_s16_codegen(8, 4, 16, vnni=False)
+
+
+PRODUCTS = {   # the int16 screen's block products, the one preferred first, and the CPU features (either set)
+    "vnni-512": (dot_s16_block, ({"+avx512f", "+avx512vnni"},)),
+    "vnni-256": (dot_s16_block_256, ({"+avxvnni"}, {"+avx512vnni", "+avx512vl"})),
+    "madd-256": (madd_s16_block_256, ({"+avx2"},)),
+}

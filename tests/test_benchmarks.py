@@ -174,8 +174,8 @@ def test_bench_train_step_times_round_sevens_way_beside_and_records_the_threads(
 
 def test_as_avx2_holds_the_numba_kernels_to_avx2_registers():
     """benchmarks/as_avx2.sh: minivq's AVX2 tile, Numba compiling without AVX-512 (no zmm register in the
-    search's code), OpenBLAS on its Haswell kernels, no AMX screen; without a command, a usage line and
-    exit 2."""
+    search's code), OpenBLAS on its Haswell kernels, no AMX screen but AVX2's int16 one; without a command,
+    a usage line and exit 2."""
     pytest.importorskip("numba")
     script = os.path.join(BENCH, "as_avx2.sh")
     check = ("import os, numba, numpy as np; from minivq.kernels import nearest_numba as K; "
@@ -186,7 +186,7 @@ def test_as_avx2_holds_the_numba_kernels_to_avx2_registers():
              "f(x, p, n, 1, np.empty(8, np.int64), np.empty(8, np.float32)); "
              "asm = f.inspect_asm(f.signatures[0]); assert 'ymm' in asm and 'zmm' not in asm; "
              "assert os.environ['OPENBLAS_CORETYPE'] == 'Haswell'; "
-             "from minivq.kernels import nearest_screened; assert nearest_screened.screen_name() is None")
+             "from minivq.kernels import nearest_screened; assert nearest_screened.screen_name() == 'madd-256'")
     done = subprocess.run(["bash", script, sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
                           cwd=os.path.join(BENCH, os.pardir))
     assert done.returncode == 0, done.stderr[-2000:]
@@ -201,9 +201,9 @@ def test_as_avx2_with_vnni_runs_the_ymm_screen_in_vex_code():
     from minivq.kernels.simd import target_features
     if "+avxvnni" not in target_features():
         pytest.skip("this CPU has no AVX-VNNI to run the held code")
-    check = ("import numba, numpy as np; from minivq.kernels import nearest_screened, nearest_vnni as V; "
-             "assert nearest_screened.screen_name() == 'avx-vnni' and V.compiled_widths() == [256]; "
-             "f = numba.njit(V._block_product_256.py_func); q = np.zeros((8, 4), np.int16); "
+    check = ("import numba, numpy as np; from minivq.kernels import nearest_screened, nearest_int16 as V; "
+             "assert nearest_screened.screen_name() == 'vnni-256' and V.compiled_products() == ['vnni-256', 'madd-256']; "
+             "f = numba.njit(V.block_calls['vnni-256'].py_func); q = np.zeros((8, 4), np.int16); "
              "f(q, np.zeros((2, 2, 16, 2), np.int16), np.ones(8, np.float32), np.empty((32, 32), np.float32)); "
              "asm = f.inspect_asm(f.signatures[0]); "
              "assert '{vex}' in asm and 'vpdpwssd' in asm and 'ymm' in asm and 'zmm' not in asm")
@@ -212,7 +212,7 @@ def test_as_avx2_with_vnni_runs_the_ymm_screen_in_vex_code():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_amx_peak_measures_the_five_peaks(tmp_path):
+def test_amx_peak_measures_every_peak_the_cpu_has(tmp_path):
     pytest.importorskip("numba")
     pytest.importorskip("threadpoolctl")
     out = tmp_path / "peak.json"
@@ -221,11 +221,10 @@ def test_amx_peak_measures_the_five_peaks(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rates = json.loads(out.read_text())["flops_per_s"]
     assert rates["fma-float32"] > 0 and rates["sgemm"] > 0
-    from minivq.kernels import amx, nearest_vnni
+    from minivq.kernels import amx, nearest_int16, simd
     assert (rates["amx-bf16"] is not None) == amx.available()
     assert ("no AMX here" in done.stdout) == (not amx.available())
-    widths = nearest_vnni.compiled_widths()
-    assert (rates["vnni-int16"] is not None) == (512 in widths)
-    assert ("no AVX-512 VNNI here" in done.stdout) == (512 not in widths)
-    assert (rates["avx-vnni-int16"] is not None) == (256 in widths)
-    assert ("no ymm VNNI here" in done.stdout) == (256 not in widths)
+    here = nearest_int16.compiled_products()
+    for product in simd.PRODUCTS:
+        assert (rates[f"int16-{product}"] is not None) == (product in here)
+    assert done.stdout.count("not on this CPU") == len(simd.PRODUCTS) - len(here)

@@ -1,5 +1,5 @@
 """The certified screens of the nearest-code search (screen.py with nearest_amx.py's bf16 tiles and
-nearest_vnni.py's int16 products in zmm and in ymm registers): the same indices as the fused float32 kernel on every input, ties and
+nearest_int16.py's int16 products, each of simd.PRODUCTS): the same indices as the fused float32 kernel on every input, ties and
 near-ties included, and the ways out (NaN, huge values, float64, too many near-equal codes, the
 switches). Each test runs once per screen this CPU has and is skipped for the others."""
 import numpy as np
@@ -8,13 +8,13 @@ import pytest
 pytest.importorskip("numba")
 
 from minivq import kernels  # noqa: E402
-from minivq.kernels import nearest_amx, nearest_numba, nearest_screened, nearest_vnni, screen  # noqa: E402
+from minivq.kernels import nearest_amx, nearest_int16, nearest_numba, nearest_screened, screen, simd  # noqa: E402
 
 SCREENS = {  # name: (module, its search, its switch, the settings that leave it the one to run)
     "amx": (nearest_amx, nearest_amx.nearest_code_amx, "MINIVQ_NUMBA_AMX", {}),
-    "vnni": (nearest_vnni, nearest_vnni.nearest_code_vnni, "MINIVQ_NUMBA_VNNI", {"MINIVQ_NUMBA_AMX": "0"}),
-    "avx-vnni": (nearest_vnni, nearest_vnni.nearest_code_vnni, "MINIVQ_NUMBA_VNNI",
-                 {"MINIVQ_NUMBA_AMX": "0", "MINIVQ_NUMBA_VNNI": "256"}),   # the ymm product, also where zmm runs
+    **{product: (nearest_int16, nearest_int16.nearest_code_int16, "MINIVQ_NUMBA_INT16",
+                 {"MINIVQ_NUMBA_AMX": "0", "MINIVQ_NUMBA_INT16": product})     # each product, where the CPU has it
+       for product in simd.PRODUCTS},
 }
 
 
@@ -190,38 +190,38 @@ def test_the_switch_turns_the_screen_off(name, monkeypatch, rng):
     assert nearest_screened.screen_name() != name
 
 
-def test_without_amx_the_widest_vnni_product_runs(monkeypatch):
-    from minivq.kernels.simd import target_features
+def test_without_amx_the_first_int16_product_the_cpu_has_runs(monkeypatch):
     monkeypatch.setenv("MINIVQ_NUMBA_AMX", "0")
-    features = target_features()
+    features = simd.target_features()
     if {"+avx512f", "+avx512vnni"} <= features:
-        expected = "vnni"
+        expected = "vnni-512"
     elif "+avxvnni" in features:
-        expected = "avx-vnni"
+        expected = "vnni-256"
+    elif "+avx2" in features and "+avx512f" not in features:     # AVX-512's FMAs beat ymm vpmaddwd
+        expected = "madd-256"
     else:
         expected = None
     assert nearest_screened.screen_name() == expected
-    monkeypatch.setenv("MINIVQ_NUMBA_VNNI", "256")      # asks for ymm where both run; an AVX2 CPU has neither
-    assert nearest_screened.screen_name() == (None if expected is None else "avx-vnni")
+    monkeypatch.setenv("MINIVQ_NUMBA_INT16", "madd-256")      # asks for one product, where it runs
+    assert nearest_screened.screen_name() == ("madd-256" if "+avx2" in features else None)
 
 
-AVX2_WITH_AVX_VNNI = {   # Numba held to an Alder Lake-like CPU: AVX2 and AVX-VNNI, no AVX-512 (benchmarks/as_avx2.sh --vnni)
-    "NUMBA_CPU_NAME": "alderlake",
-    "NUMBA_CPU_FEATURES": "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,"
-                          "+popcnt,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+avxvnni,-avx512f,"
-                          "-avx512bw,-avx512dq,-avx512vl,-avx512cd,-avx512vnni,-avx512bf16,-avx512fp16",
-    "MINIVQ_NUMBA_AMX": "0",
-}
+AVX2 = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,+sahf,+sse,"
+        "+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,-avx512f,-avx512bw,-avx512dq,-avx512vl,-avx512cd,-avx512vnni,"
+        "-avx512bf16,-avx512fp16")
 
 
-def test_an_avx2_cpu_with_avx_vnni_runs_the_ymm_screen_with_the_fused_kernels_indices():
-    # compiled for a CPU without AVX-512 (16 vector registers, the VEX form of vpdpwssd): the screen
+@pytest.mark.parametrize("cpu,features,expected", [("haswell", AVX2 + ",-avxvnni", "madd-256"),
+                                                   ("alderlake", AVX2 + ",+avxvnni", "vnni-256")])
+def test_an_avx2_cpu_runs_its_ymm_screen_with_the_fused_kernels_indices(cpu, features, expected):
+    # Numba held to a CPU without AVX-512 (16 vector registers; benchmarks/as_avx2.sh [--vnni]): the screen
     # chosen there, and its indices against the fused kernel compiled for the same CPU
     import os
     import subprocess
     import sys
-    if "+avxvnni" not in __import__("minivq.kernels.simd", fromlist=["x"]).target_features():
-        pytest.skip("this CPU has no AVX-VNNI to run the held code")
+    needed = {"+avx2", "+avxvnni"} if expected == "vnni-256" else {"+avx2"}
+    if not needed <= simd.target_features():
+        pytest.skip("this CPU cannot run the held code")
     script = (
         "import numpy as np\n"
         "from minivq.kernels import nearest_numba, nearest_screened\n"
@@ -232,10 +232,11 @@ def test_an_avx2_cpu_with_avx_vnni_runs_the_ymm_screen_with_the_fused_kernels_in
         "    x[:5] = 0\n"                                          # ties among the three zero codes
         "    assert (nearest_screened.nearest_code(x, e) == nearest_numba.nearest_code_numba(x, e)).all()\n"
         "print(nearest_screened.screen_name())\n")
-    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **AVX2_WITH_AVX_VNNI},
+    held = {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features, "MINIVQ_NUMBA_AMX": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **held},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["avx-vnni"]
+    assert done.stdout.split() == [expected]
 
 
 def test_one_thread_runs_the_serial_sweep_with_the_same_result(which, rng, monkeypatch):
@@ -245,8 +246,13 @@ def test_one_thread_runs_the_serial_sweep_with_the_same_result(which, rng, monke
     expected = fused(x, codebook)
     called = []
     module = SCREENS[which][0]
-    parallel = "_screen_kernel_256" if which == "avx-vnni" else "_screen_kernel"
-    monkeypatch.setattr(module, parallel, lambda *a: called.append("parallel") or getattr(module, parallel + "_serial")(*a))
+    if which == "amx":
+        monkeypatch.setattr(module, "_screen_kernel", lambda *a: called.append("parallel") or
+                            module._screen_kernel_serial(*a))
+    else:
+        parallel, serial = module._screen_kernels[which]
+        monkeypatch.setitem(module._screen_kernels, which,
+                            (lambda *a: called.append("parallel") or serial(*a), serial))
     previous = numba.get_num_threads()
     numba.set_num_threads(1)
     try:

@@ -1,5 +1,5 @@
-"""The vector code of kernels/simd.py against NumPy (the reads of a block of scores; VNNI's int16 block
-products in zmm and in ymm registers, exact at the largest sums they allow), and the int16 screen's own parts (nearest_vnni.py):
+"""The vector code of kernels/simd.py against NumPy (the reads of a block of scores; the int16 block
+products, VNNI's and vpmaddwd's in zmm and in ymm registers, exact at the largest sums they allow), and the int16 screen's own parts (nearest_int16.py):
 the levels that keep every sum in int32, the quantising, the codes' layout, and its bound held against
 exact arithmetic. That the screen gives the fused kernel's indices is tests/test_kernels_screens.py's."""
 import numpy as np
@@ -8,9 +8,9 @@ import pytest
 pytest.importorskip("numba")
 from numba import njit  # noqa: E402
 
-from minivq.kernels import nearest_numba, nearest_vnni, simd  # noqa: E402
+from minivq.kernels import nearest_numba, nearest_int16, simd  # noqa: E402
 
-needs_vnni = pytest.mark.skipif(not nearest_vnni.available(), reason="this CPU or Numba has no VNNI")
+needs_int16 = pytest.mark.skipif(not nearest_int16.available(), reason="this CPU or Numba has no int16 product")
 
 
 # ----------------------------------------------------------------- the vector reads of the scores
@@ -50,34 +50,23 @@ def as_blocks(e):
     return np.ascontiguousarray(e.reshape(2, 16, e.shape[1] // 2, 2).transpose(2, 0, 1, 3))
 
 
-@njit
-def _block_512(q, rows, codes, scales, out):
-    simd.dot_s16_block(q.ctypes.data, q.shape[1] * 2, rows, codes.ctypes.data, q.shape[1] // 2,
-                       scales.ctypes.data, out.ctypes.data)
-
-
-@njit
-def _block_256(q, rows, codes, scales, out):
-    simd.dot_s16_block_256(q.ctypes.data, q.shape[1] * 2, rows, codes.ctypes.data, q.shape[1] // 2,
-                           scales.ctypes.data, out.ctypes.data)
-
-
-@pytest.fixture(params=[512, 256])
+@pytest.fixture(params=sorted(simd.PRODUCTS))
 def product(request):
-    """A block product this CPU runs: zmm (AVX-512 VNNI) or ymm (AVX-VNNI)."""
-    if request.param not in nearest_vnni.compiled_widths():
-        pytest.skip(f"this CPU or Numba has no {request.param}-bit VNNI")
-    return _block_512 if request.param == 512 else _block_256
+    """A block product this CPU runs (``nearest_int16.block_calls``: q (rows, D), codes, scales, out)."""
+    if request.param not in nearest_int16.compiled_products():
+        pytest.skip(f"this CPU or Numba has no {request.param} product")
+    call = nearest_int16.block_calls[request.param]
+    return lambda q, rows, codes, scales, out: call(q[:rows], codes, scales, out)
 
 
 def _block(q, rows, codes, scales, out):
     """The product the screen runs here."""
-    (_block_512 if nearest_vnni.width() == 512 else _block_256)(q, rows, codes, scales, out)
+    nearest_int16.block_calls[nearest_int16.product_name()](q[:rows], codes, scales, out)
 
 
 @pytest.mark.parametrize("d", [2, 40, 256, 1000])
 def test_the_int16_block_product_is_exact_up_to_the_largest_sums(product, rng, d):
-    level = nearest_vnni.levels(d)
+    level = nearest_int16.levels(d)
     q = np.where(rng.random((32, d)) < 0.5, -level, level).astype(np.int16)
     e = np.where(rng.random((32, d)) < 0.5, -level, level).astype(np.int16)
     e[0], e[1] = q[0], -q[1]                  # the largest sums there are: +-D L^2
@@ -100,9 +89,9 @@ def test_the_int16_block_product_writes_its_rows_rounded_up_to_whole_blocks(prod
     assert np.isnan(out[written:]).all()
 
 
-@pytest.mark.parametrize("d", [1, 2, 3, 64, 255, 256, 4096, nearest_vnni.MAX_DIM])
+@pytest.mark.parametrize("d", [1, 2, 3, 64, 255, 256, 4096, nearest_int16.MAX_DIM])
 def test_the_levels_keep_every_sum_inside_int32(d):
-    level = nearest_vnni.levels(d)
+    level = nearest_int16.levels(d)
     padded = d + d % 2
     assert padded * level ** 2 < 2 ** 31 <= padded * (level + 1) ** 2 or level == 32767
     assert 181 <= level <= 32767
@@ -111,7 +100,7 @@ def test_the_levels_keep_every_sum_inside_int32(d):
 def test_rows_quantise_to_the_nearest_level():
     x = np.array([[0.5, -1.0, 0.26, 0.0, -0.74]], np.float32)
     out = np.zeros((1, 6), np.int16)
-    norm, l1, peak = nearest_vnni._row_to_int16(x, x.view(np.uint32), 0, 100, out, 0)
+    norm, l1, peak = nearest_int16._row_to_int16(x, x.view(np.uint32), 0, 100, out, 0)
     np.testing.assert_array_equal(out[0], [50, -100, 26, 0, -74, 0])
     assert peak == 1.0 and l1 == pytest.approx(2.5, rel=1e-6) and norm == pytest.approx(np.linalg.norm(x), rel=1e-6)
 
@@ -120,8 +109,8 @@ def test_rows_quantise_to_the_nearest_level():
 def test_pack_codes_lays_out_the_codes_and_the_bound_terms(rng, k, d):
     codebook = (rng.standard_normal((k, d)) * 3).astype(np.float32)
     norms = nearest_numba.score_norms(codebook)
-    codes, screen_norms, terms = nearest_vnni.pack_codes(codebook, norms)
-    blocks, pairs, level = -(-k // 32), -(-d // 2), nearest_vnni.levels(d)
+    codes, screen_norms, terms = nearest_int16.pack_codes(codebook, norms)
+    blocks, pairs, level = -(-k // 32), -(-d // 2), nearest_int16.levels(d)
     assert codes.shape == (blocks, pairs, 2, 16, 2) and screen_norms.shape == (blocks, 32)
     e64 = codebook.astype(np.float64)
     padded = np.zeros((blocks * 32, pairs * 2))
@@ -135,7 +124,7 @@ def test_pack_codes_lays_out_the_codes_and_the_bound_terms(rng, k, d):
     assert terms[2] == pytest.approx(norms.max(), rel=1e-7) and terms[3] == np.abs(e64).max() / level
 
 
-@needs_vnni
+@needs_int16
 @pytest.mark.parametrize("seed", range(4))
 def test_the_screen_scores_lie_within_the_bound_of_exact_scores(seed):
     # the screen's scores against exact float64 ones; the margin is twice the bound (module doc), so half of it
@@ -145,15 +134,15 @@ def test_the_screen_scores_lie_within_the_bound_of_exact_scores(seed):
     x = (rng.standard_normal((32, d)) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
     codebook = (rng.standard_normal((32, d)) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
     norms = nearest_numba.score_norms(codebook)
-    codes, screen_norms, terms = nearest_vnni.pack_codes(codebook, norms)
-    level = nearest_vnni.levels(d)
+    codes, screen_norms, terms = nearest_int16.pack_codes(codebook, norms)
+    level = nearest_int16.levels(d)
     q = np.zeros((32, codes.shape[1] * 2), np.int16)
     scales = np.zeros(32, np.float32)
     bounds = np.zeros(32)
     for t in range(32):
-        norm, l1, peak = nearest_vnni._row_to_int16(x, x.view(np.uint32), t, level, q, t)
+        norm, l1, peak = nearest_int16._row_to_int16(x, x.view(np.uint32), t, level, q, t)
         scales[t] = np.float32(-2 * (peak / level) * terms[3])
-        bounds[t] = nearest_vnni.margin(norm, l1, peak / level, *terms[:3], terms[3], d) / 2
+        bounds[t] = nearest_int16.margin(norm, l1, peak / level, *terms[:3], terms[3], d) / 2
     out = np.zeros((32, 32), np.float32)
     _block(q, 32, codes[0], scales, out)
     screen = (out + screen_norms[0]).astype(np.float64)
@@ -162,7 +151,7 @@ def test_the_screen_scores_lie_within_the_bound_of_exact_scores(seed):
 
 
 def test_the_vnni_margin_shrinks_with_the_steps_and_is_not_finite_for_nan():
-    wide = nearest_vnni.margin(1.0, 8.0, 1 / 100, 1.0, 8.0, 1.0, 1 / 100, 64)
-    narrow = nearest_vnni.margin(1.0, 8.0, 1 / 2000, 1.0, 8.0, 1.0, 1 / 2000, 64)
+    wide = nearest_int16.margin(1.0, 8.0, 1 / 100, 1.0, 8.0, 1.0, 1 / 100, 64)
+    narrow = nearest_int16.margin(1.0, 8.0, 1 / 2000, 1.0, 8.0, 1.0, 1 / 2000, 64)
     assert 0 < narrow < wide and wide >= 2 * 2 * (0.5 / 100) * 8 * 2
-    assert not np.isfinite(nearest_vnni.margin(np.nan, 1.0, 0.01, 1.0, 1.0, 1.0, 0.01, 64))
+    assert not np.isfinite(nearest_int16.margin(np.nan, 1.0, 0.01, 1.0, 1.0, 1.0, 0.01, 64))

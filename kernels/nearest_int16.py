@@ -1,12 +1,13 @@
-"""The nearest-code search screened in int16 with VNNI, then decided in float32: the same answer, faster
-on AVX-512 CPUs without AMX tiles and on AVX2 CPUs with AVX-VNNI.
+"""The nearest-code search screened in int16, then decided in float32: the same answer, faster wherever the
+CPU multiplies int16 quicker than the fused kernel's float32 FMAs run.
 
-The fused float32 kernel (nearest_numba.py) runs near what the CPU's FMA units allow: sixteen float32
-multiply-adds an instruction. ``vpdpwssd`` (AVX-512 VNNI: Intel since Cascade Lake, AMD since Zen 4)
-multiplies 32 pairs of int16 and adds them, two by two, into 16 int32 lanes: on the Xeon of
-benchmarks/NOTES.md round 11 one core does 184 G of its multiply-adds a second against 111 G float32 FMAs.
-AVX-VNNI (Intel client cores since Alder Lake, without AVX-512) has the same instruction on ymm
-registers: 86 G against 60 G ymm FMAs there (round 12). ``width()`` picks the widest the CPU has.
+The fused float32 kernel (nearest_numba.py) runs near what the CPU's FMA units allow. Integer products
+of int16 pairs, two added into each int32 lane, come faster and read half the bytes: ``vpdpwssd``
+(AVX-512 VNNI: Intel since Cascade Lake, AMD since Zen 4) at 184 G multiply-adds a second on one core of
+the Xeon of benchmarks/NOTES.md round 11, against 111 G float32 FMAs; its ymm form (AVX-VNNI: Intel
+client cores since Alder Lake, without AVX-512); and on AVX2 CPUs without either ``vpmaddwd`` and
+``vpaddd``, the same sums in two instructions (round 12: 1.2-1.4x the fused kernel held to AVX2 where
+the codebook is large). ``product_name()`` picks.
 About twelve bits a number cannot pick the nearest code, but they can rule codes out with a proof, and
 the few left are scored exactly as the fused kernel scores them (screen.py). The result is the fused
 kernel's, index for index and tie for tie.
@@ -15,7 +16,8 @@ Quantising (each row of x by itself, the codebook with one scale; L = ``levels(D
     x~_d = rint(L x_d / max|x|),  e~_d = rint(L e_d / max|e|),  both in [-L, L] (int16)
     with sx = max|x| / L and se = max|e| / L, x is about sx x~ and e about se e~.
     int32: z = x~.e~ exactly: L is the largest with D' L^2 < 2^31 (D' = D rounded up to even), so no
-    lane can wrap; L is 2896 at D = 256 and at most 32767.
+    lane can wrap; L is 2896 at D = 256 and at most 32767 (so no -32768, the one input ``vpmaddwd``
+    cannot take exactly).
     screen: s'_e = ||e||^2 + f float32(z), f = float32(-2 sx se), in float32 arithmetic
 
 The certificate (``margin``)
@@ -38,13 +40,13 @@ The certificate (``margin``)
 
 The sweep (``_screen_loops``) is nearest_amx.py's without the tiles: tasks of ``TASK_ROWS`` rows run in
 parallel, quantise their rows (with each row's margin), and sweep the codebook in blocks of
-``CODE_BLOCK_BYTES`` of int16, scoring 32 rows x 32 codes at a time (``simd.dot_s16_block[_256]``) and keeping
+``CODE_BLOCK_BYTES`` of int16, scoring 32 rows x 32 codes at a time (a product of ``simd.PRODUCTS``) and keeping
 the codes within each row's running threshold (``screen.scan``); ``screen.decide`` settles them.
 
-What goes back to the fused kernel: the whole search (``nearest_code_vnni`` returns None) for float64
-inputs, a CPU or a Numba without VNNI, D over ``MAX_DIM``, a codebook holding NaN or inf or one
+What goes back to the fused kernel: the whole search (``nearest_code_int16`` returns None) for float64
+inputs, a CPU or a Numba with none of the products, D over ``MAX_DIM``, a codebook holding NaN or inf or one
 near float32's range; single rows (spilled) holding NaN or inf, near float32's range, or meeting more
-than ``CAPACITY`` near-equal codes at once. ``MINIVQ_NUMBA_VNNI=0`` turns this screen off.
+than ``CAPACITY`` near-equal codes at once. ``MINIVQ_NUMBA_INT16=0`` turns this screen off.
 """
 import math
 import os
@@ -53,7 +55,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from .screen import CAPACITY, CODES, FLOAT32_MAX, RANGE_LIMIT, ROWS, decide, row_terms, scan
-from .simd import dot_s16_block, dot_s16_block_256, target_features
+from .simd import PRODUCTS, target_features
 
 PAIR_BYTES = 2 * 2 * CODES      # one pair of features of a block of 32 codes: 128 bytes
 MAX_DIM = 65536                 # L >= 181 (about eight bits) up to here
@@ -106,7 +108,7 @@ _pack_codes_serial = njit(nogil=True, cache=True)(_pack_loops(range))
 
 
 def pack_codes(codebook, norms):
-    """``(codes, screen_norms, terms)``: the codebook in int16 for ``dot_s16_block``.
+    """``(codes, screen_norms, terms)``: the codebook in int16 for the block products (``simd.dot_s16_block``).
 
     ``codes[p, j, h, c, s]`` is e~ of code ``32 p + 16 h + c``, feature ``2 j + s``; zero past the codebook
     and its features. ``screen_norms[p, c]``: the float32 norms, +inf past the codebook. ``terms``:
@@ -144,7 +146,7 @@ def margin(x_norm, x_l1, x_step, code_norm, code_l1, norm_max, code_step, dim):
 
 def _screen_loops(blocks, product):
     """The sweep and the decisions, tasks handed out by ``blocks`` (``prange``, or ``range`` at one thread),
-    blocks scored by ``product`` (``simd.dot_s16_block`` or ``dot_s16_block_256``)."""
+    blocks scored by ``product`` (one of ``simd.PRODUCTS``)."""
     def kernel(x, x_bits, level, codes, screen_norms, neg2e, norms, code_terms, blocks_per_sweep, out, spilled):
         n, dim = x.shape
         code_blocks, pairs = codes.shape[0], codes.shape[1]
@@ -186,10 +188,9 @@ def _screen_loops(blocks, product):
     return kernel
 
 
-_screen_kernel = njit(parallel=True, nogil=True, cache=True)(_screen_loops(prange, dot_s16_block))
-_screen_kernel_serial = njit(nogil=True, cache=True)(_screen_loops(range, dot_s16_block))
-_screen_kernel_256 = njit(parallel=True, nogil=True, cache=True)(_screen_loops(prange, dot_s16_block_256))
-_screen_kernel_256_serial = njit(nogil=True, cache=True)(_screen_loops(range, dot_s16_block_256))
+_screen_kernels = {name: (njit(parallel=True, nogil=True, cache=True)(_screen_loops(prange, product)),
+                          njit(nogil=True, cache=True)(_screen_loops(range, product)))
+                   for name, (product, _) in PRODUCTS.items()}     # (parallel, one thread), compiled on first use
 
 
 def blocks_per_sweep(dim):
@@ -198,25 +199,22 @@ def blocks_per_sweep(dim):
 
 
 # ---------------------------------------------------------------- which block product, checked before first use
-@njit(nogil=True, cache=True)
-def _block_product_512(q, codes, scales, out):
-    dot_s16_block(q.ctypes.data, q.shape[1] * 2, q.shape[0], codes.ctypes.data, q.shape[1] // 2,
-                  scales.ctypes.data, out.ctypes.data)
+def _block_call(product):
+    def call(q, codes, scales, out):
+        product(q.ctypes.data, q.shape[1] * 2, q.shape[0], codes.ctypes.data, q.shape[1] // 2,
+                scales.ctypes.data, out.ctypes.data)
+    return njit(nogil=True, cache=True)(call)
 
 
-@njit(nogil=True, cache=True)
-def _block_product_256(q, codes, scales, out):
-    dot_s16_block_256(q.ctypes.data, q.shape[1] * 2, q.shape[0], codes.ctypes.data, q.shape[1] // 2,
-                      scales.ctypes.data, out.ctypes.data)
+block_calls = {name: _block_call(product) for name, (product, _) in PRODUCTS.items()}   # q (rows, D even) @ codes
 
 
-def _self_test(bits):
-    """Block products of width ``bits`` at the extremes of the range (the int32 sums at their largest) and at
+def _self_test(name):
+    """Block products of ``name`` at the extremes of the range (the int32 sums at their largest) and at
     random, against NumPy."""
     rng = np.random.default_rng(0)
     dim = 40
     level = levels(dim)
-    product = _block_product_512 if bits == 512 else _block_product_256
     for extreme in (True, False):
         if extreme:
             q = np.where(rng.random((32, dim)) < 0.5, -level, level).astype(np.int16)
@@ -227,56 +225,56 @@ def _self_test(bits):
             e = rng.integers(-level, level + 1, (CODES, dim)).astype(np.int16)
         codes = np.ascontiguousarray(e.reshape(2, 16, dim // 2, 2).transpose(2, 0, 1, 3))
         out = np.zeros((32, CODES), dtype=np.float32)
-        product(q, codes, np.ones(32, dtype=np.float32), out)
+        block_calls[name](q, codes, np.ones(32, dtype=np.float32), out)
         expected = (q.astype(np.int64) @ e.astype(np.int64).T).astype(np.float32)
         if not np.array_equal(out, expected):
             return False
     return True
 
 
-def compiled_widths():
-    """The block products Numba can compile here, widest first: 512 (zmm, AVX-512 VNNI) and 256 (ymm, with
-    AVX-VNNI or AVX-512 VNNI's 256-bit form)."""
+def compiled_products():
+    """The block products Numba can compile and run here (``simd.PRODUCTS``' names, in their order)."""
     features = target_features()
-    widths = []
-    if {"+avx512f", "+avx512vnni"} <= features:
-        widths.append(512)
-    if "+avxvnni" in features or {"+avx512vnni", "+avx512vl"} <= features:
-        widths.append(256)
-    return widths
+    return [name for name, (_, needs) in PRODUCTS.items() if any(need <= features for need in needs)]
 
 
-_checked = {}                     # width: whether its self-test passed
+_checked = {}                     # product: whether its self-test passed
 
 
-def width():
-    """The width of the block product the screen runs here, 512 or 256 bits, or None (no screen).
+def product_name():
+    """The block product the screen runs here, or None (no screen).
 
-    The widest that Numba compiles for and that passes ``_self_test``. ``MINIVQ_NUMBA_VNNI=0`` turns the
-    screen off; ``MINIVQ_NUMBA_VNNI=256`` takes the ymm product where both run (to compare the two).
+    The first of ``simd.PRODUCTS`` that Numba compiles for and that passes ``_self_test``, but not
+    ``madd-256`` on an AVX-512 CPU: the fused kernel's zmm FMAs are quicker there (0.77-1.01x, NOTES round
+    12). ``MINIVQ_NUMBA_INT16=0`` turns the screen off; ``MINIVQ_NUMBA_INT16=<product>`` (``vnni-256``,
+    ``madd-256``) asks for that one where it runs (to compare them); None where it does not.
     """
-    switch = os.environ.get("MINIVQ_NUMBA_VNNI", "1")
+    switch = os.environ.get("MINIVQ_NUMBA_INT16", "")
     if switch == "0":
         return None
-    for bits in compiled_widths():
-        if bits == 512 and switch == "256":
+    avx512 = "+avx512f" in target_features()
+    for name in compiled_products():
+        if switch in PRODUCTS:
+            if name != switch:
+                continue
+        elif name == "madd-256" and avx512:
             continue
-        if bits not in _checked:
+        if name not in _checked:
             try:
-                _checked[bits] = _self_test(bits)
-            except Exception:         # an llvmlite that cannot emit the instruction: the fused kernel runs
-                _checked[bits] = False
-        if _checked[bits]:
-            return bits
+                _checked[name] = _self_test(name)
+            except Exception:         # an llvmlite that cannot emit the instructions: the fused kernel runs
+                _checked[name] = False
+        if _checked[name]:
+            return name
     return None
 
 
 def available():
-    """Whether the int16 screen can run here (``width``)."""
-    return width() is not None
+    """Whether the int16 screen can run here (``product_name``)."""
+    return product_name() is not None
 
 
-def nearest_code_vnni(x, codebook, norms):
+def nearest_code_int16(x, codebook, norms):
     """``(indices, spilled)`` for float32 ``x`` (N, D) and ``codebook`` (K, D), or None where this path
     declines (module doc). ``norms``: the fused kernel's ``||e||^2`` (zeros for the inner-product search).
     Rows marked in ``spilled`` are left for the fused kernel; every other index is the fused kernel's.
@@ -293,11 +291,7 @@ def nearest_code_vnni(x, codebook, norms):
     neg2e = np.ascontiguousarray(codebook * np.float32(-2))    # exact: a power of two
     out = np.empty(n, dtype=np.int64)
     spilled = np.zeros(n, dtype=np.bool_)
-    one_thread = get_num_threads() == 1
-    if width() == 512:
-        compiled = _screen_kernel_serial if one_thread else _screen_kernel
-    else:
-        compiled = _screen_kernel_256_serial if one_thread else _screen_kernel_256
+    compiled = _screen_kernels[product_name()][1 if get_num_threads() == 1 else 0]
     compiled(x, x.view(np.uint32), levels(dim), codes, screen_norms, neg2e, norms, np.array(code_terms),
              blocks_per_sweep(dim), out, spilled)
     return out, spilled
