@@ -20,11 +20,12 @@ Backends:
   N x K distance matrix (nearest_numba.py). Needs ``pip install -e .[numba]``.
   float32 searches are first screened (nearest_screened.py): in bf16 on the
   AMX tiles where the CPU has them (Intel Xeons since Sapphire Rapids;
-  nearest_amx.py, amx.py), else in int8 with AVX2 (nearest_int8.py). A screen
-  rules out all but a few codes a row with a proof, and those few are scored
-  as the fused kernel scores them (screen.py): the same indices, 2.9-3.7x
-  sooner at K = 4096, D = 256 with AMX on the Xeon of benchmarks/NOTES.md
-  round 10. ``MINIVQ_NUMBA_AMX=0`` and ``MINIVQ_NUMBA_INT8=0`` turn them off.
+  nearest_amx.py, amx.py), else in int16 (nearest_int16.py: VNNI's products,
+  or AVX2's on CPUs without AVX-512). A screen rules out all but a few codes a
+  row with a proof, and those few are scored as the fused kernel scores them
+  (screen.py): the same indices, 4.0-4.3x sooner at K = 4096, D = 256 with AMX
+  and 1.3-1.9x with int16 on the Xeon of benchmarks/NOTES.md rounds 11-12.
+  ``MINIVQ_NUMBA_AMX=0`` and ``MINIVQ_NUMBA_INT16=0`` turn them off.
 - ``"cupy"``: a fused CUDA kernel loaded from nearest_code.cu through CuPy
   (nearest_cuda.py). Needs ``pip install -e .[cuda]`` and a GPU.
 - ``"auto"``: CuPy arrays go to ``"cupy"``; otherwise ``"numba"`` when it
@@ -240,7 +241,7 @@ def nearest_code(x, codebook, backend="auto", metric="l2"):
         from .nearest_numpy import nearest_code_numpy
         return nearest_code_numpy(x, codebook, **options)
     if name == "numba":
-        screen = _load("numba-screen")      # a screen where the CPU has one (AMX or AVX2), else the fused kernel
+        screen = _load("numba-screen")      # a screen where the CPU has one (AMX or int16), else the fused kernel
         search = _load("numba").nearest_code_numba if isinstance(screen, str) else screen.nearest_code
         return search(x, codebook, **options, check_x=lambda: _check_finite(both))
     return _load("cupy").nearest_code_cupy(x, codebook, **options)
