@@ -174,8 +174,9 @@ def test_bench_train_step_times_round_sevens_way_beside_and_records_the_threads(
 
 def test_as_avx2_holds_the_numba_kernels_to_avx2_registers():
     """benchmarks/as_avx2.sh: minivq's AVX2 tile, Numba compiling without AVX-512 (no zmm register in the
-    search's code), OpenBLAS on its Haswell kernels, no AMX screen but AVX2's int16 one; without a command,
-    a usage line and exit 2."""
+    search's code), OpenBLAS on its Haswell kernels, no AMX screen but AVX2's int16 one (``vpmaddwd``: on
+    this host with AVX-VNNI LLVM would fuse it into ``vpdpwssd``, so only held code runs the real thing);
+    without a command, a usage line and exit 2."""
     pytest.importorskip("numba")
     script = os.path.join(BENCH, "as_avx2.sh")
     check = ("import os, numba, numpy as np; from minivq.kernels import nearest_numba as K; "
@@ -186,7 +187,12 @@ def test_as_avx2_holds_the_numba_kernels_to_avx2_registers():
              "f(x, p, n, 1, np.empty(8, np.int64), np.empty(8, np.float32)); "
              "asm = f.inspect_asm(f.signatures[0]); assert 'ymm' in asm and 'zmm' not in asm; "
              "assert os.environ['OPENBLAS_CORETYPE'] == 'Haswell'; "
-             "from minivq.kernels import nearest_screened; assert nearest_screened.screen_name() == 'madd-256'")
+             "from minivq.kernels import nearest_screened, nearest_int16 as V; "
+             "assert nearest_screened.screen_name() == 'madd-256'; "       # its self-test passed: exact sums
+             "g = numba.njit(V.block_calls['madd-256'].py_func); q = np.zeros((8, 4), np.int16); "
+             "g(q, np.zeros((2, 2, 16, 2), np.int16), np.ones(8, np.float32), np.empty((32, 32), np.float32)); "
+             "asm = g.inspect_asm(g.signatures[0]); "
+             "assert 'vpmaddwd' in asm and 'vpdpwssd' not in asm and 'zmm' not in asm")
     done = subprocess.run(["bash", script, sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
                           cwd=os.path.join(BENCH, os.pardir))
     assert done.returncode == 0, done.stderr[-2000:]

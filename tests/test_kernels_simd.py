@@ -52,7 +52,9 @@ def as_blocks(e):
 
 @pytest.fixture(params=sorted(simd.PRODUCTS))
 def product(request):
-    """A block product this CPU runs (``nearest_int16.block_calls``: q (rows, D), codes, scales, out)."""
+    """A block product this CPU runs (``nearest_int16.block_calls``: q (rows, D), codes, scales, out). Where the
+    CPU has AVX-VNNI, LLVM makes ``madd-256``'s pair of instructions one ``vpdpwssd``; the real ``vpmaddwd``
+    runs in the held-CPU tests (test_kernels_screens.py, test_benchmarks.py)."""
     if request.param not in nearest_int16.compiled_products():
         pytest.skip(f"this CPU or Numba has no {request.param} product")
     call = nearest_int16.block_calls[request.param]
