@@ -180,8 +180,8 @@ def _screen_loops(blocks, product):
                     sub_rows = min(ROWS, rows - sub)     # rounded up to whole register blocks inside: q has the rows
                     for block in range(sweep_start, sweep_stop):
                         product(q.ctypes.data + sub * row_bytes, row_bytes, sub_rows,
-                                      codes.ctypes.data + block * block_bytes, pairs, scales.ctypes.data + sub * 4,
-                                      scores.ctypes.data)
+                                codes.ctypes.data + block * block_bytes, pairs, scales.ctypes.data + sub * 4,
+                                scores.ctypes.data)
                         scan(scores, 0, sub_rows, screen_norms, block, sub, state, count, candidates,
                              candidate_scores)
             decide(x, first, rows, neg2e, norms, candidates, candidate_scores, count, state[0], out, spilled)

@@ -1,5 +1,5 @@
 """Vector code Numba does not write by itself, as ``@intrinsic`` functions: what the screens of the
-nearest-code search (nearest_amx.py, nearest_vnni.py, screen.py) need beyond plain loops.
+nearest-code search (nearest_amx.py, nearest_int16.py, screen.py) need beyond plain loops.
 
 - ``target_features()``: the CPU features Numba compiles for, so a screen runs only where its
   instructions exist.
@@ -22,20 +22,31 @@ _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntTyp
 _F32 = ir.FloatType()
 
 
+_features = None
+
+
 def target_features():
     """The CPU features Numba compiles for, as LLVM names them (``"+avx512vnni"``, ``"+amx-bf16"``): the
     host's, or the ones ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` name (benchmarks/as_avx2.sh holds
-    Numba to Haswell that way; a named CPU without a feature list counts as having none)."""
+    Numba to Haswell that way; a named CPU without a feature list counts as having none). Read once:
+    Numba reads those variables when it is imported, and asking LLVM takes half a millisecond."""
+    global _features
+    if _features is None:
+        _features = frozenset(_read_features())
+    return _features
+
+
+def _read_features():
     from numba.core import config
     if config.CPU_FEATURES is not None:
-        return set(config.CPU_FEATURES.split(","))
+        return config.CPU_FEATURES.split(",")
     if config.CPU_NAME not in (None, "host"):
-        return set()
+        return ()
     try:
         from llvmlite import binding
-        return set(binding.get_host_cpu_features().flatten().split(","))
+        return binding.get_host_cpu_features().flatten().split(",")
     except Exception:             # an llvmlite that cannot say: no screen
-        return set()
+        return ()
 
 
 def _splat(builder, value, kind):
@@ -146,8 +157,8 @@ def _dot_s16_codegen(lanes, rows_a_pass, codes_a_pass, vnni):
     ``rows_a_pass`` rows x ``codes_a_pass`` codes, each row's sums held in ``codes_a_pass / lanes``
     registers, over every part of the 32 codes and every ``rows_a_pass`` rows of each ``BLOCK_ROWS``.
 
-    ``vnni``: the products and their sum in one ``vpdpwssd``; else ``vpmaddwd`` (two int16 products
-    added into an int32 lane, exact: no input is -32768) and ``vpaddd``, the same sums.
+    ``vnni``: the products and their sum in one ``vpdpwssd``; else (ymm only) ``vpmaddwd`` (two int16
+    products added into an int32 lane, exact: no input is -32768) and ``vpaddd``, the same sums.
     """
     int_vector, float_vector = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
     pair_vector = ir.VectorType(_I16, 2 * lanes)
@@ -160,8 +171,8 @@ def _dot_s16_codegen(lanes, rows_a_pass, codes_a_pass, vnni):
             dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(int_vector, [int_vector] * 3),
                                                  f"llvm.x86.avx512.vpdpwssd.{32 * lanes}")
             return builder.call(dot, [total, row, codes])
-        name = "llvm.x86.avx2.pmadd.wd" if lanes == 8 else "llvm.x86.avx512.pmaddw.d.512"
-        madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(int_vector, [pair_vector] * 2), name)
+        madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(int_vector, [pair_vector] * 2),
+                                              "llvm.x86.avx2.pmadd.wd")
         return builder.add(total, builder.call(madd, [builder.bitcast(row, pair_vector),
                                                       builder.bitcast(codes, pair_vector)]))
 
