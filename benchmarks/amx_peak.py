@@ -130,7 +130,8 @@ def main(argv=None):
     from minivq.kernels import simd
     for product in simd.PRODUCTS:
         probe = int16_rate(product, 1000)
-        rates[f"int16-{product}"] = int16_rate(product, max(1000, int(args.seconds * probe / 131072))) if probe else None
+        steps = max(1000, int(args.seconds * probe / 131072)) if probe else 0
+        rates[f"int16-{product}"] = int16_rate(product, steps) if probe else None
     fma_probe = fma_rate(1000)
     rates["fma-float32"] = fma_rate(max(1000, int(args.seconds * fma_probe / 512)))
     rates["sgemm"] = sgemm_rate("cpu", repeats=5, pick=min, gap=0.2)["gflops"] * 1e9

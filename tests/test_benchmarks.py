@@ -208,7 +208,8 @@ def test_as_avx2_with_vnni_runs_the_ymm_screen_in_vex_code():
     if "+avxvnni" not in target_features():
         pytest.skip("this CPU has no AVX-VNNI to run the held code")
     check = ("import numba, numpy as np; from minivq.kernels import nearest_screened, nearest_int16 as V; "
-             "assert nearest_screened.screen_name() == 'vnni-256' and V.compiled_products() == ['vnni-256', 'madd-256']; "
+             "assert nearest_screened.screen_name() == 'vnni-256'; "
+             "assert V.compiled_products() == ['vnni-256', 'madd-256']; "
              "f = numba.njit(V.block_calls['vnni-256'].py_func); q = np.zeros((8, 4), np.int16); "
              "f(q, np.zeros((2, 2, 16, 2), np.int16), np.ones(8, np.float32), np.empty((32, 32), np.float32)); "
              "asm = f.inspect_asm(f.signatures[0]); "

@@ -1,7 +1,8 @@
 """The certified screens of the nearest-code search (screen.py with nearest_amx.py's bf16 tiles and
-nearest_int16.py's int16 products, each of simd.PRODUCTS): the same indices as the fused float32 kernel on every input, ties and
-near-ties included, and the ways out (NaN, huge values, float64, too many near-equal codes, the
-switches). Each test runs once per screen this CPU has and is skipped for the others."""
+nearest_int16.py's int16 products, each of simd.PRODUCTS): the same indices as the fused float32 kernel
+on every input, ties and near-ties included, and the ways out (NaN, huge values, float64, too many
+near-equal codes, the switches). Each test runs once per screen this CPU has and is skipped for the
+others; CPUs without AVX-512 are held in subprocesses."""
 import numpy as np
 import pytest
 

@@ -1,7 +1,8 @@
 """The vector code of kernels/simd.py against NumPy (the reads of a block of scores; the int16 block
-products, VNNI's and vpmaddwd's in zmm and in ymm registers, exact at the largest sums they allow), and the int16 screen's own parts (nearest_int16.py):
-the levels that keep every sum in int32, the quantising, the codes' layout, and its bound held against
-exact arithmetic. That the screen gives the fused kernel's indices is tests/test_kernels_screens.py's."""
+products of simd.PRODUCTS, exact at the largest sums they allow), and the int16 screen's own parts
+(nearest_int16.py): the levels that keep every sum in int32, the quantising, the codes' layout, and its
+bound held against exact arithmetic. That the screen gives the fused kernel's indices is
+tests/test_kernels_screens.py's."""
 import numpy as np
 import pytest
 
