@@ -309,6 +309,8 @@ def main(argv=None):
         machine["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         machine["gpu_sm_count"] = props["multiProcessorCount"]
     print(f"device {args.device}, threads {applied}, implementations {[i.name for i in impls]}")
+    if args.device == "cpu":
+        print(f"minivq-numba's screen here: {machine['screen'] or 'none (the fused kernel alone)'}")
     peak_before = sgemm_rate(args.device, repeats=5, pick=min, gap=0.2)
     print(f"SGEMM peak: {peak_before['gflops']:.1f} GF/s ({peak_before['size']}^3 float32)")
 

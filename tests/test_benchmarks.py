@@ -235,3 +235,22 @@ def test_amx_peak_measures_every_peak_the_cpu_has(tmp_path):
     for product in simd.PRODUCTS:
         assert (rates[f"int16-{product}"] is not None) == (product in here)
     assert done.stdout.count("not on this CPU") == len(simd.PRODUCTS) - len(here)
+
+
+def test_bench_quantizer_names_the_screen_and_checks_it_against_the_fused_kernel(tmp_path):
+    """A tiny sweep: the screen that ran is printed and recorded (``machine.screen``), and where one runs the
+    fused kernel is timed beside it and their indices compared per case."""
+    pytest.importorskip("numba")
+    from minivq.kernels import nearest_screened
+    out = tmp_path / "quantizer.json"
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "bench_quantizer.py"), "--n", "1000", "--k", "40",
+                           "--d", "12", "--repeats", "1", "--pause", "0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    screen = nearest_screened.screen_name()
+    assert record["machine"]["screen"] == screen
+    assert f"minivq-numba's screen here: {screen or 'none (the fused kernel alone)'}" in done.stdout
+    (case,) = record["cases"]
+    if screen is not None:
+        assert case["screen_equals_fused"] is True and "minivq-numba-fp32" in case["results"]
