@@ -91,8 +91,9 @@ def describe_machine():
                                               "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")},
         # what restricts the engines' instruction sets below the CPU's (an AVX2 run on an AVX-512 CPU)
         "isa_env": {k: os.environ[k] for k in ("MINIVQ_NUMBA_WIDE", "MINIVQ_NUMBA_AMX", "MINIVQ_NUMBA_INT16",
-                                               "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
-                                               "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FAISS_SIMD_LEVEL")
+                                               "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "ATEN_CPU_CAPABILITY",
+                                               "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                                               "FAISS_SIMD_LEVEL")
                     if k in os.environ},
         "torch": _version("torch"),
         "numba": _version("numba"),

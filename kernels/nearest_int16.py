@@ -239,10 +239,11 @@ def compiled_products():
 
 
 _checked = {}                     # product: whether its self-test passed
+_chosen = {}                      # MINIVQ_NUMBA_INT16's value: the product it leads to
 
 
 def product_name():
-    """The block product the screen runs here, or None (no screen).
+    """The block product the screen runs here, or None (no screen); worked out once per value of the switch.
 
     The first of ``simd.PRODUCTS`` that Numba compiles for and that passes ``_self_test``, but not
     ``madd-256`` on an AVX-512 CPU: the fused kernel's zmm FMAs are quicker there (0.77-1.01x, NOTES round
@@ -250,6 +251,12 @@ def product_name():
     ``madd-256``) asks for that one where it runs (to compare them); None where it does not.
     """
     switch = os.environ.get("MINIVQ_NUMBA_INT16", "")
+    if switch not in _chosen:
+        _chosen[switch] = _choose(switch)
+    return _chosen[switch]
+
+
+def _choose(switch):
     if switch == "0":
         return None
     avx512 = "+avx512f" in target_features()
@@ -279,7 +286,8 @@ def nearest_code_int16(x, codebook, norms):
     declines (module doc). ``norms``: the fused kernel's ``||e||^2`` (zeros for the inner-product search).
     Rows marked in ``spilled`` are left for the fused kernel; every other index is the fused kernel's.
     """
-    if x.dtype != np.float32 or codebook.dtype != np.float32 or not available():
+    product = product_name()
+    if x.dtype != np.float32 or codebook.dtype != np.float32 or product is None:
         return None
     n, dim = x.shape
     if n == 0 or not 0 < dim <= MAX_DIM or codebook.shape[0] == 0 or not np.isfinite(codebook).all():
@@ -291,7 +299,7 @@ def nearest_code_int16(x, codebook, norms):
     neg2e = np.ascontiguousarray(codebook * np.float32(-2))    # exact: a power of two
     out = np.empty(n, dtype=np.int64)
     spilled = np.zeros(n, dtype=np.bool_)
-    compiled = _screen_kernels[product_name()][1 if get_num_threads() == 1 else 0]
+    compiled = _screen_kernels[product][1 if get_num_threads() == 1 else 0]
     compiled(x, x.view(np.uint32), levels(dim), codes, screen_norms, neg2e, norms, np.array(code_terms),
              blocks_per_sweep(dim), out, spilled)
     return out, spilled

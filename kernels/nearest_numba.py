@@ -67,11 +67,11 @@ Why ``fastmath={"contract"}`` and nothing more
 
 Compiled on first use per dtype and cached on disk (unless the tile is forced).
 
-Where the CPU has AMX, the ``"numba"`` backend hands float32 searches to the
-bf16 screen of nearest_amx.py first. It returns this kernel's indices, so
-nothing above can tell, except by the clock; the rows it cannot settle (NaN
-or inf, magnitudes near float32's range, dozens of near-equal codes) come
-back here.
+Where the CPU allows, the ``"numba"`` backend hands float32 searches to a
+screen first (nearest_screened.py: bf16 on AMX tiles, else int16). It returns
+this kernel's indices, so nothing above can tell, except by the clock; the
+rows it cannot settle (NaN or inf, magnitudes near float32's range, dozens of
+near-equal codes) come back here.
 """
 import os
 
