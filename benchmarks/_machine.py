@@ -21,8 +21,14 @@ import time
 
 
 def _cpuinfo():
-    """(model name, set of flags) from /proc/cpuinfo, or what platform knows elsewhere."""
-    model, flags = None, set()
+    """(model name, set of flags, identity) from /proc/cpuinfo, or what platform knows elsewhere.
+
+    The identity (vendor, family, model, stepping, L2 per core) tells apart CPUs that a VM names alike:
+    "AMD EPYC" is family 25 (Zen 4) on one machine and family 26 (Zen 5) on the next.
+    """
+    model, flags, identity = None, set(), {}
+    names = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "stepping": "stepping",
+             "cache size": "cache_size"}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -32,9 +38,11 @@ def _cpuinfo():
                     model = value.strip()
                 elif key == "flags" and not flags:
                     flags = set(value.split())
+                elif key in names and names[key] not in identity:
+                    identity[names[key]] = value.strip()
     except OSError:
         pass
-    return model or platform.processor() or platform.machine(), flags
+    return model or platform.processor() or platform.machine(), flags, identity
 
 
 def _version(*dists):
@@ -64,7 +72,7 @@ def _blas():
 
 def describe_machine():
     """A dict describing this machine and its numerical stack (stable keys; values may be None)."""
-    model, flags = _cpuinfo()
+    model, flags, identity = _cpuinfo()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -80,11 +88,13 @@ def describe_machine():
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "cpu_model": model,
+        "cpu_identity": identity,
         "cores": os.cpu_count(),
         "usable_cores": usable,
         "avx2": "avx2" in flags,
         "avx512": any(f.startswith("avx512") for f in flags),
         "fma": "fma" in flags,
+        "int_dot_flags": sorted(flags & {"avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}),
         "numpy": numpy_version,
         "blas": _blas(),
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",

@@ -221,7 +221,10 @@ def test_ctrl_c_stops_every_worker_and_keeps_the_checkpoint(blobs, tmp_path):  #
     import time
     argv = [sys.executable, "-m", "minivq", *_train_args(blobs, tmp_path, 100000, "--workers", "2")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts its background jobs with SIGINT ignored, and Python then keeps
+    # ignoring it (no KeyboardInterrupt): give the child Ctrl-C's default, whoever started the tests.
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while proc.poll() is None and not (tmp_path / "checkpoint.npz").exists() and time.time() < deadline:
         time.sleep(0.05)
