@@ -34,7 +34,9 @@ faiss.omp_set_num_threads and threadpoolctl for BLAS.
 
 The full CPU sweep is long on a small machine (N=262144, K=8192, D=256 is 1.1
 TFLOP per call): each case gets as many repeats as fit in --case-seconds
-(at least one, at most --repeats), and PyTorch is skipped where its N x K
+(at least one, at most --repeats), priced by a second call of each
+implementation after its warm-up (the first may hold its compile), pause
+included, and PyTorch is skipped where its N x K
 score matrix would exceed --max-scores-gb. JSON goes to
 benchmarks/results/quantizer-<device>-<date>.json with the machine described.
 
@@ -212,23 +214,27 @@ def run_case(impls, n, k, d, args, peak):
             continue
         call = impl.prepare(x, e)
         warm, indices = timed(call, impl.sync)       # warm-up: compile, caches, thread pools
-        calls.append((impl, call, warm, to_host(indices).astype(np.int64)))
+        # a second call prices a repeat: the first can hold seconds of compiling, which once cut a case's
+        # repeats to three (Zen 5, K = 512, D = 64: 4.8 s of Numba's compile in a 20 s budget)
+        settled, again = timed(call, impl.sync)
+        del again
+        calls.append((impl, call, warm, to_host(indices).astype(np.int64), settled))
         del indices
         gc.collect()
     reference = next((c[3] for c in calls if c[0].name == "minivq-numpy"), calls[0][3])
     ours = {c[0].name: c[3] for c in calls}
     if "minivq-numba-fp32" in ours:
         case["screen_equals_fused"] = bool(np.array_equal(ours["minivq-numba"], ours["minivq-numba-fp32"]))
-    slowest = sum(c[2] for c in calls)
-    repeats = max(1, min(args.repeats, int(args.case_seconds // max(slowest, 1e-9))))
+    one_round = sum(c[4] + args.pause for c in calls)
+    repeats = max(1, min(args.repeats, int(args.case_seconds // max(one_round, 1e-9))))
     times = {c[0].name: [] for c in calls}
     for r in range(repeats):
         order = calls[r % len(calls):] + calls[:r % len(calls)]
-        for impl, call, _, _ in order:
+        for impl, call, *_ in order:
             elapsed, result = timed(call, impl.sync, args.pause)
             times[impl.name].append(elapsed)
             del result
-    for impl, _, warm, indices in calls:
+    for impl, _, warm, indices, _ in calls:
         median = statistics.median(times[impl.name])
         case["results"][impl.name] = {
             "kind": impl.kind, "median_s": median, "times_s": times[impl.name], "warmup_s": warm,
@@ -284,7 +290,8 @@ def main(argv=None):
     parser.add_argument("--d", type=int, nargs="+", help="dimensions to sweep")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per implementation and case (at most)")
     parser.add_argument("--case-seconds", type=float, default=60.0,
-                        help="fewer repeats for a case whose warm-up calls took longer than this in all")
+                        help="at most as many repeats as rounds of calls (one call each, pauses "
+                             "included) fit in this many seconds")
     parser.add_argument("--threads", type=int, default=None, help="threads for every library (default: usable cores)")
     parser.add_argument("--pause", type=float, default=None,
                         help="seconds of rest before each timed call (default 0.2 on the CPU, 0 on the GPU)")

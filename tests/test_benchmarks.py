@@ -254,3 +254,31 @@ def test_bench_quantizer_names_the_screen_and_checks_it_against_the_fused_kernel
     (case,) = record["cases"]
     if screen is not None:
         assert case["screen_equals_fused"] is True and "minivq-numba-fp32" in case["results"]
+
+
+def test_bench_quantizer_prices_a_repeat_after_the_warm_up(monkeypatch):
+    """A first call that compiles for seconds must not cut a case's repeats: they are priced by the calls
+    after it (Zen 5 once got three repeats out of a 20 s budget that way, benchmarks/NOTES.md round 14)."""
+    import argparse
+    import time
+
+    import numpy as np
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_quantizer
+
+    def prepare(x, e):
+        first = [True]
+
+        def call():
+            if first[0]:
+                first[0] = False
+                time.sleep(0.4)                   # the compile
+            return np.argmin((e * e).sum(1) - 2 * x @ e.T, axis=1)
+        return call
+    impl = bench_quantizer.Impl("compiles-first", "minivq", prepare)
+    args = argparse.Namespace(repeats=4, case_seconds=0.5, pause=0.0, device="cpu", max_scores_gb=1.0)
+    case = bench_quantizer.run_case([impl], 200, 16, 8, args, peak=1.0)
+    assert case["repeats"] == 4 and len(case["results"]["compiles-first"]["times_s"]) == 4
+    assert case["results"]["compiles-first"]["warmup_s"] >= 0.4
+    args.case_seconds = 1e-6                      # nothing fits: still one repeat
+    assert bench_quantizer.run_case([impl], 200, 16, 8, args, peak=1.0)["repeats"] == 1
