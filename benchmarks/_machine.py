@@ -23,7 +23,8 @@ import time
 def _cpuinfo():
     """(model name, set of flags, identity) from /proc/cpuinfo, or what platform knows elsewhere.
 
-    The identity (vendor, family, model, stepping, L2 per core) tells apart CPUs that a VM names alike:
+    The identity (vendor, family, model, stepping, and the "cache size" line: a core's L2 on AMD, the L3
+    on Intel) tells apart CPUs that a VM names alike:
     "AMD EPYC" is family 25 (Zen 4) on one machine and family 26 (Zen 5) on the next.
     """
     model, flags, identity = None, set(), {}
@@ -94,7 +95,8 @@ def describe_machine():
         "avx2": "avx2" in flags,
         "avx512": any(f.startswith("avx512") for f in flags),
         "fma": "fma" in flags,
-        "int_dot_flags": sorted(flags & {"avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}),
+        "int_dot_flags": sorted(flags & {"avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+                                         "amx_int8"}),
         "numpy": numpy_version,
         "blas": _blas(),
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
