@@ -282,3 +282,17 @@ def test_bench_quantizer_prices_a_repeat_after_the_warm_up(monkeypatch):
     assert case["results"]["compiles-first"]["warmup_s"] >= 0.4
     args.case_seconds = 1e-6                      # nothing fits: still one repeat
     assert bench_quantizer.run_case([impl], 200, 16, 8, args, peak=1.0)["repeats"] == 1
+
+
+def test_the_machine_record_names_the_cpu_beyond_its_marketing_name(monkeypatch):
+    """A VM may call a Zen 4 and a Zen 5 alike ("AMD EPYC"): the record keeps family, model and stepping
+    from /proc/cpuinfo where there is one, and the integer dot-product features the screens rest on."""
+    monkeypatch.syspath_prepend(BENCH)
+    import _machine
+    machine = _machine.describe_machine()
+    assert {"cpu_identity", "int_dot_flags"} <= set(machine)
+    assert set(machine["int_dot_flags"]) <= {"avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+                                             "amx_int8"}
+    if os.path.exists("/proc/cpuinfo") and machine["avx2"]:           # an x86 Linux machine
+        assert machine["cpu_identity"]["family"].isdigit() and machine["cpu_identity"]["vendor"]
+    json.dumps(machine)                                                # JSON-able as it stands
