@@ -55,7 +55,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from .screen import CAPACITY, CODES, FLOAT32_MAX, RANGE_LIMIT, ROWS, decide, row_terms, scan
-from .simd import PRODUCTS, target_features
+from .simd import PRODUCTS, named_block_product, target_features
 
 PAIR_BYTES = 2 * 2 * CODES      # one pair of features of a block of 32 codes: 128 bytes
 MAX_DIM = 65536                 # L >= 181 (about eight bits) up to here
@@ -146,7 +146,8 @@ def margin(x_norm, x_l1, x_step, code_norm, code_l1, norm_max, code_step, dim):
 
 def _screen_loops(blocks, product):
     """The sweep and the decisions, tasks handed out by ``blocks`` (``prange``, or ``range`` at one thread),
-    blocks scored by ``product`` (one of ``simd.PRODUCTS``)."""
+    blocks scored by the product named ``product`` (a name of ``simd.PRODUCTS``: closures over names, not
+    over the intrinsics, so that Numba's cache keeps them, ``simd.named_block_product``)."""
     def kernel(x, x_bits, level, codes, screen_norms, neg2e, norms, code_terms, blocks_per_sweep, out, spilled):
         n, dim = x.shape
         code_blocks, pairs = codes.shape[0], codes.shape[1]
@@ -179,18 +180,18 @@ def _screen_loops(blocks, product):
                 for sub in range(0, rows, ROWS):
                     sub_rows = min(ROWS, rows - sub)     # rounded up to whole register blocks inside: q has the rows
                     for block in range(sweep_start, sweep_stop):
-                        product(q.ctypes.data + sub * row_bytes, row_bytes, sub_rows,
-                                codes.ctypes.data + block * block_bytes, pairs, scales.ctypes.data + sub * 4,
-                                scores.ctypes.data)
+                        named_block_product(product, q.ctypes.data + sub * row_bytes, row_bytes, sub_rows,
+                                            codes.ctypes.data + block * block_bytes, pairs,
+                                            scales.ctypes.data + sub * 4, scores.ctypes.data)
                         scan(scores, 0, sub_rows, screen_norms, block, sub, state, count, candidates,
                              candidate_scores)
             decide(x, first, rows, neg2e, norms, candidates, candidate_scores, count, state[0], out, spilled)
     return kernel
 
 
-_screen_kernels = {name: (njit(parallel=True, nogil=True, cache=True)(_screen_loops(prange, product)),
-                          njit(nogil=True, cache=True)(_screen_loops(range, product)))
-                   for name, (product, _) in PRODUCTS.items()}     # (parallel, one thread), compiled on first use
+_screen_kernels = {name: (njit(parallel=True, nogil=True, cache=True)(_screen_loops(prange, name)),
+                          njit(nogil=True, cache=True)(_screen_loops(range, name)))
+                   for name in PRODUCTS}     # (parallel, one thread), compiled on first use
 
 
 def blocks_per_sweep(dim):
@@ -201,12 +202,12 @@ def blocks_per_sweep(dim):
 # ---------------------------------------------------------------- which block product, checked before first use
 def _block_call(product):
     def call(q, codes, scales, out):
-        product(q.ctypes.data, q.shape[1] * 2, q.shape[0], codes.ctypes.data, q.shape[1] // 2,
-                scales.ctypes.data, out.ctypes.data)
+        named_block_product(product, q.ctypes.data, q.shape[1] * 2, q.shape[0], codes.ctypes.data,
+                            q.shape[1] // 2, scales.ctypes.data, out.ctypes.data)
     return njit(nogil=True, cache=True)(call)
 
 
-block_calls = {name: _block_call(product) for name, (product, _) in PRODUCTS.items()}   # q (rows, D even) @ codes
+block_calls = {name: _block_call(name) for name in PRODUCTS}   # q (rows, D even) @ codes
 
 
 def _self_test(name):

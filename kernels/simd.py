@@ -214,6 +214,8 @@ def _dot_s16_codegen(lanes, rows_a_pass, codes_a_pass, vnni):
 
 
 _SIGNATURE = types.none(*([types.intp] * 7))
+# each product of PRODUCTS (below): int32 lanes a register, rows a pass, codes a pass, VNNI or vpmaddwd
+_SHAPES = {"vnni-512": (16, 8, 32, True), "vnni-256": (8, 4, 16, True), "madd-256": (8, 4, 16, False)}
 
 
 @intrinsic
@@ -231,7 +233,7 @@ def dot_s16_block(typingctx, rows_at, row_bytes, rows, codes_at, pairs, scales_a
     lane and two ``vpdpwssd`` into the row's two registers of sums (16 of the 32 zmm registers; measured
     against 2 and 4 rows in benchmarks/NOTES.md, round 11).
     """
-    return _SIGNATURE, _dot_s16_codegen(16, 8, 32, vnni=True)
+    return _SIGNATURE, _dot_s16_codegen(*_SHAPES["vnni-512"])
 
 
 @intrinsic
@@ -239,14 +241,30 @@ def dot_s16_block_256(typingctx, rows_at, row_bytes, rows, codes_at, pairs, scal
     """``dot_s16_block`` in ymm registers: AVX-VNNI (Intel client cores since Alder Lake, which have AVX2
     and its 16 vector registers but not AVX-512). Per pair of features and half of the codes: two
     registers of 8 codes, and for each of 4 rows a broadcast and two ``vpdpwssd`` (8 registers of sums)."""
-    return _SIGNATURE, _dot_s16_codegen(8, 4, 16, vnni=True)
+    return _SIGNATURE, _dot_s16_codegen(*_SHAPES["vnni-256"])
 
 
 @intrinsic
 def madd_s16_block_256(typingctx, rows_at, row_bytes, rows, codes_at, pairs, scales_at, out_at):
     """``dot_s16_block_256`` without VNNI: ``vpmaddwd`` and ``vpaddd`` on ymm registers (AVX2), the same
     layout and sums."""
-    return _SIGNATURE, _dot_s16_codegen(8, 4, 16, vnni=False)
+    return _SIGNATURE, _dot_s16_codegen(*_SHAPES["madd-256"])
+
+
+@intrinsic
+def named_block_product(typingctx, name, rows_at, row_bytes, rows, codes_at, pairs, scales_at, out_at):
+    """The block product of ``PRODUCTS`` called ``name``, a string constant (a closure's variable or a
+    literal), with the arguments of ``dot_s16_block``. Code that picks its product this way is cached by
+    Numba: a closure over an intrinsic is not, as the intrinsic's pickle (part of the cache's key) differs
+    from one process to the next, and the screen was compiled anew in every process (4.4 s before the
+    first search; NOTES.md, round 14). Only the named product's code is generated."""
+    if not isinstance(name, types.StringLiteral) or name.literal_value not in _SHAPES:
+        return None
+    product = _dot_s16_codegen(*_SHAPES[name.literal_value])
+
+    def codegen(context, builder, signature, args):
+        return product(context, builder, signature, args[1:])
+    return types.none(name, *([types.intp] * 7)), codegen
 
 
 PRODUCTS = {   # the int16 screen's block products, the one preferred first, and the CPU features (either set)

@@ -263,3 +263,28 @@ def test_one_thread_runs_the_serial_sweep_with_the_same_result(which, rng, monke
     assert called == []
     np.testing.assert_array_equal(screened(x, codebook)[0], expected)
     assert called == ["parallel"] or previous == 1
+
+
+def test_a_screen_compiled_once_is_loaded_from_numba_s_cache_in_the_next_process(which, tmp_path):
+    """The screens' kernels are closures (one per product and thread count): Numba keys their cache on what
+    they close over, and a closure over an intrinsic missed it in every process (4.4 s to the first search;
+    benchmarks/NOTES.md, round 14). Two processes share a fresh cache: the second compiles nothing."""
+    import os
+    import subprocess
+    import sys
+    script = ("import numpy as np; from minivq import kernels; from minivq.kernels import nearest_int16, "
+              "nearest_amx; rng = np.random.default_rng(0); x = rng.standard_normal((300, 20), dtype=np.float32); "
+              "e = rng.standard_normal((70, 20), dtype=np.float32); kernels.nearest_code(x, e, backend='numba'); "
+              "kernels.nearest_code(x[:1], e, backend='numba'); "       # the same search, one thread's kernels too
+              "screens = [*nearest_int16._screen_kernels.values(), (nearest_amx._screen_kernel, "
+              "nearest_amx._screen_kernel_serial), tuple(nearest_int16.block_calls.values())]; "
+              "used = [k for pair in screens for k in pair if k.signatures]; assert used; "
+              "print(sum(len(k.stats.cache_misses) for k in used), sum(len(k.stats.cache_hits) for k in used))")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join(sys.path))
+    for variable, value in SCREENS[which][3].items():
+        env[variable] = value
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), runs[-1].stderr[-2000:]
+    (first_misses, _), (misses, hits) = [map(int, run.stdout.split()) for run in runs]
+    assert first_misses > 0 and misses == 0 and hits > 0, [run.stdout for run in runs]
