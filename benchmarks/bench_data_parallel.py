@@ -2,10 +2,12 @@
 communication, for 1 and 2 ranks, through ``minivq train``'s own loop (``train_vqvae``).
 
 Each configuration is a real run: ``mpiexec -n P python bench_data_parallel.py --worker ...`` (P = 1
-runs without mpiexec). Every rank trains the paper's VQ-VAE on its slice of the global batch
+runs without mpiexec). Every rank trains minivq train's default VQ-VAE on its slice of the global batch
 (default 128, float32) of Fashion-MNIST; the step time is read from the metrics log rank 0 writes
 (the difference of its cumulative ``seconds``), the time in collectives from its ``comm_seconds``
-(which includes waiting for the slower rank). After training, each multi-rank worker also times
+(which includes waiting for the slower rank). It logs every step, to time each, where ``minivq train``
+logs every tenth by default, and a logged step's report is itself a collective: whole runs of
+``minivq train`` measure what a user waits for (benchmarks/NOTES.md, round 14). After training, each multi-rank worker also times
 bare allreduces of a buffer the size of the gradients (after a barrier): the transfer alone.
 
 On the CPU the BLAS, OpenMP and Numba thread counts are set explicitly per rank. Four
