@@ -20,6 +20,10 @@ import sys
 import time
 
 
+# /proc/cpuinfo's names of the features the screens' products rest on (kernels/nearest_screened.py)
+INT_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"})
+
+
 def _cpuinfo():
     """(model name, set of flags, identity) from /proc/cpuinfo, or what platform knows elsewhere.
 
@@ -95,8 +99,7 @@ def describe_machine():
         "avx2": "avx2" in flags,
         "avx512": any(f.startswith("avx512") for f in flags),
         "fma": "fma" in flags,
-        "int_dot_flags": sorted(flags & {"avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
-                                         "amx_int8"}),
+        "int_dot_flags": sorted(flags & INT_DOT_FLAGS),
         "numpy": numpy_version,
         "blas": _blas(),
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",

@@ -72,12 +72,11 @@ def int16_rate(name, steps):
     from minivq.kernels import nearest_int16, simd
     if name not in nearest_int16.compiled_products():
         return None
-    product = simd.PRODUCTS[name][0]
-
     @njit(nogil=True)
     def products(q, codes, scales, out, steps):
         for _ in range(steps):
-            product(q.ctypes.data, 128, 32, codes.ctypes.data, 32, scales.ctypes.data, out.ctypes.data)
+            simd.named_block_product(name, q.ctypes.data, 128, 32, codes.ctypes.data, 32, scales.ctypes.data,
+                                     out.ctypes.data)
 
     q = np.ones((32, 64), dtype=np.int16)
     codes = np.ones((32, 2, 16, 2), dtype=np.int16)

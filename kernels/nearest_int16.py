@@ -108,7 +108,7 @@ _pack_codes_serial = njit(nogil=True, cache=True)(_pack_loops(range))
 
 
 def pack_codes(codebook, norms):
-    """``(codes, screen_norms, terms)``: the codebook in int16 for the block products (``simd.dot_s16_block``).
+    """``(codes, screen_norms, terms)``: the codebook in int16 for the block products (``simd.named_block_product``).
 
     ``codes[p, j, h, c, s]`` is e~ of code ``32 p + 16 h + c``, feature ``2 j + s``; zero past the codebook
     and its features. ``screen_norms[p, c]``: the float32 norms, +inf past the codebook. ``terms``:

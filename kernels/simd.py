@@ -153,8 +153,8 @@ BLOCK_ROWS = 8                    # the block products write their rows rounded 
 
 
 def _dot_s16_codegen(lanes, rows_a_pass, codes_a_pass, vnni):
-    """The code of a block product (``dot_s16_block``'s doc) with registers of ``lanes`` int32: passes of
-    ``rows_a_pass`` rows x ``codes_a_pass`` codes, each row's sums held in ``codes_a_pass / lanes``
+    """The code of a block product (``named_block_product``'s doc) with registers of ``lanes`` int32:
+    passes of ``rows_a_pass`` rows x ``codes_a_pass`` codes, each row's sums held in ``codes_a_pass / lanes``
     registers, over every part of the 32 codes and every ``rows_a_pass`` rows of each ``BLOCK_ROWS``.
 
     ``vnni``: the products and their sum in one ``vpdpwssd``; else (ymm only) ``vpmaddwd`` (two int16
@@ -213,62 +213,40 @@ def _dot_s16_codegen(lanes, rows_a_pass, codes_a_pass, vnni):
     return codegen
 
 
-_SIGNATURE = types.none(*([types.intp] * 7))
-# each product of PRODUCTS (below): int32 lanes a register, rows a pass, codes a pass, VNNI or vpmaddwd
-_SHAPES = {"vnni-512": (16, 8, 32, True), "vnni-256": (8, 4, 16, True), "madd-256": (8, 4, 16, False)}
-
-
-@intrinsic
-def dot_s16_block(typingctx, rows_at, row_bytes, rows, codes_at, pairs, scales_at, out_at):
-    """``out[r, c] = scales[r] * float32(sum_d q[r, d] e[c, d])`` for r < ``rows`` rounded up to a multiple
-    of ``BLOCK_ROWS`` (at most 32; the rows past ``rows`` must be readable) and 32 codes c; the sums are
-    exact in int32 (two int16 products added to an int32 lane, wrapping on overflow, so the caller keeps
-    ``D max|q| max|e| < 2^31`` and no -32768: nearest_int16.py). AVX-512 VNNI, zmm registers.
-
-    ``rows_at``: int16 rows q, ``row_bytes`` apart, ``2 * pairs`` features each. ``codes_at``: int16 codes
-    of one block of 32, 128 bytes per pair of features: ``[p][h][c][s]``, code ``16 h + c``, feature
-    ``2 p + s``. ``scales_at``: float32 per row; ``out_at``: 32 x 32 float32 (rows of 128 bytes).
-
-    Per pair of features: two registers of codes, and for each of 8 rows the row's pair broadcast to every
-    lane and two ``vpdpwssd`` into the row's two registers of sums (16 of the 32 zmm registers; measured
-    against 2 and 4 rows in benchmarks/NOTES.md, round 11).
-    """
-    return _SIGNATURE, _dot_s16_codegen(*_SHAPES["vnni-512"])
-
-
-@intrinsic
-def dot_s16_block_256(typingctx, rows_at, row_bytes, rows, codes_at, pairs, scales_at, out_at):
-    """``dot_s16_block`` in ymm registers: AVX-VNNI (Intel client cores since Alder Lake, which have AVX2
-    and its 16 vector registers but not AVX-512). Per pair of features and half of the codes: two
-    registers of 8 codes, and for each of 4 rows a broadcast and two ``vpdpwssd`` (8 registers of sums)."""
-    return _SIGNATURE, _dot_s16_codegen(*_SHAPES["vnni-256"])
-
-
-@intrinsic
-def madd_s16_block_256(typingctx, rows_at, row_bytes, rows, codes_at, pairs, scales_at, out_at):
-    """``dot_s16_block_256`` without VNNI: ``vpmaddwd`` and ``vpaddd`` on ymm registers (AVX2), the same
-    layout and sums."""
-    return _SIGNATURE, _dot_s16_codegen(*_SHAPES["madd-256"])
+PRODUCTS = {   # the int16 screen's block products, the one preferred first: (shape, CPU features, either set)
+    # zmm, AVX-512 VNNI: per pair of features two registers of codes, and for each of 8 rows the row's
+    # pair broadcast and two vpdpwssd into its two registers of sums (16 of the 32 zmm registers; measured
+    # against 2 and 4 rows in benchmarks/NOTES.md, round 11)
+    "vnni-512": ((16, 8, 32, True), ({"+avx512f", "+avx512vnni"},)),
+    # ymm, AVX-VNNI (Intel client cores since Alder Lake: AVX2's 16 vector registers, no AVX-512): per pair
+    # and half of the codes two registers of 8 codes, and for each of 4 rows a broadcast and two vpdpwssd
+    "vnni-256": ((8, 4, 16, True), ({"+avxvnni"}, {"+avx512vnni", "+avx512vl"})),
+    # ymm without VNNI (AVX2): vpmaddwd and vpaddd, the same layout and sums
+    "madd-256": ((8, 4, 16, False), ({"+avx2"},)),
+}
+# a shape: int32 lanes a register, rows a pass, codes a pass, and whether the product is vpdpwssd (_dot_s16_codegen)
 
 
 @intrinsic
 def named_block_product(typingctx, name, rows_at, row_bytes, rows, codes_at, pairs, scales_at, out_at):
-    """The block product of ``PRODUCTS`` called ``name``, a string constant (a closure's variable or a
-    literal), with the arguments of ``dot_s16_block``. Code that picks its product this way is cached by
-    Numba: a closure over an intrinsic is not, as the intrinsic's pickle (part of the cache's key) differs
-    from one process to the next, and the screen was compiled anew in every process (4.4 s before the
-    first search; NOTES.md, round 14). Only the named product's code is generated."""
-    if not isinstance(name, types.StringLiteral) or name.literal_value not in _SHAPES:
+    """``out[r, c] = scales[r] * float32(sum_d q[r, d] e[c, d])`` for r < ``rows`` rounded up to a multiple
+    of ``BLOCK_ROWS`` (at most 32; the rows past ``rows`` must be readable) and 32 codes c, by the product
+    of ``PRODUCTS`` called ``name``; the sums are exact in int32 (two int16 products added to an int32 lane,
+    wrapping on overflow, so the caller keeps ``D max|q| max|e| < 2^31`` and no -32768: nearest_int16.py).
+
+    ``name``: a string constant (a closure's variable or a literal); only that product's code is generated.
+    Code that picks its product this way is cached by Numba, where a closure over one intrinsic per product
+    was not: an intrinsic's pickle, part of the cache's key, differs from one process to the next, and the
+    screen was compiled anew in every process (4.4 s before the first search; NOTES.md, round 14).
+
+    ``rows_at``: int16 rows q, ``row_bytes`` apart, ``2 * pairs`` features each. ``codes_at``: int16 codes
+    of one block of 32, 128 bytes per pair of features: ``[p][h][c][s]``, code ``16 h + c``, feature
+    ``2 p + s``. ``scales_at``: float32 per row; ``out_at``: 32 x 32 float32 (rows of 128 bytes).
+    """
+    if not isinstance(name, types.StringLiteral) or name.literal_value not in PRODUCTS:
         return None
-    product = _dot_s16_codegen(*_SHAPES[name.literal_value])
+    product = _dot_s16_codegen(*PRODUCTS[name.literal_value][0])
 
     def codegen(context, builder, signature, args):
         return product(context, builder, signature, args[1:])
     return types.none(name, *([types.intp] * 7)), codegen
-
-
-PRODUCTS = {   # the int16 screen's block products, the one preferred first, and the CPU features (either set)
-    "vnni-512": (dot_s16_block, ({"+avx512f", "+avx512vnni"},)),
-    "vnni-256": (dot_s16_block_256, ({"+avxvnni"}, {"+avx512vnni", "+avx512vl"})),
-    "madd-256": (madd_s16_block_256, ({"+avx2"},)),
-}

@@ -47,7 +47,7 @@ def test_the_vector_reads_agree_with_numpy(seed):
 
 # ----------------------------------------------------------------- AVX-512 VNNI's int16 products
 def as_blocks(e):
-    """Codes (32, D even) in ``dot_s16_block``'s layout: ``[p][h][c][s]``, code 16 h + c, feature 2 p + s."""
+    """Codes (32, D even) in ``simd.named_block_product``'s layout: ``[p][h][c][s]``, code 16 h + c, feature 2 p + s."""
     return np.ascontiguousarray(e.reshape(2, 16, e.shape[1] // 2, 2).transpose(2, 0, 1, 3))
 
 
