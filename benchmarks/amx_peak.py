@@ -9,7 +9,7 @@ the tiles multiply bf16 many times faster. All three are measured on one thread,
     int16-vnni-512  the int16 screen's block products (simd.PRODUCTS: 32 rows x 32 codes x 64
     int16-vnni-256  features, in L1), counted as 2 operations a multiply-add (nearest_int16.py):
     int16-madd-256  VNNI's ``vpdpwssd`` in zmm or ymm registers, AVX2's ``vpmaddwd`` and ``vpaddd``
-    fma-float32  16 x 16 independent float32 multiply-adds a step, in registers (Numba, the
+    fma-float32  256 (AVX-512) or 96 (AVX2) independent float32 multiply-adds a step, in registers (Numba, the
                  same flags as the fused kernel; LLVM turns them into vector FMAs)
     sgemm        NumPy float32 2048^3 (``_machine.sgemm_rate``), BLAS held to one thread
 
@@ -87,31 +87,40 @@ def int16_rate(name, steps):
     return steps * 32 * 32 * 64 * 2 / (time.perf_counter() - start)
 
 
-def fma_rate(steps):
-    """float32 FLOP/s of independent multiply-adds held in registers: 256 chains in a stack buffer that
-    LLVM keeps in 16 vector registers (``_vector_width_hint``: full-width AVX-512 where the CPU has it)."""
+def fma_kernel():
+    """The FMA peak's loop, compiled, and its number of chains: independent multiply-adds in a stack buffer
+    that LLVM keeps in vector registers. With AVX-512 (``_vector_width_hint``: full width) 256 chains fill 16
+    of the 32 zmm registers; with AVX2 96 chains fill 12 of the 16 ymm ones (256 would need 32 and spill to
+    memory: a third of the peak on a Zen 3, NOTES.md round 15). Twelve independent chains or more cover the
+    FMA latency (4-5 cycles) of two FMA pipes."""
     from numba import njit
-    from minivq.kernels.nearest_numba import _stack_buffer, _vector_width_hint
+    from minivq.kernels.nearest_numba import WIDE, _stack_buffer, _vector_width_hint
+    chains = 256 if WIDE else 96
 
     @njit(nogil=True, fastmath={"contract"})
     def multiply_adds(a, b, steps):
         _vector_width_hint()
-        acc = _stack_buffer(256, np.float32)
-        for j in range(256):
+        acc = _stack_buffer(chains, np.float32)
+        for j in range(chains):
             acc[j] = 0
         for _ in range(steps):
-            for j in range(256):
+            for j in range(chains):
                 acc[j] = acc[j] * a + b
         total = np.float32(0)
-        for j in range(256):
+        for j in range(chains):
             total += acc[j]
         return total
 
-    a, b = np.float32(0.999), np.float32(1e-3)
-    multiply_adds(a, b, 10)
+    multiply_adds(np.float32(0.999), np.float32(1e-3), 10)
+    return multiply_adds, chains
+
+
+def fma_rate(steps):
+    """float32 FLOP/s of ``fma_kernel``'s independent multiply-adds, held in registers."""
+    multiply_adds, chains = fma_kernel()
     start = time.perf_counter()
-    multiply_adds(a, b, steps)
-    return steps * 256 * 2 / (time.perf_counter() - start)
+    multiply_adds(np.float32(0.999), np.float32(1e-3), steps)
+    return steps * chains * 2 / (time.perf_counter() - start)
 
 
 def main(argv=None):
@@ -132,7 +141,7 @@ def main(argv=None):
         steps = max(1000, int(args.seconds * probe / 131072)) if probe else 0
         rates[f"int16-{product}"] = int16_rate(product, steps) if probe else None
     fma_probe = fma_rate(1000)
-    rates["fma-float32"] = fma_rate(max(1000, int(args.seconds * fma_probe / 512)))
+    rates["fma-float32"] = fma_rate(max(1000, int(args.seconds * fma_probe / 256)))
     rates["sgemm"] = sgemm_rate("cpu", repeats=5, pick=min, gap=0.2)["gflops"] * 1e9
     for name, rate in rates.items():
         missing = "no AMX here" if name == "amx-bf16" else "not on this CPU"
