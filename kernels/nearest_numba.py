@@ -42,7 +42,11 @@ Epilogue (argmin, per lane, then per row)
     them, in a stack buffer in L1): after a tile, each lane takes the tile's
     score where it is strictly lower. That is a vector compare and two blends,
     with no horizontal minimum in the hot loop (measured: K=4096, D=64 went
-    from 77 to 122 GF/s on one core). Tiles come in increasing order, so a
+    from 77 to 122 GF/s on one core). It is written as a select followed by
+    an unconditional store: the ``if v < best: best = v`` form compiled to
+    AVX's masked stores (``vmaskmovps``), cheap on Intel but microcoded on
+    AMD Zen, where the select form takes 0.60-0.94x the time (Zen 3, NOTES.md
+    round 15). Tiles come in increasing order, so a
     lane keeps the lowest index among its equal scores; after the last tile
     the row's CODES lanes are reduced to the smallest score, ties to the
     smaller index: ties go to the lowest index overall.
@@ -211,11 +215,13 @@ def _nearest_loops(blocks):
                         base = t * CODES
                         for r in range(ROWS):
                             lane0 = (q + r) * CODES
-                            for c in range(CODES):
+                            for c in range(CODES):   # a select and a plain store: no masked store (module doc)
                                 v = acc[r * CODES + c]
-                                if v < best[lane0 + c]:
-                                    best[lane0 + c] = v
-                                    best_index[lane0 + c] = base + c
+                                b = best[lane0 + c]
+                                i = best_index[lane0 + c]
+                                take = v < b
+                                best[lane0 + c] = v if take else b
+                                best_index[lane0 + c] = base + c if take else i
             for r in range(rows):
                 lane0 = r * CODES
                 low = best[lane0]

@@ -453,6 +453,24 @@ def test_the_wide_tile_uses_512_bit_registers_where_the_cpu_has_them():
     assert "zmm" in asm            # without the vector-width hint LLVM would use ymm only
 
 
+@pytest.mark.skipif("numba" not in kernels.available_backends(), reason="numba is not installed")
+def test_the_fused_kernel_keeps_its_lane_minima_without_masked_stores():
+    """The per-lane argmin is a select and a plain store. Written as ``if v < best: best = v`` it compiled to
+    AVX's masked stores (``vmaskmovps``; with AVX-512 a store under a k-mask), microcoded on AMD Zen: on a
+    Zen 3 the select takes 0.60-0.94x the time (benchmarks/NOTES.md round 15)."""
+    import re
+    import numba
+    from minivq.kernels import nearest_numba
+    fresh = numba.njit(nogil=True, fastmath={"contract"})(nearest_numba._nearest_kernel_serial.py_func)
+    x, cb = np.ones((8, 4), np.float32), np.ones((40, 4), np.float32)     # (the cached kernel can't be inspected)
+    packed, norms = nearest_numba.pack_codebook(cb)
+    fresh(x, packed, norms, 1, np.empty(8, np.int64), np.empty(8, np.float32))
+    asm = fresh.inspect_asm(fresh.signatures[0]).splitlines()
+    masked = [line for line in asm if "maskmov" in line
+              or re.match(r"\s*v\w*mov\w*\s+%[xyz]mm\d+, [^,]*\(.*\{%k", line)]
+    assert not masked, masked[:4]
+
+
 needs_numba = pytest.mark.skipif("numba" not in kernels.available_backends(), reason="numba is not installed")
 
 
