@@ -44,8 +44,9 @@ Epilogue (argmin, per lane, then per row)
     with no horizontal minimum in the hot loop (measured: K=4096, D=64 went
     from 77 to 122 GF/s on one core). It is written as a select followed by
     an unconditional store: the ``if v < best: best = v`` form compiled to
-    AVX's masked stores (``vmaskmovps``), cheap on Intel but microcoded on
-    AMD Zen, where the select form takes 0.60-0.94x the time (Zen 3, NOTES.md
+    AVX's masked stores (``vmaskmovps``; with AVX-512, stores under a k-mask),
+    slow on AMD's Zen cores: on a Zen 3 the select form takes 0.57-0.87x the
+    time at N = 65536, K 512-4096, D 64-256, and 0.36x at D = 8 (NOTES.md
     round 15). Tiles come in increasing order, so a
     lane keeps the lowest index among its equal scores; after the last tile
     the row's CODES lanes are reduced to the smallest score, ties to the

@@ -456,8 +456,8 @@ def test_the_wide_tile_uses_512_bit_registers_where_the_cpu_has_them():
 @pytest.mark.skipif("numba" not in kernels.available_backends(), reason="numba is not installed")
 def test_the_fused_kernel_keeps_its_lane_minima_without_masked_stores():
     """The per-lane argmin is a select and a plain store. Written as ``if v < best: best = v`` it compiled to
-    AVX's masked stores (``vmaskmovps``; with AVX-512 a store under a k-mask), microcoded on AMD Zen: on a
-    Zen 3 the select takes 0.60-0.94x the time (benchmarks/NOTES.md round 15)."""
+    AVX's masked stores (``vmaskmovps``; with AVX-512 a store under a k-mask), slow on AMD's Zen cores: on a
+    Zen 3 the select takes 0.57-0.87x the time (benchmarks/NOTES.md round 15)."""
     import re
     import numba
     from minivq.kernels import nearest_numba
