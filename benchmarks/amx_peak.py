@@ -20,6 +20,7 @@ Under ``benchmarks/as_avx2.sh [--vnni]`` the FMAs are ymm ones and only the ymm 
 """
 import argparse
 import datetime
+import functools
 import os
 import sys
 import time
@@ -87,6 +88,7 @@ def int16_rate(name, steps):
     return steps * 32 * 32 * 64 * 2 / (time.perf_counter() - start)
 
 
+@functools.lru_cache(maxsize=None)
 def fma_kernel():
     """The FMA peak's loop, compiled, and its number of chains: independent multiply-adds in a stack buffer
     that LLVM keeps in vector registers. With AVX-512 (``_vector_width_hint``: full width) 256 chains fill 16

@@ -438,18 +438,25 @@ def test_the_avx2_tile_also_matches_the_reference():
                    cwd=str(__import__("pathlib").Path(__file__).parents[1]))
 
 
+def _fresh_fused_kernel_asm(kernel, **flags):
+    """The fused kernel's float32 assembly, from a fresh compile of ``kernel``'s Python (the cached kernel
+    can't be inspected)."""
+    import numba
+    from minivq.kernels import nearest_numba
+    fresh = numba.njit(nogil=True, fastmath={"contract"}, **flags)(kernel.py_func)
+    x, cb = np.ones((8, 4), np.float32), np.ones((40, 4), np.float32)
+    packed, norms = nearest_numba.pack_codebook(cb)
+    fresh(x, packed, norms, 1, np.empty(8, np.int64), np.empty(8, np.float32))
+    return fresh.inspect_asm(fresh.signatures[0])
+
+
 @pytest.mark.skipif("numba" not in kernels.available_backends(), reason="numba is not installed")
 def test_the_wide_tile_uses_512_bit_registers_where_the_cpu_has_them():
     from minivq.kernels import nearest_numba
     if not nearest_numba._host_has_avx512() or os.environ.get("MINIVQ_NUMBA_WIDE") == "0":
         pytest.skip("no AVX-512 here")
     assert (nearest_numba.ROWS, nearest_numba.CODES) == (8, 32)
-    import numba
-    fresh = numba.njit(parallel=True, nogil=True, fastmath={"contract"})(nearest_numba._nearest_kernel.py_func)
-    x, cb = np.ones((8, 4), np.float32), np.ones((40, 4), np.float32)     # (the cached kernel can't be inspected)
-    packed, norms = nearest_numba.pack_codebook(cb)
-    fresh(x, packed, norms, 1, np.empty(8, np.int64), np.empty(8, np.float32))
-    asm = fresh.inspect_asm(fresh.signatures[0])
+    asm = _fresh_fused_kernel_asm(nearest_numba._nearest_kernel, parallel=True)
     assert "zmm" in asm            # without the vector-width hint LLVM would use ymm only
 
 
@@ -459,13 +466,8 @@ def test_the_fused_kernel_keeps_its_lane_minima_without_masked_stores():
     AVX's masked stores (``vmaskmovps``; with AVX-512 a store under a k-mask), slow on AMD's Zen cores: on a
     Zen 3 the select takes 0.57-0.87x the time (benchmarks/NOTES.md round 15)."""
     import re
-    import numba
     from minivq.kernels import nearest_numba
-    fresh = numba.njit(nogil=True, fastmath={"contract"})(nearest_numba._nearest_kernel_serial.py_func)
-    x, cb = np.ones((8, 4), np.float32), np.ones((40, 4), np.float32)     # (the cached kernel can't be inspected)
-    packed, norms = nearest_numba.pack_codebook(cb)
-    fresh(x, packed, norms, 1, np.empty(8, np.int64), np.empty(8, np.float32))
-    asm = fresh.inspect_asm(fresh.signatures[0]).splitlines()
+    asm = _fresh_fused_kernel_asm(nearest_numba._nearest_kernel_serial).splitlines()
     masked = [line for line in asm if "maskmov" in line
               or re.match(r"\s*v\w*mov\w*\s+%[xyz]mm\d+, [^,]*\(.*\{%k", line)]
     assert not masked, masked[:4]
