@@ -32,7 +32,14 @@ The weight gradient's micro-kernel
     (two vectors read straight from the padded image), summed over a block of ``CHUNK`` pixels of
     one image (their rows stay in L1 and L2 while every tile sweeps them); the grid's channels are
     padded to whole tiles, and the numbers a last tile reads past a window row land in lanes that
-    are dropped.
+    are dropped. A tile reads LANES numbers from each of CHUNK pixels' windows, all live in L1 while
+    every grid tile sweeps them. Where the pixels' windows lie a multiple of 512 bytes apart along a
+    grid row (128 float32 channels at stride 1, 64 at stride 2) and the grid rows are too, those
+    numbers fall in one eighth of L1's 64 sets: 16 lines a set for a 8x8 grid, twice what an 8-way L1
+    (Zen 3 and 4) holds. So each padded row of this buffer is one cache line longer there
+    (``_skewed_pitch``), which moves each grid row's windows to other sets. On a Zen 3 core the
+    3x3 128->128 weight gradient took 0.76-0.85x the time, the 4x4 stride-2 one 0.83-0.87x, the
+    training step 0.95-0.97x (NOTES.md, round 16); the same bits.
 
 ``correlate_adjoint_numba`` computes ``col2im(grid_rows @ wmat)`` (+ bias: conv2d's input gradient
 where the mirror does not apply, and conv_transpose2d's forward) without the columns: the forward's
@@ -93,6 +100,7 @@ LANES = 32                      # output channels per micro-tile: two zmm regist
 CHUNK = 64                      # pixels per block of the weight gradient (one 8x8 image): their rows stay in L1 and L2
 PIXEL_BLOCK = 64 if WIDE else 48  # pixels per block of the forward product, swept once per block of weights
 WEIGHT_BLOCK_BYTES = 24 * 1024  # the forward's block of packed weights: half of a 48 KiB L1 (NOTES.md, round 7)
+CACHE_LINE = 64                 # bytes: the weight gradient's padded rows are skewed by one where they would alias
 _ACC_SLOTS = ROWS * LANES
 # the forward's last tile of a pixel block writes ROWS rows of its sums buffer: a block must hold whole tiles
 assert PIXEL_BLOCK % ROWS == 0
@@ -119,25 +127,33 @@ def _share_count():
 
 
 @njit(nogil=True, cache=_CACHE)
-def _fill(image, b, ph, pw, wp, flat):
+def _fill(image, b, ph, pw, pitch, flat):
     """Image ``b`` of ``image`` (n, H, W, C) into the interior of ``flat``, one padded image (H + 2 ph, W + 2 pw, C)
-    as one run whose border of zeros was written once, when it was allocated."""
+    with ``pitch`` numbers to a row, as one run whose border of zeros was written once, when it was allocated."""
     _, h, w, c = image.shape
     for y in range(h):
-        o = ((y + ph) * wp + pw) * c
+        o = (y + ph) * pitch + pw * c
         for x in range(w):
             for ch in range(c):
                 flat[o + x * c + ch] = image[b, y, x, ch]
 
 
 @njit(nogil=True, cache=_CACHE)
-def _window_starts(first, count, ow, sh, sw, wp, c, origin, bases):
+def _window_starts(first, count, ow, sh, sw, pitch, c, origin, bases):
     """``bases[r]``: where the window of grid pixel ``first + r`` of one image (``ow`` to a grid row) starts in
-    that image padded to width ``wp``, plus ``origin``, for ``r`` < ``count``."""
+    that image padded, ``pitch`` numbers to a row, plus ``origin``, for ``r`` < ``count``."""
     for r in range(count):
         i = (first + r) // ow
         j = first + r - i * ow
-        bases[r] = origin + np.uint64((i * sh * wp + j * sw) * c)
+        bases[r] = origin + np.uint64(i * sh * pitch + j * sw * c)
+
+
+@njit(nogil=True, cache=_CACHE)
+def _skewed_pitch(numbers, step, itemsize):
+    """Numbers to a row of the weight gradient's padded image: ``numbers``, and one cache line more where a step
+    of ``step`` rows (a grid row's) is a whole multiple of 512 bytes (module doc: the rows' windows would share
+    one eighth of L1's sets)."""
+    return numbers + (CACHE_LINE // itemsize if numbers * step * itemsize % 512 == 0 else 0)
 
 
 @njit(nogil=True, cache=_CACHE, fastmath={"contract"})
@@ -164,12 +180,12 @@ def _correlate(image, whole, padding, window, packed, bias, depth_block, out, sp
         if whole.size:
             origin = np.uint64(img * h * w * c)         # the image itself: its windows need no border
         else:
-            _fill(image, img, ph, pw, wp, flat)
+            _fill(image, img, ph, pw, wp * c, flat)
             origin = np.uint64(0)
         for q0 in range(0, per_image, PIXEL_BLOCK):
             count = min(PIXEL_BLOCK, per_image - q0)
             p0 = img * per_image + q0                       # the block's first output row
-            _window_starts(q0, count, ow, sh, sw, wp, c, origin, bases)
+            _window_starts(q0, count, ow, sh, sw, wp * c, c, origin, bases)
             for t in range(packed.shape[0]):
                 for a in range(kh):         # a window row (kw, c) is one contiguous run of the padded image
                     row = np.uint64(a * wp * c)
@@ -218,12 +234,12 @@ def _weight_grad(image, padding, window, grid, out, span):
     kh, kw, sh, sw, oh, ow = window
     _vector_width_hint()
     per_image = oh * ow
-    row_stride = wp * c
+    row_stride = _skewed_pitch(wp * c, sh, image.itemsize)     # numbers to a padded row (module doc)
     # one padded image at a time, its border zeros written once; the last tile of lanes of a window row
-    # reads up to LANES numbers past it (into the LANES zeros at the end; those lanes are dropped)
-    flat = np.zeros((h + 2 * ph) * wp * c + LANES, dtype=image.dtype)
+    # reads up to LANES numbers past it (into the skew or the LANES zeros at the end; those lanes are dropped)
+    flat = np.zeros((h + 2 * ph) * row_stride + LANES, dtype=image.dtype)
     bases = np.empty(per_image, dtype=np.uint64)     # where each pixel's window starts in ``flat``
-    _window_starts(0, per_image, ow, sh, sw, wp, c, np.uint64(0), bases)
+    _window_starts(0, per_image, ow, sh, sw, row_stride, c, np.uint64(0), bases)
     c_grid = grid.shape[1]                  # a multiple of ROWS (padded by the caller)
     width = out.shape[1]
     u_tiles = width // (kh * LANES)
@@ -234,7 +250,7 @@ def _weight_grad(image, padding, window, grid, out, span):
     stride = np.uint64(width)
     gd = _stack_buffer(ROWS, image.dtype)
     for img in range(span[0], span[1]):
-        _fill(image, img, ph, pw, wp, flat)
+        _fill(image, img, ph, pw, row_stride, flat)
         first = np.uint64(img * per_image)          # the image's first row of ``grid``
         for chunk in range(0, per_image, CHUNK):
             p0, p1 = np.uint64(chunk), np.uint64(min(chunk + CHUNK, per_image))
@@ -290,7 +306,7 @@ def _adjoint(grid, padding, window, packed, bias, out, span):
         for q0 in range(0, per_image, PIXEL_BLOCK):
             count = min(PIXEL_BLOCK, per_image - q0)
             p0 = img * per_image + q0
-            _window_starts(q0, count, ow, sh, sw, wp, c, np.uint64(0), bases)
+            _window_starts(q0, count, ow, sh, sw, wp * c, c, np.uint64(0), bases)
             for a in range(kh):
                 for ut in range(u_tiles):        # a tile of LANES numbers of window row a: its weights stay in L1
                     off = np.uint64(a * wp * c + ut * LANES)

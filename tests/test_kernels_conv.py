@@ -600,3 +600,33 @@ def test_the_wide_tiles_use_512_bit_registers_where_the_cpu_has_them():
             np.zeros(40, np.float32), np.empty((1, 4, 4, 40), np.float32), (0, 1))
     for fresh in (forward, weight, adjoint):
         assert "zmm" in fresh.inspect_asm(fresh.signatures[0])
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [
+    ((3, 8, 8, 128), 40, (3, 3), (1, 1), (1, 1)),      # padded rows of 10 x 128 numbers: 5120 (float32) bytes
+    ((3, 16, 16, 64), 24, (4, 4), (2, 2), (1, 1)),     # two padded rows a grid row: 9216 bytes
+    ((2, 14, 14, 24), 7, (3, 3), (1, 1), (1, 1)),      # the last tile of lanes reads past its window row
+], ids=["3x3-128", "4x4s2-64", "3x3-24"])
+def test_the_weight_gradient_is_the_same_where_its_padded_rows_are_skewed(shape, dtype):
+    """Rows of the weight gradient's padded image whose grid-row step is a multiple of 512 bytes get one cache line
+    more (conv_numba._skewed_pitch); the windows move, the numbers a last tile reads past a row land in the skew."""
+    from minivq.kernels import conv_numba
+    (n, h, w, c), c_grid, kernel, stride, padding = shape
+    numbers, itemsize = (w + 2 * padding[1]) * c, np.dtype(dtype).itemsize
+    assert conv_numba._skewed_pitch(numbers, stride[0], itemsize) == numbers + conv_numba.CACHE_LINE // itemsize
+    gen = np.random.default_rng(7)
+    image = gen.standard_normal((n, h, w, c)).astype(dtype)
+    grid_rows = gen.standard_normal((n * _grid_pixels(image.shape, kernel, stride, padding), c_grid)).astype(dtype)
+    close(kernels.correlate_weight_grad(image, grid_rows, kernel, stride, padding, backend="numba"),
+          kernels.correlate_weight_grad(image, grid_rows, kernel, stride, padding, backend="numpy"), dtype)
+
+
+@needs_numba
+def test_the_padded_rows_are_skewed_only_where_they_would_alias():
+    from minivq.kernels import conv_numba
+    assert conv_numba._skewed_pitch(10 * 32, 1, 4) == 10 * 32          # 1280 bytes: the rows spread over the sets
+    assert conv_numba._skewed_pitch(18 * 32, 1, 4) == 18 * 32          # 2304 bytes, a grid row at stride 1 ...
+    assert conv_numba._skewed_pitch(18 * 32, 2, 4) == 18 * 32 + 16     # ... at stride 2 two rows: 4608 bytes
+    assert conv_numba._skewed_pitch(18 * 32, 2, 8) == 18 * 32 + 8      # float64: 9216 bytes; a line is 8 numbers
