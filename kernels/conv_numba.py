@@ -30,16 +30,20 @@ The forward micro-kernel (the nearest-code kernel's, nearest_numba.py, with gath
 The weight gradient's micro-kernel
     ``ROWS`` grid channels (broadcast) against ``LANES`` consecutive numbers of a window row
     (two vectors read straight from the padded image), summed over a block of ``CHUNK`` pixels of
-    one image (their rows stay in L1 and L2 while every tile sweeps them); the grid's channels are
-    padded to whole tiles, and the numbers a last tile reads past a window row land in lanes that
-    are dropped. A tile reads LANES numbers from each of CHUNK pixels' windows, all live in L1 while
-    every grid tile sweeps them. Where the pixels' windows lie a multiple of 512 bytes apart along a
-    grid row (128 float32 channels at stride 1, 64 at stride 2) and the grid rows are too, those
-    numbers fall in one eighth of L1's 64 sets: 16 lines a set for a 8x8 grid, twice what an 8-way L1
-    (Zen 3 and 4) holds. So each padded row of this buffer is one cache line longer there
-    (``_skewed_pitch``), which moves each grid row's windows to other sets. On a Zen 3 core the
-    3x3 128->128 weight gradient took 0.76-0.85x the time, the 4x4 stride-2 one 0.83-0.87x, the
-    training step 0.95-0.97x (NOTES.md, round 16); the same bits.
+    one image (their rows stay in L1 and L2 while every tile sweeps them); the numbers a last tile
+    reads past a window row land in lanes that are dropped. Two layouts keep a tile's reads off the
+    same few sets of an 8-way 32 KiB L1 (Zen 3 and 4; NOTES.md, round 16; the same bits either way):
+    - The chunk's grid rows are packed tile by tile (``gpack``: for each tile of ROWS channels, the
+      pixels in order, their ROWS channels side by side, zeros past the last channel), so a tile
+      reads its grid numbers in sequence, where read in place they were one line each, a grid row
+      apart (512 bytes for 128 float32 channels); the grid is no longer copied whole to pad its
+      channels to whole tiles. Zen 3, one core: the weight gradients 0.79-0.97x the time.
+    - Where the pixels' windows lie a multiple of 512 bytes apart along a grid row (128 float32
+      channels at stride 1, 64 at stride 2) and the grid rows are too, the numbers a tile reads
+      from an 8x8 grid's windows fall in one eighth of L1's 64 sets, 16 lines a set, twice what 8
+      ways hold. Each row of the padded image is then one cache line longer (``_skewed_pitch``),
+      which moves each grid row's windows to other sets. Zen 3: the 3x3 128->128 weight gradient
+      0.76-0.85x the time, the 4x4 stride-2 one 0.83-0.87x.
 
 ``correlate_adjoint_numba`` computes ``col2im(grid_rows @ wmat)`` (+ bias: conv2d's input gradient
 where the mirror does not apply, and conv_transpose2d's forward) without the columns: the forward's
@@ -226,7 +230,7 @@ def _correlate(image, whole, padding, window, packed, bias, depth_block, out, sp
 
 @njit(nogil=True, cache=_CACHE, fastmath={"contract"})
 def _weight_grad(image, padding, window, grid, out, span):
-    # out (co_tiles*ROWS, kh * u_tiles*LANES), zeros: for every pixel p of image b in span and window row a,
+    # out (tiles*ROWS, kh * u_tiles*LANES), zeros: for every pixel p of image b in span and window row a,
     # out[o, a*u_tiles*LANES + u] += grid[p, o] * (image b padded)[bases[p] + a*row_stride + u]
     _, h, w, c = image.shape
     ph, pw = padding
@@ -240,10 +244,13 @@ def _weight_grad(image, padding, window, grid, out, span):
     flat = np.zeros((h + 2 * ph) * row_stride + LANES, dtype=image.dtype)
     bases = np.empty(per_image, dtype=np.uint64)     # where each pixel's window starts in ``flat``
     _window_starts(0, per_image, ow, sh, sw, row_stride, c, np.uint64(0), bases)
-    c_grid = grid.shape[1]                  # a multiple of ROWS (padded by the caller)
+    c_grid = grid.shape[1]
+    tiles = out.shape[0] // ROWS
     width = out.shape[1]
     u_tiles = width // (kh * LANES)
-    gflat = grid.reshape(-1)
+    # a chunk's grid, tile by tile: gpack[(t * CHUNK + q) * ROWS + r] = grid[chunk pixel q, channel t*ROWS + r];
+    # the channels past c_grid stay zero
+    gpack = np.zeros(tiles * CHUNK * ROWS, dtype=image.dtype)
     # flat arrays and unsigned offsets: with 2-D indexing (its negative-index checks) the tile's loads and
     # stores were not unrolled, and the accumulators went back to memory on every step (3x slower)
     oflat = out.reshape(-1)
@@ -251,25 +258,29 @@ def _weight_grad(image, padding, window, grid, out, span):
     gd = _stack_buffer(ROWS, image.dtype)
     for img in range(span[0], span[1]):
         _fill(image, img, ph, pw, row_stride, flat)
-        first = np.uint64(img * per_image)          # the image's first row of ``grid``
         for chunk in range(0, per_image, CHUNK):
-            p0, p1 = np.uint64(chunk), np.uint64(min(chunk + CHUNK, per_image))
+            count = min(CHUNK, per_image - chunk)
+            first = img * per_image + chunk          # the chunk's first row of ``grid``
+            for q in range(count):
+                for o in range(c_grid):
+                    t = o // ROWS
+                    gpack[(t * CHUNK + q) * ROWS + o - t * ROWS] = grid[first + q, o]
             for a in range(kh):
                 for ut in range(u_tiles):
                     off = np.uint64(a * row_stride + ut * LANES)
                     col = np.uint64((a * u_tiles + ut) * LANES)
-                    for ct in range(c_grid // ROWS):
-                        c0 = np.uint64(ct * ROWS)
-                        o0 = c0 * stride + col
+                    for ct in range(tiles):
+                        o0 = np.uint64(ct * ROWS) * stride + col
+                        g0 = np.uint64(ct * CHUNK * ROWS)
                         acc = _stack_buffer(_ACC_SLOTS, image.dtype)    # acc[r * LANES + l]: channel r, lane l
                         for r in range(ROWS):
                             for lane in range(LANES):
                                 acc[r * LANES + lane] = oflat[o0 + np.uint64(r) * stride + np.uint64(lane)]
-                        for p in range(p0, p1):
-                            at = bases[p] + off
-                            row = (first + p) * np.uint64(c_grid) + c0
+                        for q in range(np.uint64(count)):
+                            at = bases[np.uint64(chunk) + q] + off
+                            gq = g0 + q * np.uint64(ROWS)
                             for r in range(ROWS):
-                                gd[r] = gflat[row + np.uint64(r)]
+                                gd[r] = gpack[gq + np.uint64(r)]
                             for lane in range(LANES):
                                 e = flat[at + np.uint64(lane)]
                                 for r in range(ROWS):
@@ -406,13 +417,10 @@ def correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding):
     run = kw * image.shape[3]
     u_tiles = -(-run // LANES)
     c_grid = grid_rows.shape[1]
-    grid = grid_rows
-    if c_grid % ROWS or not grid.flags.c_contiguous or grid.dtype != image.dtype:
-        grid = np.zeros((grid_rows.shape[0], -(-c_grid // ROWS) * ROWS), dtype=image.dtype)
-        grid[:, :c_grid] = grid_rows        # channels padded to whole tiles, rows contiguous
+    grid = np.ascontiguousarray(grid_rows, dtype=image.dtype)   # the kernel packs its channels in tiles itself
     bounds = _bounds(image.shape[0], _share_count())
     # one sum per share of the images, added in share order: the same bits for the same number of shares
-    out = np.zeros((bounds.size - 1, grid.shape[1], kh * u_tiles * LANES), dtype=image.dtype)
+    out = np.zeros((bounds.size - 1, -(-c_grid // ROWS) * ROWS, kh * u_tiles * LANES), dtype=image.dtype)
     window, pixels = (*kernel, *stride, oh, ow), image.shape[0] * oh * ow
     if pixels and bounds.size == 2:
         _weight_grad(image, padding, window, grid, out[0], (0, image.shape[0]))
