@@ -40,9 +40,10 @@ The weight gradient's micro-kernel
       channels to whole tiles. Zen 3, on top of the skew below: 0.94-0.97x the time on one core.
     - Where the pixels' windows lie a multiple of 512 bytes apart along a grid row (128 float32
       channels at stride 1, 64 at stride 2) and the grid rows are too, the numbers a tile reads
-      from an 8x8 grid's windows fall in one eighth of L1's 64 sets, 16 lines a set, twice what 8
-      ways hold. Each row of the padded image is then one cache line longer (``_skewed_pitch``),
-      which moves each grid row's windows to other sets. Zen 3: the 3x3 128->128 weight gradient
+      from an 8x8 grid's windows (two lines a pixel) fall in a quarter of L1's 64 sets, 8 lines a
+      set: every way of an 8-way L1 before a grid number or a running sum is counted. Each row of
+      the padded image is then one cache line longer (``_skewed_pitch``), which moves each grid row's
+      windows to other sets (two lines a set). Zen 3: the 3x3 128->128 weight gradient
       0.76-0.85x the time, the 4x4 stride-2 one 0.83-0.87x.
     Both together on Zen 3: the big layers' weight gradients 0.74-0.89x the time, the training step
     0.94-0.99x.
@@ -164,7 +165,7 @@ def _window_starts(first, count, ow, sh, sw, pitch, c, origin, bases):
 def _skewed_pitch(numbers, step, itemsize):
     """Numbers to a row of the weight gradient's padded image: ``numbers``, and one cache line more where a step
     of ``step`` rows (a grid row's) is a whole multiple of 512 bytes (module doc: the rows' windows would share
-    one eighth of L1's sets)."""
+    a quarter of L1's sets)."""
     return numbers + (CACHE_LINE // itemsize if numbers * step * itemsize % 512 == 0 else 0)
 
 
