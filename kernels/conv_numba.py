@@ -263,7 +263,6 @@ def _weight_grad(image, padding, window, grid, out, span):
     # flat arrays and unsigned offsets: with 2-D indexing (its negative-index checks) the tile's loads and
     # stores were not unrolled, and the accumulators went back to memory on every step (3x slower)
     oflat = out.reshape(-1)
-    stride = np.uint64(LANES)
     gd = _stack_buffer(ROWS, image.dtype)
     for img in range(span[0], span[1]):
         _fill(image, img, ph, pw, row_stride, flat)
@@ -283,7 +282,7 @@ def _weight_grad(image, padding, window, grid, out, span):
                         acc = _stack_buffer(_ACC_SLOTS, image.dtype)    # acc[r * LANES + l]: channel r, lane l
                         for r in range(ROWS):
                             for lane in range(LANES):
-                                acc[r * LANES + lane] = oflat[o0 + np.uint64(r) * stride + np.uint64(lane)]
+                                acc[r * LANES + lane] = oflat[o0 + np.uint64(r * LANES + lane)]
                         for q in range(np.uint64(count)):
                             at = bases[np.uint64(chunk) + q] + off
                             gq = g0 + q * np.uint64(ROWS)
@@ -295,7 +294,7 @@ def _weight_grad(image, padding, window, grid, out, span):
                                     acc[r * LANES + lane] += gd[r] * e
                         for r in range(ROWS):
                             for lane in range(LANES):
-                                oflat[o0 + np.uint64(r) * stride + np.uint64(lane)] = acc[r * LANES + lane]
+                                oflat[o0 + np.uint64(r * LANES + lane)] = acc[r * LANES + lane]
 
 
 @njit(nogil=True, cache=_CACHE, fastmath={"contract"})
