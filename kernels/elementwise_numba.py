@@ -13,17 +13,22 @@ the product. One compiled loop reads g and y once and writes the result, with no
 15 % fewer bytes moved and one allocation fewer, on a pass over every activation of the network
 (benchmarks/NOTES.md, round 4). It runs at any thread count.
 
+ReLU on one thread (round 17). NumPy 2.4's ``maximum(x, 0)`` ran slower than ``+`` on the same bytes
+(Zen 3, NumPy's AVX2 build, one core, warm: 4 MiB in 0.88 ms against 0.38, 8 MiB in 1.93 against 1.47),
+where this loop runs at about ``+``'s speed; so ``relu_numba`` runs compiled on one thread too, as the
+gradient does: the one-thread step 0.98-0.99x the time (NOTES.md, round 17).
+
 Split over the threads (round 9). These passes move memory and do next to no arithmetic; on one core
-NumPy's ``maximum`` and ``+`` are single passes already, but they leave a second core idle where the
+NumPy's ``+`` is a single pass already, but it leaves a second core idle where the
 convolutions split each batch over the Numba threads (``conv_numba.threads_here``: inside
 ``kernels.conv_threads``, as ``minivq train`` runs one process). There each pass over at least
 ``SPLIT_MIN`` numbers is cut into one contiguous share per thread (``prange`` over the shares). On a
 2-core AVX-512 VM, caches cold as in a step, an 8 MiB ReLU took 0.9 ms instead of 1.4; ReLU and the
 adds split, the step took 0.95x the time at batch 128 and 0.94x at batch 32, and the two sums split
 too, 0.98-0.99x again at batch 128 (alternated in one process; NOTES.md, round 9). Below ``SPLIT_MIN``
-the fork of the threads costs about what it saves. Where the split does not apply, ``relu_numba``,
-``add_numba``, ``squared_error_numba`` and ``column_sums_numba`` return ``None`` and the caller runs
-the reference (the gradient's one-pass loop still runs, whole).
+the fork of the threads costs about what it saves. Where the split does not apply, ``add_numba``,
+``squared_error_numba`` and ``column_sums_numba`` return ``None`` and the caller runs the reference
+(ReLU's loop and the gradient's one-pass loop still run, whole).
 
 Layouts. The loops run over flat views, so the operands must share one dense layout (any order of
 axes: the channels-last activations of functional/conv.py are dense in (N, H, W, C) order); the
@@ -148,14 +153,17 @@ def _flat(first, *others):
 
 
 def relu_numba(x):
-    """``np.maximum(x, 0)`` split over the threads; ``None`` where it would run on one (the caller's
-    single NumPy pass is as fast there) or cannot take ``x``."""
-    count = share_count(x.size)
-    made = _flat(x) if count > 1 else None
+    """``np.maximum(x, 0)`` in one compiled pass, split over the threads where ``share_count`` allows (on one
+    thread too: faster than NumPy's ``maximum``, module doc); ``None`` for arrays it cannot take."""
+    made = _flat(x)
     if made is None:
         return None
     out, (flat_x, flat_out) = made
-    _rectified_shares(flat_x, flat_out, _bounds(x.size, count))
+    count = share_count(x.size)
+    if count > 1:
+        _rectified_shares(flat_x, flat_out, _bounds(x.size, count))
+    else:
+        _rectified(flat_x, flat_out)
     return out
 
 

@@ -102,14 +102,18 @@ def test_share_bounds_cover_the_pass_once_on_aligned_inner_bounds(size, count):
     assert all(b % elementwise._ALIGN == 0 for b in bounds[1:-1])
 
 
-def test_one_thread_leaves_relu_and_add_to_numpy_and_keeps_the_one_pass_gradient(monkeypatch):
-    """At one share ``relu_numba`` and ``add_numba`` decline (NumPy's own pass is one pass already), the
-    gradient still runs compiled, whole; the public functions give the references either way."""
+def test_one_thread_leaves_add_to_numpy_and_runs_relu_and_its_gradient_whole(monkeypatch):
+    """At one share ``add_numba`` declines (NumPy's ``+`` is one pass already); ReLU and its gradient still
+    run compiled, whole (NumPy's ``maximum`` is the slower pass); the public functions give the references."""
     monkeypatch.setattr(elementwise, "share_count", lambda size: 1)
+    whole = []
+    real = elementwise._rectified
+    monkeypatch.setattr(elementwise, "_rectified", lambda *args: (whole.append(args[0].size), real(*args))[1])
     gen = np.random.default_rng(3)
     x, g = awkward(gen, (4, 5, 6), np.float32), awkward(gen, (4, 5, 6), np.float32)
-    assert elementwise.relu_numba(x) is None and elementwise.add_numba(x, g) is None
+    assert elementwise.add_numba(x, g) is None
     y = np.maximum(x, 0)
+    assert same_bits(elementwise.relu_numba(x), y) and whole == [x.size]
     assert same_bits(elementwise.relu_grad_numba(g, y), g * (y > 0))
     assert same_bits(kernels.relu(x), y) and same_bits(kernels.add(x, g), x + g)
 
@@ -176,7 +180,7 @@ def test_the_passes_split_over_two_real_threads_inside_conv_threads(monkeypatch,
     assert same_bits(diff, x - g) and np.isnan(mean)          # awkward values: an inf - inf among them
     np.testing.assert_allclose(sums, rows.astype(np.float64).sum(axis=0), rtol=1e-4, atol=1e-3)
     with mv.backend.blas_threads(2):
-        assert elementwise.relu_numba(x) is None and same_bits(kernels.relu(x), np.maximum(x, 0)) and splits == []
+        assert same_bits(elementwise.relu_numba(x), np.maximum(x, 0)) and splits == []      # compiled, whole
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
