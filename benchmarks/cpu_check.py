@@ -1,6 +1,6 @@
 """Issue 20's CPU benchmarks on this machine, one after another, then its targets beside what they measured.
 
-    python benchmarks/cpu_check.py                      # about 25 minutes on 2 cores
+    python benchmarks/cpu_check.py                      # about 10 minutes on 2 cores
     python benchmarks/cpu_check.py --name zen4 --tag run2
     python benchmarks/cpu_check.py --dry-run            # the commands and where their JSON goes; nothing runs
     python benchmarks/cpu_check.py --summary benchmarks/results/*-zen3-*-round16.json
@@ -10,12 +10,13 @@ the VQ-VAE's training step at batch 32 and 128 and the prior's at batch 64, each
 over worker threads, ``--workers``) and on one, interleaved with their PyTorch twins; the nearest-code
 search for N = 65536, K in {512, 4096}, D in {64, 256} on all cores and on one, against faiss-cpu and
 PyTorch; a per-op profile of one batch-128 step; the VQ-VAE's eight conv layers against PyTorch's on one
-core. Each writes ``<benchmark>-cpu-<name>[-1thread]-<date>[-<tag>].json`` into ``--out``, ``<name>``
-being the CPU's kind (``cpu_name``: zen3, zen4, zen5, intel-avx512, ...). Where ``OPENBLAS_CORETYPE``
-pins Haswell on an AVX-512 CPU, the runs set SkylakeX in their own environment, so that NumPy's BLAS
-and every peer run at their best (each JSON records the core type BLAS reports).
+core; on an AVX-512 CPU also the one-thread VQ-VAE step with the AVX2-sized tiles (``MINIVQ_NUMBA_WIDE=0``,
+``-1thread-narrow`` in its name). Each writes ``<benchmark>-cpu-<name>[-1thread]-<date>[-<tag>].json`` into
+``--out``, ``<name>`` being the CPU's kind (``cpu_name``: zen3, zen4, zen5, intel-avx512, ...). Where
+``OPENBLAS_CORETYPE`` pins Haswell on an AVX-512 CPU, the runs set SkylakeX in their own environment, so
+that NumPy's BLAS and every peer run at their best (each JSON records the core type BLAS reports).
 
-Nothing else should run meanwhile: the check says so when the load average shows another process.
+Nothing else should run meanwhile: the check says so when it finds the cores busy before a run.
 """
 import argparse
 import json
@@ -61,10 +62,12 @@ def bench_env(machine, environ):
     return env
 
 
-def plan(name, date, tag, out, quick=False):
-    """[(label, argv, extra environment, time limit in seconds, JSON path)] of the runs, in order."""
-    def path(bench, one_thread=False):
-        return os.path.join(out, f"{bench}-cpu-{name}{'-1thread' if one_thread else ''}-{date}"
+def plan(name, date, tag, out, quick=False, avx512=False):
+    """[(label, argv, extra environment, time limit in seconds, JSON path)] of the runs, in order. ``avx512``:
+    also the one-thread VQ-VAE step with the convolutions' AVX2-sized tiles (``MINIVQ_NUMBA_WIDE=0``), for
+    CPUs such as Zen 4 that run a 512-bit instruction as two 256-bit halves."""
+    def path(bench, one_thread=False, variant=""):
+        return os.path.join(out, f"{bench}-cpu-{name}{'-1thread' if one_thread else ''}{variant}-{date}"
                                  f"{'-' + tag if tag else ''}.json")
     py = [sys.executable]
     one = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
@@ -86,6 +89,11 @@ def plan(name, date, tag, out, quick=False):
                                                         path(bench)], {}, 1800, path(bench)))
         runs.append((f"{model} step, one thread", py + [train, "--model", model, *args, "--threads", "1", "--out",
                                                          path(bench, True)], {}, 1800, path(bench, True)))
+    if avx512:
+        narrow = path("train-step", True, "-narrow")
+        runs.append(("vqvae step, one thread, AVX2-sized tiles", py + [train, "--model", "vqvae", *steps, "--threads",
+                                                                       "1", "--out", narrow],
+                     {"MINIVQ_NUMBA_WIDE": "0"}, 1800, narrow))
     runs.append(("nearest code, all cores", py + [quantizer, *search, "--out", path("quantizer")], {}, 1800,
                  path("quantizer")))
     runs.append(("nearest code, one thread", py + [quantizer, *search, "--threads", "1", "--out",
@@ -106,7 +114,9 @@ def target_rows(records):
         if rec.get("benchmark") == "train_step" and rec.get("device", "cpu") == "cpu":
             for row in rec["rows"]:
                 ratio = row.get("ratio")
-                what = (f"{'VQ-VAE' if row['model'] == 'vqvae' else 'prior'} step, batch {row['batch']}: "
+                held = (rec.get("machine") or {}).get("isa_env") or {}
+                what = (f"{'VQ-VAE' if row['model'] == 'vqvae' else 'prior'} step, batch {row['batch']}"
+                        f"{' (' + ', '.join(f'{k}={v}' for k, v in sorted(held.items())) + ')' if held else ''}: "
                         f"<= {STEP_TARGET:.2f}x PyTorch")
                 if ratio is None:
                     rows.append((what, threads, "no PyTorch", None))
@@ -144,6 +154,23 @@ def print_targets(rows):
     return sum(1 for r in rows if r[3] is False)
 
 
+def busy_cores(seconds=1.0):
+    """How many cores were busy over the next ``seconds`` (from /proc/stat; None where there is none). Sampled
+    now, where the load average would still count the run before."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]           # all jiffies, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return (total - (idle1 - idle0)) / total * (os.cpu_count() or 1) if total > 0 else None
+
+
 def read_records(paths):
     records = []
     for p in paths:
@@ -173,7 +200,7 @@ def main(argv=None):
     if not name.replace("-", "").isalnum():
         print(f"cpu_check.py: --name {name!r}: use letters, digits and dashes only", file=sys.stderr)
         return 2
-    runs = plan(name, machine["date"][:10], args.tag, args.out, args.quick)
+    runs = plan(name, machine["date"][:10], args.tag, args.out, args.quick, machine["avx512"])
     taken = [r[4] for r in runs if os.path.exists(r[4])]
     if taken and not args.dry_run:
         print(f"cpu_check.py: {taken[0]} exists ({len(taken)} of the files would be overwritten): "
@@ -191,10 +218,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     failed = []
     for label, cmd, extra, limit, out in runs:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        if load > 0.5:
-            print(f"warning: load average {load:.2f} before '{label}': another process is using the cores, "
-                  f"and its times will be off")
+        busy = busy_cores()
+        if busy is not None and busy > 0.25:
+            print(f"warning: {busy:.1f} cores busy before '{label}': another process is using them, and its "
+                  f"times will be off")
         print(f"\n=== {time.strftime('%H:%M:%S')} {label}", flush=True)
         try:
             done = subprocess.run(cmd, env={**env, **extra}, timeout=limit)

@@ -61,6 +61,20 @@ def test_the_plan_runs_every_target_on_all_cores_and_on_one_each_into_its_own_fi
     assert search[search.index("--k") + 1:search.index("--k") + 3] == ["512", "4096"]
 
 
+def test_on_an_avx512_cpu_the_one_thread_step_runs_with_the_avx2_tiles_too(tmp_path):
+    plain = cpu_check.plan("zen4", "2026-12-02", "", str(tmp_path))
+    runs = cpu_check.plan("zen4", "2026-12-02", "", str(tmp_path), avx512=True)
+    extra = [r for r in runs if r not in plain]
+    assert len(runs) == len(plain) + 1 and len(extra) == 1
+    label, argv, env, _, path = extra[0]
+    assert env == {"MINIVQ_NUMBA_WIDE": "0"} and os.path.basename(path) == "train-step-cpu-zen4-1thread-narrow-2026-12-02.json"
+    assert argv[argv.index("--threads") + 1] == "1" and path in argv
+    record = step_record(1, [{"model": "vqvae", "batch": 128, "ratio": 0.98}])
+    record["machine"] = {"isa_env": {"MINIVQ_NUMBA_WIDE": "0"}}
+    (row,) = cpu_check.target_rows([record])
+    assert row[0] == "VQ-VAE step, batch 128 (MINIVQ_NUMBA_WIDE=0): <= 1.00x PyTorch" and row[3] is True
+
+
 def step_record(threads, rows):
     return {"benchmark": "train_step", "device": "cpu", "threads": threads, "rows": rows}
 
@@ -119,3 +133,11 @@ def test_the_quick_check_runs_every_benchmark_and_reads_their_records(tmp_path):
     for target in ("VQ-VAE step, batch 2: <= 1.00x PyTorch", "prior step, batch 2: <= 1.00x PyTorch",
                    "nearest code N=512 K=16 D=8: >= 1.25x faiss"):
         assert target in done.stdout          # a row each, measured or saying which peer is missing
+
+
+def test_busy_cores_counts_the_cores_in_use_now():
+    busy = cpu_check.busy_cores(0.2)
+    if not os.path.exists("/proc/stat"):
+        assert busy is None
+    else:
+        assert 0.0 <= busy <= os.cpu_count()
