@@ -72,8 +72,7 @@ def plan(name, date, tag, out, quick=False, avx512=False):
     py = [sys.executable]
     one = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
     if quick:       # the whole chain in about a minute, to see that it runs: no figure from it means anything
-        steps = ["--batches", "2", "--repeats", "1", "--warmup", "1"]
-        prior = ["--batches", "2", "--repeats", "1", "--warmup", "1"]
+        steps = prior = ["--batches", "2", "--repeats", "1", "--warmup", "1"]
         search = ["--n", "512", "--k", "16", "--d", "8", "--repeats", "1", "--case-seconds", "5"]
         profile, conv = ["--batch", "2", "--steps", "1"], ["--batches", "2", "--repeats", "1", "--warmup", "0"]
     else:
@@ -84,24 +83,21 @@ def plan(name, date, tag, out, quick=False, avx512=False):
     workers = ["--workers", str(min(os.cpu_count() or 1, 2))]
     train, quantizer = os.path.join(HERE, "bench_train_step.py"), os.path.join(HERE, "bench_quantizer.py")
     runs = []
+
+    def add(label, argv, json_path, extra=None, limit=1800, flag="--out"):
+        runs.append((label, py + argv + [flag, json_path], extra or {}, limit, json_path))
+
     for model, args, bench in (("vqvae", steps, "train-step"), ("prior", prior, "prior-step")):
-        runs.append((f"{model} step, all cores", py + [train, "--model", model, *args, *workers, "--out",
-                                                        path(bench)], {}, 1800, path(bench)))
-        runs.append((f"{model} step, one thread", py + [train, "--model", model, *args, "--threads", "1", "--out",
-                                                         path(bench, True)], {}, 1800, path(bench, True)))
+        add(f"{model} step, all cores", [train, "--model", model, *args, *workers], path(bench))
+        add(f"{model} step, one thread", [train, "--model", model, *args, "--threads", "1"], path(bench, True))
     if avx512:
-        narrow = path("train-step", True, "-narrow")
-        runs.append(("vqvae step, one thread, AVX2-sized tiles", py + [train, "--model", "vqvae", *steps, "--threads",
-                                                                       "1", "--out", narrow],
-                     {"MINIVQ_NUMBA_WIDE": "0"}, 1800, narrow))
-    runs.append(("nearest code, all cores", py + [quantizer, *search, "--out", path("quantizer")], {}, 1800,
-                 path("quantizer")))
-    runs.append(("nearest code, one thread", py + [quantizer, *search, "--threads", "1", "--out",
-                                                   path("quantizer", True)], {}, 1800, path("quantizer", True)))
-    runs.append(("profile of one step", py + [os.path.join(HERE, "profile_step.py"), *profile, "--json",
-                                               path("profile-step")], {}, 900, path("profile-step")))
-    runs.append(("conv layers, one thread", py + [os.path.join(HERE, "bench_conv.py"), *conv, "--out",
-                                                  path("conv", True)], one, 1800, path("conv", True)))
+        add("vqvae step, one thread, AVX2-sized tiles", [train, "--model", "vqvae", *steps, "--threads", "1"],
+            path("train-step", True, "-narrow"), {"MINIVQ_NUMBA_WIDE": "0"})
+    add("nearest code, all cores", [quantizer, *search], path("quantizer"))
+    add("nearest code, one thread", [quantizer, *search, "--threads", "1"], path("quantizer", True))
+    add("profile of one step", [os.path.join(HERE, "profile_step.py"), *profile], path("profile-step"),
+        limit=900, flag="--json")
+    add("conv layers, one thread", [os.path.join(HERE, "bench_conv.py"), *conv], path("conv", True), one)
     return runs
 
 
@@ -110,14 +106,14 @@ def target_rows(records):
     """[(what, threads, measured text, met: True/False/None)] for every target a record in ``records`` bears on."""
     rows = []
     for rec in records:
-        threads = rec.get("threads") or (rec.get("machine") or {}).get("usable_cores")
+        machine = rec.get("machine") or {}
+        threads = rec.get("threads") or machine.get("usable_cores")
         if rec.get("benchmark") == "train_step" and rec.get("device", "cpu") == "cpu":
+            held = ", ".join(f"{k}={v}" for k, v in sorted((machine.get("isa_env") or {}).items()))
             for row in rec["rows"]:
                 ratio = row.get("ratio")
-                held = (rec.get("machine") or {}).get("isa_env") or {}
                 what = (f"{'VQ-VAE' if row['model'] == 'vqvae' else 'prior'} step, batch {row['batch']}"
-                        f"{' (' + ', '.join(f'{k}={v}' for k, v in sorted(held.items())) + ')' if held else ''}: "
-                        f"<= {STEP_TARGET:.2f}x PyTorch")
+                        f"{' (' + held + ')' if held else ''}: <= {STEP_TARGET:.2f}x PyTorch")
                 if ratio is None:
                     rows.append((what, threads, "no PyTorch", None))
                     continue
@@ -209,11 +205,10 @@ def main(argv=None):
     env = bench_env(machine, os.environ)
     print(f"{machine['cpu_model']} ({name}), {machine['usable_cores']} usable cores; "
           f"OPENBLAS_CORETYPE for the runs: {env.get('OPENBLAS_CORETYPE') or 'unset (OpenBLAS picks)'}")
-    for label, cmd, extra, limit, out in runs:
-        if args.dry_run:
+    if args.dry_run:
+        for label, cmd, extra, _, _ in runs:
             pinned = " ".join(f"{k}={v}" for k, v in extra.items())
             print(f"{label}: {pinned + ' ' if pinned else ''}{' '.join(cmd)}")
-    if args.dry_run:
         return 0
     os.makedirs(args.out, exist_ok=True)
     failed = []

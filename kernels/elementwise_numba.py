@@ -152,18 +152,25 @@ def _flat(first, *others):
     return out, [v.reshape(-1) for v in views]   # views: each is C-contiguous in that order
 
 
+def _whole_or_split(loop, split_loop, flats):
+    """Run ``loop`` over the flat views ``flats`` (inputs, then the output) whole, or ``split_loop`` in
+    ``share_count`` shares where that is more than one."""
+    size = flats[0].size
+    count = share_count(size)
+    if count > 1:
+        split_loop(*flats, _bounds(size, count))
+    else:
+        loop(*flats)
+
+
 def relu_numba(x):
     """``np.maximum(x, 0)`` in one compiled pass, split over the threads where ``share_count`` allows (on one
     thread too: faster than NumPy's ``maximum``, module doc); ``None`` for arrays it cannot take."""
     made = _flat(x)
     if made is None:
         return None
-    out, (flat_x, flat_out) = made
-    count = share_count(x.size)
-    if count > 1:
-        _rectified_shares(flat_x, flat_out, _bounds(x.size, count))
-    else:
-        _rectified(flat_x, flat_out)
+    out, flats = made
+    _whole_or_split(_rectified, _rectified_shares, flats)
     return out
 
 
@@ -174,11 +181,7 @@ def relu_grad_numba(g, y):
     if made is None:
         return None
     out, flats = made
-    count = share_count(g.size)
-    if count > 1:
-        _masked_shares(*flats, _bounds(g.size, count))
-    else:
-        _masked(*flats)
+    _whole_or_split(_masked, _masked_shares, flats)
     return out
 
 
