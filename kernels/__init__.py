@@ -338,6 +338,12 @@ def direct_correlation(a, window_row=None, pointwise=False):
             and (window_row is None or window_row >= module.LANES))
 
 
+def winograd_correlation(a, image_shape, c_grid, kernel, stride, padding):
+    """Whether ``"auto"`` runs ``correlate`` and ``correlate_weight_grad`` of this geometry by Winograd's F(4x4, 3x3)
+    for arrays like ``a`` (winograd_numba.py; ``MINIVQ_NUMBA_WINOGRAD=0`` turns it off)."""
+    return direct_correlation(a) and _load("numba-conv").winograd_applies(image_shape, c_grid, kernel, stride, padding)
+
+
 def _is_pointwise(kernel, stride, padding):
     return tuple(kernel) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
 
@@ -584,5 +590,5 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, lr, betas, eps, weight_decay, st
 
 __all__ = ["nearest_code", "available_backends", "im2col", "col2im", "window_backend", "relu", "relu_grad", "add",
            "squared_error", "column_sums", "index_add", "adam_step", "set_cpu_threads", "correlate",
-           "correlate_weight_grad", "direct_correlation",
+           "correlate_weight_grad", "direct_correlation", "winograd_correlation",
            "BACKENDS", "METRICS", "WINDOW_BACKENDS", "NonFiniteError"]

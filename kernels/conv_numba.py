@@ -381,6 +381,17 @@ def _adjoint_shares(grid, padding, window, packed, bias, out, bounds):
         _adjoint(grid, padding, window, packed, bias, out, (bounds[s], bounds[s + 1]))
 
 
+def _winograd():
+    from . import winograd_numba        # imported on first use: it builds on this module's kernels
+    return winograd_numba
+
+
+def winograd_applies(image_shape, c_grid, kernel, stride, padding):
+    """Whether ``correlate_numba`` and ``correlate_weight_grad_numba`` of this geometry run by Winograd's
+    F(4x4, 3x3) (winograd_numba.py: 3x3 windows at stride 1, 64 channels or more on both sides)."""
+    return _winograd().applies(image_shape, c_grid, kernel, stride, padding)
+
+
 def pack_weight(wmat):
     """(C_grid, K) -> (tiles, K, LANES): tiles of LANES output channels, transposed, zero-padded (module doc)."""
     c_grid, k = wmat.shape
@@ -396,11 +407,14 @@ def _grid_size(image, kernel, stride, padding):
     return output_size(image.shape[1], kh, sh, ph), output_size(image.shape[2], kw, sw, pw)
 
 
-def correlate_numba(image, wmat, kernel, stride, padding, bias):
-    """``im2col(image) @ wmat.T`` (+ ``bias``) as new rows (n*OH*OW, C_grid) for a channels-last NumPy
-    ``image`` (n, H, W, C)."""
+def correlate_numba(image, wmat, kernel, stride, padding, bias, out=None):
+    """``im2col(image) @ wmat.T`` (+ ``bias``) as rows (n*OH*OW, C_grid) for a channels-last NumPy ``image``
+    (n, H, W, C): new, or written into ``out`` (C-contiguous rows of that shape and the image's dtype)."""
+    if out is None and winograd_applies(image.shape, wmat.shape[0], kernel, stride, padding):
+        return _winograd().correlate_winograd(image, wmat, padding, bias)
     oh, ow = _grid_size(image, kernel, stride, padding)
-    out = np.empty((image.shape[0] * oh * ow, wmat.shape[0]), dtype=image.dtype)
+    if out is None:
+        out = np.empty((image.shape[0] * oh * ow, wmat.shape[0]), dtype=image.dtype)
     packed = pack_weight(np.asarray(wmat, dtype=image.dtype))
     lanes = np.zeros(packed.shape[0] * LANES, dtype=image.dtype)
     if bias is not None:
@@ -419,6 +433,8 @@ def correlate_numba(image, wmat, kernel, stride, padding, bias):
 def correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding):
     """``grid_rows.T @ im2col(image)`` (C_grid, kH*kW*C) for a channels-last NumPy ``image`` (n, H, W, C) and
     ``grid_rows`` (n*OH*OW, C_grid) of its dtype: the weight gradient, without the windows (module doc)."""
+    if winograd_applies(image.shape, grid_rows.shape[1], kernel, stride, padding):
+        return _winograd().weight_grad_winograd(image, grid_rows, padding)
     kh, kw = kernel
     oh, ow = _grid_size(image, kernel, stride, padding)
     run = kw * image.shape[3]

@@ -109,7 +109,8 @@ def test_the_weight_gradient_kernel_matches_the_reference_on_random_geometries(s
     ((6, 32, 32, 1), 64, (4, 4), (2, 2), (1, 1)),       # its 1-channel edge
     ((4, 8, 8, 32), 64, (3, 5), (1, 1), (1, 2)),        # the prior's padded masked convolution
 ], ids=["3x3-128", "3x3-64", "4x4s2-64", "4x4s2-1", "3x5-32"])
-def test_the_kernel_matches_the_reference_on_the_models_geometries(shape):
+def test_the_kernel_matches_the_reference_on_the_models_geometries(shape, monkeypatch):
+    monkeypatch.setenv("MINIVQ_NUMBA_WINOGRAD", "0")       # the direct kernel (test_kernels_winograd.py: the other)
     (n, h, w, c), c_grid, kernel, stride, padding = shape
     gen = np.random.default_rng(3)
     image = gen.standard_normal((n, h, w, c)).astype(np.float32)

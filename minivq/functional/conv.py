@@ -241,6 +241,13 @@ def _narrow_grid_geometry(g):
     return _mirror(g)
 
 
+def _by_winograd(a, g):
+    """Whether ``kernels.correlate`` in geometry ``g`` (None: none) runs by Winograd's F(4x4, 3x3) for arrays
+    like ``a``."""
+    return g is not None and kernels.winograd_correlation(a, (g.n, g.h, g.w, g.c_img), g.c_grid, (g.kh, g.kw),
+                                                          (g.sh, g.sw), (g.ph, g.pw))
+
+
 def _flip_matrix(wmat, g):
     """(C_grid, kH*kW*C_img) -> the mirror geometry's (C_img, kH*kW*C_grid): taps flipped, channels swapped."""
     c_grid, c_img, kh, kw = g.c_grid, g.c_img, g.kh, g.kw
@@ -256,6 +263,8 @@ def _col2im_pass(grid, wmat, g, bias=None, grid_rows=None, may_flip=True):
     """
     xp = get_array_module(grid)
     flipped = _flipped_geometry(g) if may_flip else None
+    if may_flip and flipped is None and _by_winograd(grid, _mirror(g)):
+        flipped = _mirror(g)        # F(4x4, 3x3) in the mirror beats the adjoint kernel (NOTES.md, round 18)
     if flipped is not None:
         # image[c] = sum over d, i, j of grid_padded[d] shifted by (i, j), times W[d, c, kH-1-i, kW-1-j]
         image, _, _ = _im2col_pass(grid, flipped, wmat=_flip_matrix(wmat, g), bias=bias)
