@@ -254,6 +254,50 @@ def _run(serial, shares, n, *args):
         shares(*args, bounds)
 
 
+# ---------------------------------------------------------------- the 36 products of a pass, in one call
+# Each plane's rows are split into shares of whole GROUPs (``bounds``), and the POINTS x shares jobs run in one
+# loop (``prange``, or ``range`` for one share): one parallel region for all 36 products where a call per plane
+# entered Numba's threading layer 36 times, a cost the small batches felt (NOTES.md, round 18).
+def _product_loops(jobs):
+    def products(u, packed, bias, depth_block, m, c_grid, bounds):
+        # plane xi of m (its first rows x C_grid) = plane xi of u (rows x C) @ V[xi] (packed by conv_numba.pack_weight)
+        c = packed.shape[2]
+        shares = bounds.size - 1
+        rows = bounds[-1] * GROUP
+        for job in jobs(POINTS * shares):
+            xi, s = job // shares, job % shares
+            run = u[xi, :rows * c]
+            conv_numba._correlate(run.reshape(rows // GROUP, 1, GROUP, c), run, (0, 0), (1, 1, 1, 1, 1, GROUP),
+                                  packed[xi], bias, depth_block, m[xi, :rows * c_grid].reshape(rows, c_grid),
+                                  (bounds[s], bounds[s + 1]))
+    return products
+
+
+def _weight_grad_loops(jobs):
+    def weight_grads(u, c, dm, c_grid, sums, bounds):
+        # sums[xi, s]: share s's dM[xi]^T U[xi] in conv_numba._weight_grad's order of tiles
+        shares = bounds.size - 1
+        rows = bounds[-1] * GROUP
+        for job in jobs(POINTS * shares):
+            xi, s = job // shares, job % shares
+            conv_numba._weight_grad(u[xi, :rows * c].reshape(rows // GROUP, 1, GROUP, c), (0, 0),
+                                    (1, 1, 1, 1, 1, GROUP), dm[xi, :rows * c_grid].reshape(rows, c_grid), sums[xi, s],
+                                    (bounds[s], bounds[s + 1]))
+    return weight_grads
+
+
+_products = njit(parallel=True, nogil=True, cache=_CACHE)(_product_loops(prange))
+_products_serial = njit(nogil=True, cache=_CACHE)(_product_loops(range))
+_weight_grads = njit(parallel=True, nogil=True, cache=_CACHE)(_weight_grad_loops(prange))
+_weight_grads_serial = njit(nogil=True, cache=_CACHE)(_weight_grad_loops(range))
+
+
+def _split(rows):
+    """Shares of a plane's ``rows`` (whole GROUPs) for this thread, and the matching drivers' choice."""
+    bounds = _bounds(rows // GROUP, conv_numba._share_count())
+    return bounds, bounds.size == 2
+
+
 # ---------------------------------------------------------------- the products
 def _coefficients(dtype):
     """The transforms' coefficients 2, 4, 5 and 8 in ``dtype``."""
@@ -261,21 +305,21 @@ def _coefficients(dtype):
 
 
 def _planes(tiles, c, dtype):
-    """``(buffer, images)``: POINTS planes of ``tiles`` rows of ``c`` numbers, as the transforms take them (``buffer``,
-    (POINTS, stride): each plane's rows rounded up to whole GROUPs, then one cache line more) and as the 1x1
-    products take them (``images[xi]``: plane xi in images of GROUP rows); the rows past ``tiles`` are zero."""
+    """``(buffer, rows)``: POINTS planes of ``tiles`` rows of ``c`` numbers in one buffer (POINTS, stride), each
+    plane's rows rounded up to whole GROUPs (``rows``, the ones past ``tiles`` zero) and then one cache line
+    more."""
     rows = -(-tiles // GROUP) * GROUP
     buffer = np.empty((POINTS, rows * c + SKEW // np.dtype(dtype).itemsize), dtype=dtype)
     buffer[:, tiles * c:] = 0
-    return buffer, [buffer[xi, :rows * c].reshape(rows // GROUP, 1, GROUP, c) for xi in range(POINTS)]
+    return buffer, rows
 
 
 def _transformed_input(image, padding, th, tw):
     n, _, _, c = image.shape
-    buffer, planes = _planes(n * th * tw, c, image.dtype)
+    buffer, rows = _planes(n * th * tw, c, image.dtype)
     _run(_input_tiles, _input_tiles_shares, n, np.ascontiguousarray(image), tuple(padding), th, tw,
          _coefficients(image.dtype), buffer)
-    return planes
+    return buffer, rows
 
 
 def correlate_winograd(image, wmat, padding, bias):
@@ -283,17 +327,24 @@ def correlate_winograd(image, wmat, padding, bias):
     n, h, w, c = image.shape
     c_grid = wmat.shape[0]
     oh, ow, th, tw = _tiles(h, w, padding)
-    # V[xi] transposed (C_grid, C), the weight matrix of the 1x1 product U[xi] @ V[xi]: G W G^T of every
-    # channel pair, in float64 and rounded once
-    taps = np.asarray(wmat, dtype=np.float64).reshape(c_grid, 9, c).transpose(1, 0, 2).reshape(9, c_grid * c)
-    v = (GG @ taps).astype(image.dtype).reshape(POINTS, c_grid, c)
-    u = _transformed_input(image, padding, th, tw)
-    m_buffer, m = _planes(n * th * tw, c_grid, image.dtype)
-    for xi in range(POINTS):
-        conv_numba.correlate_numba(u[xi], v[xi], (1, 1), (1, 1), (0, 0), None, out=m[xi].reshape(-1, c_grid))
+    # V[xi] transposed (C_grid, C), the weight matrix of the 1x1 product U[xi] @ V[xi], G W G^T of every channel
+    # pair: one product with GG over the nine taps, the taps laid out as the direct kernel's packed tiles
+    # (conv_numba.pack_weight: tiles of LANES grid channels, transposed, zeros past C_grid)
+    tiles = -(-c_grid // conv_numba.LANES)
+    taps = np.zeros((tiles * conv_numba.LANES, 9, c), dtype=image.dtype)
+    taps[:c_grid] = np.asarray(wmat, dtype=image.dtype).reshape(c_grid, 9, c)
+    taps = taps.reshape(tiles, conv_numba.LANES, 9, c).transpose(2, 0, 3, 1).reshape(9, -1)
+    packed = (GG.astype(image.dtype) @ taps).reshape(POINTS, tiles, c, conv_numba.LANES)
+    u, rows = _transformed_input(image, padding, th, tw)
+    m, _ = _planes(n * th * tw, c_grid, image.dtype)
+    bounds, serial = _split(rows)
+    depth_block = max(1, conv_numba.WEIGHT_BLOCK_BYTES // (conv_numba.LANES * packed.itemsize))
+    zeros = np.zeros(tiles * conv_numba.LANES, dtype=image.dtype)
+    if rows:
+        (_products_serial if serial else _products)(u, packed, zeros, depth_block, m, c_grid, bounds)
     out = np.empty((n, oh, ow, c_grid), dtype=image.dtype)
     lanes = np.zeros(c_grid, dtype=image.dtype) if bias is None else np.asarray(bias, dtype=image.dtype)
-    _run(_output_tiles, _output_tiles_shares, n, m_buffer, th, tw, _coefficients(image.dtype), lanes, out)
+    _run(_output_tiles, _output_tiles_shares, n, m, th, tw, _coefficients(image.dtype), lanes, out)
     return out.reshape(n * oh * ow, c_grid)
 
 
@@ -302,13 +353,24 @@ def weight_grad_winograd(image, grid_rows, padding):
     n, h, w, c = image.shape
     c_grid = grid_rows.shape[1]
     oh, ow, th, tw = _tiles(h, w, padding)
-    u = _transformed_input(image, padding, th, tw)
-    dm_buffer, dm = _planes(n * th * tw, c_grid, image.dtype)
+    u, rows = _transformed_input(image, padding, th, tw)
+    dm, _ = _planes(n * th * tw, c_grid, image.dtype)
     grad = np.ascontiguousarray(grid_rows, dtype=image.dtype).reshape(n, oh, ow, c_grid)
-    _run(_grad_tiles, _grad_tiles_shares, n, grad, th, tw, _coefficients(image.dtype), dm_buffer)
-    # dV[xi] transposed (C_grid, C) = dM[xi]^T U[xi], summed over the tiles
-    dv = np.stack([conv_numba.correlate_weight_grad_numba(u[xi], dm[xi].reshape(-1, c_grid), (1, 1), (1, 1), (0, 0))
-                   for xi in range(POINTS)])
-    # dW = G^T dV G of every channel pair (the adjoint of V's transform), in float64 and rounded once
-    taps = (GG.T @ dv.reshape(POINTS, c_grid * c).astype(np.float64)).reshape(9, c_grid, c)
-    return np.ascontiguousarray(taps.transpose(1, 0, 2), dtype=image.dtype).reshape(c_grid, 9 * c)
+    _run(_grad_tiles, _grad_tiles_shares, n, grad, th, tw, _coefficients(image.dtype), dm)
+    # dV[xi] transposed (C_grid, C) = dM[xi]^T U[xi], summed over the tiles: per share in the direct kernel's
+    # order of tiles (u_tiles, tiles, ROWS, LANES), then the shares in order (the same bits for the same number
+    # of shares)
+    bounds, serial = _split(rows)
+    tiles, u_tiles = -(-c_grid // conv_numba.ROWS), -(-c // conv_numba.LANES)
+    sums = np.zeros((POINTS, bounds.size - 1, u_tiles, tiles, conv_numba.ROWS, conv_numba.LANES), dtype=image.dtype)
+    if rows:
+        (_weight_grads_serial if serial else _weight_grads)(u, c, dm, c_grid, sums, bounds)
+    total = sums[:, 0]
+    for share in range(1, bounds.size - 1):
+        total = total + sums[:, share]
+    # dW = G^T dV G of every channel pair, the adjoint of V's transform: one product with GG^T over the points,
+    # in that order still, then (C_grid, 9 C)
+    taps = (GG.T.astype(image.dtype) @ total.reshape(POINTS, -1)).reshape(9, u_tiles, tiles * conv_numba.ROWS,
+                                                                          conv_numba.LANES)
+    taps = taps.transpose(2, 0, 1, 3).reshape(tiles * conv_numba.ROWS, 9, u_tiles * conv_numba.LANES)
+    return np.ascontiguousarray(taps[:c_grid, :, :c]).reshape(c_grid, 9 * c)
