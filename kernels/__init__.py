@@ -339,8 +339,8 @@ def direct_correlation(a, window_row=None, pointwise=False):
 
 
 def winograd_correlation(a, image_shape, c_grid, kernel, stride, padding):
-    """Whether ``"auto"`` runs ``correlate`` and ``correlate_weight_grad`` of this geometry by Winograd's F(4x4, 3x3)
-    for arrays like ``a`` (winograd_numba.py; ``MINIVQ_NUMBA_WINOGRAD=0`` turns it off)."""
+    """Whether ``"auto"`` runs ``correlate`` of this geometry by Winograd's F(4x4, 3x3) for arrays like ``a``
+    (winograd_numba.py; ``MINIVQ_NUMBA_WINOGRAD=0`` turns it off)."""
     return direct_correlation(a) and _load("numba-conv").winograd_applies(image_shape, c_grid, kernel, stride, padding)
 
 

@@ -386,10 +386,10 @@ def _winograd():
     return winograd_numba
 
 
-def winograd_applies(image_shape, c_grid, kernel, stride, padding):
-    """Whether ``correlate_numba`` and ``correlate_weight_grad_numba`` of this geometry run by Winograd's
-    F(4x4, 3x3) (winograd_numba.py: 3x3 windows at stride 1, 64 channels or more on both sides)."""
-    return _winograd().applies(image_shape, c_grid, kernel, stride, padding)
+def winograd_applies(image_shape, c_grid, kernel, stride, padding, weight_grad=False):
+    """Whether ``correlate_numba`` (or with ``weight_grad``, ``correlate_weight_grad_numba``) of this geometry
+    runs by Winograd's F(4x4, 3x3) (winograd_numba.applies: 3x3 windows at stride 1, channels enough)."""
+    return _winograd().applies(image_shape, c_grid, kernel, stride, padding, weight_grad)
 
 
 def pack_weight(wmat):
@@ -433,7 +433,7 @@ def correlate_numba(image, wmat, kernel, stride, padding, bias, out=None):
 def correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding):
     """``grid_rows.T @ im2col(image)`` (C_grid, kH*kW*C) for a channels-last NumPy ``image`` (n, H, W, C) and
     ``grid_rows`` (n*OH*OW, C_grid) of its dtype: the weight gradient, without the windows (module doc)."""
-    if winograd_applies(image.shape, grid_rows.shape[1], kernel, stride, padding):
+    if winograd_applies(image.shape, grid_rows.shape[1], kernel, stride, padding, weight_grad=True):
         return _winograd().weight_grad_winograd(image, grid_rows, padding)
     kh, kw = kernel
     oh, ow = _grid_size(image, kernel, stride, padding)

@@ -70,7 +70,8 @@ AT = np.array([[1, 1, 1, 1, 1, 0],
                [0, 1, -1, 8, -8, 1]], dtype=np.float64)
 POINTS = ALPHA * ALPHA              # planes xi of U and M
 GG = np.kron(G, G)                  # (POINTS, 9): GG[ALPHA a + b, 3 k + l] = G[a, k] G[b, l], the taps' transform
-MIN_CHANNELS = 64                   # fewer channels on either side: the direct kernel is as fast or faster
+MIN_CHANNELS = 32                   # fewer channels on either side: the direct kernel (``applies``)
+MIN_IMAGE_CHANNELS = 64             # the same for the image's side of a weight gradient
 SKEW = 64                           # bytes between one plane's end and the next one's start
 GROUP = 64                          # a plane's rows come in blocks of this many (one image of its 1x1 products)
 
@@ -80,13 +81,16 @@ def enabled():
     return os.environ.get("MINIVQ_NUMBA_WINOGRAD", "1") != "0"
 
 
-def applies(image_shape, c_grid, kernel, stride, padding):
-    """Whether this path takes ``correlate`` and ``correlate_weight_grad`` of this geometry: 3x3 windows at
-    stride 1, padding of at most 2 (every tile's block then starts inside the padded image), an output at
-    least one pixel wide, and at least MIN_CHANNELS channels on both sides (with fewer, the products' share
-    of the work is too small to pay for the transforms: benchmarks/NOTES.md, round 18)."""
+def applies(image_shape, c_grid, kernel, stride, padding, weight_grad=False):
+    """Whether this path takes ``correlate`` (or with ``weight_grad``, ``correlate_weight_grad``) of this geometry:
+    3x3 windows at stride 1, padding of at most 2 (every tile's block then starts inside the padded image), an
+    output at least one pixel wide, and enough channels for the products to outweigh the transforms: at least
+    MIN_CHANNELS on both sides, and for a weight gradient MIN_IMAGE_CHANNELS on the image's (whose 1x1 sums
+    run their vector lanes along it: from 32 channels they were 0.93-1.07x the direct kernel's time;
+    benchmarks/NOTES.md, round 18)."""
     _, h, w, c = image_shape
-    return (enabled() and tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and min(c, c_grid) >= MIN_CHANNELS
+    wide = min(c, c_grid) >= MIN_CHANNELS and (not weight_grad or c >= MIN_IMAGE_CHANNELS)
+    return (enabled() and tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and wide
             and all(0 <= p <= 2 for p in padding) and h + 2 * padding[0] >= 3 and w + 2 * padding[1] >= 3)
 
 
