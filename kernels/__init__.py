@@ -53,7 +53,8 @@ arithmetic). Both equal the array ops of ``optim.Adam`` to the bit. And a
 convolution's products without its windows (``correlate`` and
 ``correlate_weight_grad``): Numba micro-kernels that read every window in
 place from a padded copy of the image, where im2col would copy them all
-first (conv_numba.py; the references are ``im2col(image) @ wmat.T`` and
+first (conv_numba.py; a 3x3 stride-1 conv's by Winograd's F(4x4, 3x3) where both
+sides have channels enough, winograd_numba.py; the references are ``im2col(image) @ wmat.T`` and
 ``grid_rows.T @ im2col(image)``, which also run on CuPy). ``"auto"`` takes them
 where the calling thread has one Numba thread, or where BLAS runs one thread
 (``conv_threads``, the block ``minivq train`` runs in): they then split each

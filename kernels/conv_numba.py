@@ -95,6 +95,10 @@ Numba's threads rather than a pool of Python threads: with a pool the helper sle
 after a pause (as the benchmarks take between steps) each wake-up of the idle core cost the batch-32
 step 70 ms against 51.
 
+Winograd. ``correlate_numba`` and ``correlate_weight_grad_numba`` hand a 3x3 stride-1 geometry with channels
+enough to winograd_numba.py (F(4x4, 3x3): 4x fewer multiply-adds, the products by this module's kernels as
+1x1 products; ``winograd_applies``; ``MINIVQ_NUMBA_WINOGRAD=0`` keeps them here).
+
 Float32. ``functional/conv.py`` uses them for float32 arrays (``direct_correlation``). In float64 the
 tiles, sized for float32 registers, spill (a 3x3 conv's step 10 % slower than the GEMM path), so
 ``"auto"`` leaves float64 to the GEMMs.

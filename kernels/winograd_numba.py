@@ -30,11 +30,14 @@ than its size, since the transforms touch all 36 at once (``_planes``), and with
 to whole blocks of ``GROUP`` (zeros), so that the 1x1 products always see blocks of pixels long enough
 for their tiles.
 
-Where. ``applies``: 3x3 windows at stride 1 with 64 channels or more on both sides (the VQ-VAE's 3x3 convs
-from and to 128 channels and its decoder's first, 64 -> 128; not its residual 128 -> 32 ones, where the
-transforms' share of the work is too large to pay). On one core of a Zen 3, batch 128 at 8x8: the forward
-of a 128 -> 128 conv 1.9x faster than the direct kernel, its weight gradient 1.6x (benchmarks/NOTES.md,
-round 18).
+Where (``applies``): 3x3 windows at stride 1, with 32 channels or more on both sides, and for a weight
+gradient 64 or more on the image's side. In the VQ-VAE that is every 3x3 conv's forward and input gradient
+(128 -> 128, the decoder's first 64 -> 128, the residual blocks' 128 -> 32 and their input gradients'
+mirror 32 -> 128) and the weight gradients but the residual blocks' (taken in the mirror, from 32
+channels). One core of a Zen 3, batch 128 at 8x8, against the direct kernel: a 128 -> 128 conv's forward
+2.1x faster, its weight gradient 1.7x; 64 -> 128 1.75x and 1.3x; the residual 128 -> 32 forward 1.1x and
+its mirror 32 -> 128 1.4x; the training step 0.74-0.89x the time on one thread and 0.83-0.89x on two at
+batch 128, 0.86-0.93x and 0.88-0.95x at batch 32 (alternated in one process; benchmarks/NOTES.md, round 18).
 
 Rounding. Exact in exact arithmetic, not in float32: the transforms scale inputs by up to 8 and G holds
 sixths. Measured against float64 on layers of 64 and 128 channels, an output is off by up to about 3e-6 of

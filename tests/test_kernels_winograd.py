@@ -83,6 +83,30 @@ def test_winograd_matches_the_reference_on_random_geometries(seed, dtype):
     within(got_w, ref_w, scale_w, bound)
 
 
+def test_the_compiled_transforms_are_the_matrices_of_the_module_doc():
+    """One tile: the input transform is B^T X B, the output transform A^T M A (plus the bias), the gradient's
+    A dY A^T, with the matrices written out in the module, each channel on its own."""
+    gen = np.random.default_rng(6)
+    bt, at = winograd_numba.BT, winograd_numba.AT
+    f = winograd_numba._coefficients(np.float64)
+    block = gen.standard_normal((1, 6, 6, 3))                    # one 6x6 block, no padding: one tile
+    u, _ = winograd_numba._planes(1, 3, np.float64)
+    winograd_numba._input_tiles(block, (0, 0), 1, 1, f, u, (0, 1))
+    for ch in range(3):
+        np.testing.assert_allclose(u[:, ch].reshape(6, 6), bt @ block[0, :, :, ch] @ bt.T, rtol=1e-13, atol=1e-12)
+    m, _ = winograd_numba._planes(1, 3, np.float64)
+    m[:, :3] = gen.standard_normal((36, 3))
+    bias, out = gen.standard_normal(3), np.empty((1, 4, 4, 3))
+    winograd_numba._output_tiles(m, 1, 1, f, bias, out, (0, 1))
+    grad = gen.standard_normal((1, 4, 4, 3))
+    dm, _ = winograd_numba._planes(1, 3, np.float64)
+    winograd_numba._grad_tiles(grad, 1, 1, f, dm, (0, 1))
+    for ch in range(3):
+        np.testing.assert_allclose(out[0, :, :, ch], at @ m[:, ch].reshape(6, 6) @ at.T + bias[ch], rtol=1e-13,
+                                   atol=1e-12)
+        np.testing.assert_allclose(dm[:, ch].reshape(6, 6), at.T @ grad[0, :, :, ch] @ at, rtol=1e-13, atol=1e-12)
+
+
 def test_a_wrong_transform_would_fail_the_bound():
     """The float64 bound is tight enough to catch a slip: one coefficient of the taps' transform off by a
     part in a billion moves the outputs past it."""

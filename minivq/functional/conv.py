@@ -42,8 +42,11 @@ and a pass over the windows runs compiled kernels that read each window in place
 image at a time, in cache), the batch split over the calling thread's Numba threads:
 ``kernels.correlate`` for ``im2col(image) @ wmat.T``, ``kernels.correlate_weight_grad`` for
 ``grid_rows.T @ im2col(image)`` and ``kernels.correlate_adjoint`` for ``col2im(grid_rows @ wmat)``,
-so no windows or columns are copied at all (benchmarks/NOTES.md, rounds 6 to 8). Elsewhere (float64,
-CuPy, or BLAS with threads of its own) the passes below run as they are.
+so no windows or columns are copied at all (benchmarks/NOTES.md, rounds 6 to 8). A 3x3 stride-1 conv's
+``correlate`` and ``correlate_weight_grad`` run there by Winograd's F(4x4, 3x3) where both sides have
+channels enough (``kernels.winograd_correlation``; kernels/winograd_numba.py), and an input gradient is
+then taken in the mirror geometry, a forward product, rather than by ``correlate_adjoint`` (round 18).
+Elsewhere (float64, CuPy, or BLAS with threads of its own) the passes below run as they are.
 
 Memory and cache: one im2col (or col2im) buffer holds at most ``workspace_limit``
 bytes (or one image's windows, if more); a batch whose buffer would be larger is
