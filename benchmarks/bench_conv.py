@@ -169,24 +169,32 @@ def run(batches, repeats, warmup, gap, use_torch):
 
 
 # ---------------------------------------------------------------- ablation
-ABLATIONS = ["current", "no-flip", "no-block", "no-keep"]
+ABLATIONS = ["current", "no-flip", "no-block", "no-keep", "no-winograd"]
 
 
 @contextlib.contextmanager
 def ablation(name):
     """Switch one optimisation of minivq.functional.conv off (see NOTES.md, conv section)."""
-    saved = (conv_module._flipped_geometry, conv_module.COL2IM_BLOCK_BYTES, conv_module._im2col_pass)
+    from minivq.kernels import windows_numpy     # where col2im's block lives since the windows moved to kernels/
+    saved = (conv_module._flipped_geometry, windows_numpy.COL2IM_BLOCK_BYTES, conv_module._im2col_pass)
+    switch = os.environ.get("MINIVQ_NUMBA_WINOGRAD")
     original_pass = conv_module._im2col_pass
     if name == "no-flip":         # stride-1 input gradients through col2im
         conv_module._flipped_geometry = lambda g: None
     elif name == "no-block":      # col2im over the whole chunk at once
-        conv_module.COL2IM_BLOCK_BYTES = 1 << 62
+        windows_numpy.COL2IM_BLOCK_BYTES = 1 << 62
     elif name == "no-keep":       # rebuild the windows of x in backward
         conv_module._im2col_pass = lambda *a, **k: original_pass(*a, **dict(k, keep_cols=False))
+    elif name == "no-winograd":   # the 3x3 stride-1 products by the direct kernels (kernels/winograd_numba.py)
+        os.environ["MINIVQ_NUMBA_WINOGRAD"] = "0"
     try:
         yield
     finally:
-        conv_module._flipped_geometry, conv_module.COL2IM_BLOCK_BYTES, conv_module._im2col_pass = saved
+        conv_module._flipped_geometry, windows_numpy.COL2IM_BLOCK_BYTES, conv_module._im2col_pass = saved
+        if switch is None:
+            os.environ.pop("MINIVQ_NUMBA_WINOGRAD", None)
+        else:
+            os.environ["MINIVQ_NUMBA_WINOGRAD"] = switch
 
 
 def run_ablation(batches, repeats, mode):
@@ -199,7 +207,7 @@ def run_ablation(batches, repeats, mode):
     with limits:
         for n in batches:
             print(f"batch {n}, {'CPU ms at 1 BLAS thread, median' if mode == 'cpu' else 'wall ms, minimum'}")
-            print(f"{'layer':<20}" + "".join(f"{a:>10}" for a in ABLATIONS))
+            print(f"{'layer':<20}" + "".join(f"{a:>12}" for a in ABLATIONS))
             totals = dict.fromkeys(ABLATIONS, 0.0)
             for layer in LAYERS:
                 x, w, b, gy = make_case(layer, n, gen)
@@ -217,8 +225,8 @@ def run_ablation(batches, repeats, mode):
                 for a in ABLATIONS:
                     totals[a] += row[a]
                 report.setdefault(n, []).append(dict(layer=layer[0], **row))
-                print(f"{layer[0]:<20}" + "".join(f"{row[a]:10.1f}" for a in ABLATIONS), flush=True)
-            print(f"{'total':<20}" + "".join(f"{totals[a]:10.1f}" for a in ABLATIONS) + "\n")
+                print(f"{layer[0]:<20}" + "".join(f"{row[a]:12.1f}" for a in ABLATIONS), flush=True)
+            print(f"{'total':<20}" + "".join(f"{totals[a]:12.1f}" for a in ABLATIONS) + "\n")
     return report
 
 

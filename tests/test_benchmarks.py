@@ -311,3 +311,27 @@ def test_the_machine_record_names_the_cpu_beyond_its_marketing_name(monkeypatch)
     if os.path.exists("/proc/cpuinfo") and machine["avx2"]:           # an x86 Linux machine
         assert machine["cpu_identity"]["family"].isdigit() and machine["cpu_identity"]["vendor"]
     json.dumps(machine)                                                # JSON-able as it stands
+
+
+def test_the_conv_ablation_runs_every_switch_and_puts_each_back(monkeypatch):
+    """``bench_conv.py --ablate``: every optimisation it names can be switched off and is restored after (it
+    once read a constant that had moved to kernels/windows_numpy.py, and failed before timing anything)."""
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_conv
+    finally:
+        sys.path.remove(BENCH)
+    from minivq.functional import conv as conv_module
+    from minivq.kernels import windows_numpy
+    monkeypatch.delenv("MINIVQ_NUMBA_WINOGRAD", raising=False)
+    before = (conv_module._flipped_geometry, windows_numpy.COL2IM_BLOCK_BYTES, conv_module._im2col_pass)
+    for name in bench_conv.ABLATIONS:
+        with bench_conv.ablation(name):
+            assert (os.environ.get("MINIVQ_NUMBA_WINOGRAD") == "0") == (name == "no-winograd")
+        assert (conv_module._flipped_geometry, windows_numpy.COL2IM_BLOCK_BYTES, conv_module._im2col_pass) == before
+        assert "MINIVQ_NUMBA_WINOGRAD" not in os.environ
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "bench_conv.py"), "--ablate", "wall", "--batches", "2",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    header = next(line for line in done.stdout.splitlines() if line.startswith("layer"))
+    assert header.split()[1:] == bench_conv.ABLATIONS
