@@ -20,7 +20,7 @@ The three products of a training step:
   functional/conv.py), so the forward again;
 - weight gradient: the adjoint of the forward's map W -> Y at fixed x, ``dW = G^T (sum over tiles of
   U(x)[xi]^T dM[xi]) G`` with ``dM = A dY A^T`` the gradient's tiles, the sums by the direct kernel's
-  1x1 weight gradient.
+  1x1 weight gradient over the threads' shares, or by OpenBLAS's GEMM where the batch is one share.
 
 Tiles. The output (OH, OW) is covered by ceil(OH/4) x ceil(OW/4) tiles; a tile reaching past the last
 row or column reads zeros beyond the padded image, and its outputs there are dropped (forward) or its
@@ -35,7 +35,7 @@ gradient 64 or more on the image's side. In the VQ-VAE that is every 3x3 conv's 
 (128 -> 128, the decoder's first 64 -> 128, the residual blocks' 128 -> 32 and their input gradients'
 mirror 32 -> 128) and the weight gradients but the residual blocks' (taken in the mirror, from 32
 channels). One core of a Zen 3, batch 128 at 8x8, against the direct kernel: a 128 -> 128 conv's forward
-2.1x faster, its weight gradient 1.7x; 64 -> 128 1.75x and 1.3x; the residual 128 -> 32 forward 1.1x and
+2.1x faster, its weight gradient 2.2x; 64 -> 128 1.7x and 2.0x; the residual 128 -> 32 forward 1.1x and
 its mirror 32 -> 128 1.4x; the training step 0.74-0.89x the time on one thread and 0.83-0.89x on two at
 batch 128, 0.86-0.93x and 0.88-0.95x at batch 32 (alternated in one process; benchmarks/NOTES.md, round 18).
 
@@ -263,8 +263,8 @@ def _run(serial, shares, n, *args):
 
 # ---------------------------------------------------------------- the 36 products of a pass, in one call
 # Each plane's rows are split into shares of whole GROUPs (``bounds``), and the POINTS x shares jobs run in one
-# loop (``prange``, or ``range`` for one share): one parallel region for all 36 products where a call per plane
-# entered Numba's threading layer 36 times, a cost the small batches felt (NOTES.md, round 18).
+# loop (``prange``; the forward's ``range`` for one share): one parallel region for all 36 products where a call
+# per plane entered Numba's threading layer 36 times, a cost the small batches felt (NOTES.md, round 18).
 def _product_loops(jobs):
     def products(u, packed, bias, depth_block, m, c_grid, bounds):
         # plane xi of m (its first rows x C_grid) = plane xi of u (rows x C) @ V[xi] (packed by conv_numba.pack_weight)
@@ -280,23 +280,20 @@ def _product_loops(jobs):
     return products
 
 
-def _weight_grad_loops(jobs):
-    def weight_grads(u, c, dm, c_grid, sums, bounds):
-        # sums[xi, s]: share s's dM[xi]^T U[xi] in conv_numba._weight_grad's order of tiles
-        shares = bounds.size - 1
-        rows = bounds[-1] * GROUP
-        for job in jobs(POINTS * shares):
-            xi, s = job // shares, job % shares
-            conv_numba._weight_grad(u[xi, :rows * c].reshape(rows // GROUP, 1, GROUP, c), (0, 0),
-                                    (1, 1, 1, 1, 1, GROUP), dm[xi, :rows * c_grid].reshape(rows, c_grid), sums[xi, s],
-                                    (bounds[s], bounds[s + 1]))
-    return weight_grads
+@njit(parallel=True, nogil=True, cache=_CACHE)
+def _weight_grads(u, c, dm, c_grid, sums, bounds):
+    # sums[xi, s]: share s's dM[xi]^T U[xi] in conv_numba._weight_grad's order of tiles (one share takes BLAS's
+    # GEMM instead: weight_grad_winograd)
+    shares = bounds.size - 1
+    rows = bounds[-1] * GROUP
+    for job in prange(POINTS * shares):
+        xi, s = job // shares, job % shares
+        conv_numba._weight_grad(u[xi, :rows * c].reshape(rows // GROUP, 1, GROUP, c), (0, 0), (1, 1, 1, 1, 1, GROUP),
+                                dm[xi, :rows * c_grid].reshape(rows, c_grid), sums[xi, s], (bounds[s], bounds[s + 1]))
 
 
 _products = njit(parallel=True, nogil=True, cache=_CACHE)(_product_loops(prange))
 _products_serial = njit(nogil=True, cache=_CACHE)(_product_loops(range))
-_weight_grads = njit(parallel=True, nogil=True, cache=_CACHE)(_weight_grad_loops(prange))
-_weight_grads_serial = njit(nogil=True, cache=_CACHE)(_weight_grad_loops(range))
 
 
 def _split(rows):
@@ -364,14 +361,19 @@ def weight_grad_winograd(image, grid_rows, padding):
     dm, _ = _planes(n * th * tw, c_grid, image.dtype)
     grad = np.ascontiguousarray(grid_rows, dtype=image.dtype).reshape(n, oh, ow, c_grid)
     _run(_grad_tiles, _grad_tiles_shares, n, grad, th, tw, _coefficients(image.dtype), dm)
-    # dV[xi] transposed (C_grid, C) = dM[xi]^T U[xi], summed over the tiles: per share in the direct kernel's
-    # order of tiles (u_tiles, tiles, ROWS, LANES), then the shares in order (the same bits for the same number
-    # of shares)
+    # dV[xi] transposed (C_grid, C) = dM[xi]^T U[xi], summed over the tiles. One share: OpenBLAS's GEMM, which
+    # takes 0.55-0.8x the direct kernel's time on these small in-cache products (benchmarks/NOTES.md, round 18)
     bounds, serial = _split(rows)
+    if serial:
+        dv = np.matmul(dm[:, :rows * c_grid].reshape(POINTS, rows, c_grid).transpose(0, 2, 1),
+                       u[:, :rows * c].reshape(POINTS, rows, c))
+        taps = (GG.T.astype(image.dtype) @ dv.reshape(POINTS, -1)).reshape(9, c_grid, c)
+        return np.ascontiguousarray(taps.transpose(1, 0, 2)).reshape(c_grid, 9 * c)
+    # Several: per share in the direct kernel's order of tiles (u_tiles, tiles, ROWS, LANES), then the shares in
+    # order (the same bits for the same number of shares)
     tiles, u_tiles = -(-c_grid // conv_numba.ROWS), -(-c // conv_numba.LANES)
     sums = np.zeros((POINTS, bounds.size - 1, u_tiles, tiles, conv_numba.ROWS, conv_numba.LANES), dtype=image.dtype)
-    if rows:
-        (_weight_grads_serial if serial else _weight_grads)(u, c, dm, c_grid, sums, bounds)
+    _weight_grads(u, c, dm, c_grid, sums, bounds)
     total = sums[:, 0]
     for share in range(1, bounds.size - 1):
         total = total + sums[:, share]
