@@ -31,10 +31,10 @@ to whole blocks of ``GROUP`` (zeros), so that the 1x1 products always see blocks
 for their tiles.
 
 Where (``applies``): 3x3 windows at stride 1, with 32 channels or more on both sides, and for a weight
-gradient 64 or more on the image's side. In the VQ-VAE that is every 3x3 conv's forward and input gradient
+gradient split over threads 64 or more on the image's side. In the VQ-VAE that is every 3x3 conv's products
 (128 -> 128, the decoder's first 64 -> 128, the residual blocks' 128 -> 32 and their input gradients'
-mirror 32 -> 128) and the weight gradients but the residual blocks' (taken in the mirror, from 32
-channels). One core of a Zen 3, batch 128 at 8x8, against the direct kernel: a 128 -> 128 conv's forward
+mirror 32 -> 128), but for the residual blocks' weight gradients (taken in the mirror, from 32 channels)
+where the batch is split over threads. One core of a Zen 3, batch 128 at 8x8, against the direct kernel: a 128 -> 128 conv's forward
 2.1x faster, its weight gradient 2.2x; 64 -> 128 1.7x and 2.0x; the residual 128 -> 32 forward 1.1x and
 its mirror 32 -> 128 1.4x; the training step 0.74-0.89x the time on one thread and 0.83-0.89x on two at
 batch 128, 0.86-0.93x and 0.88-0.95x at batch 32 (alternated in one process; benchmarks/NOTES.md, round 18).
@@ -74,7 +74,7 @@ AT = np.array([[1, 1, 1, 1, 1, 0],
 POINTS = ALPHA * ALPHA              # planes xi of U and M
 GG = np.kron(G, G)                  # (POINTS, 9): GG[ALPHA a + b, 3 k + l] = G[a, k] G[b, l], the taps' transform
 MIN_CHANNELS = 32                   # fewer channels on either side: the direct kernel (``applies``)
-MIN_IMAGE_CHANNELS = 64             # the same for the image's side of a weight gradient
+MIN_IMAGE_CHANNELS = 64             # the same for the image's side of a weight gradient split over threads
 SKEW = 64                           # bytes between one plane's end and the next one's start
 GROUP = 64                          # a plane's rows come in blocks of this many (one image of its 1x1 products)
 
@@ -88,11 +88,12 @@ def applies(image_shape, c_grid, kernel, stride, padding, weight_grad=False):
     """Whether this path takes ``correlate`` (or with ``weight_grad``, ``correlate_weight_grad``) of this geometry:
     3x3 windows at stride 1, padding of at most 2 (every tile's block then starts inside the padded image), an
     output at least one pixel wide, and enough channels for the products to outweigh the transforms: at least
-    MIN_CHANNELS on both sides, and for a weight gradient MIN_IMAGE_CHANNELS on the image's (whose 1x1 sums
-    run their vector lanes along it: from 32 channels they were 0.93-1.07x the direct kernel's time;
-    benchmarks/NOTES.md, round 18)."""
+    MIN_CHANNELS on both sides, and for a weight gradient split over threads MIN_IMAGE_CHANNELS on the image's
+    (the kernels' 1x1 sums run their vector lanes along it: from 32 channels they were 0.93-1.07x the direct
+    kernel's time; one share goes to BLAS's GEMM, 1.6-2.3x faster there; benchmarks/NOTES.md, round 18)."""
     _, h, w, c = image_shape
-    wide = min(c, c_grid) >= MIN_CHANNELS and (not weight_grad or c >= MIN_IMAGE_CHANNELS)
+    narrow_image = weight_grad and c < MIN_IMAGE_CHANNELS and conv_numba._share_count() > 1
+    wide = min(c, c_grid) >= MIN_CHANNELS and not narrow_image
     return (enabled() and tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and wide
             and all(0 <= p <= 2 for p in padding) and h + 2 * padding[0] >= 3 and w + 2 * padding[1] >= 3)
 

@@ -155,7 +155,11 @@ def test_where_it_applies(monkeypatch):
     assert applies((2, 8, 8, 128), 32, (3, 3), (1, 1), (1, 1))          # the residual blocks' 128 -> 32
     assert applies((2, 8, 8, 32), 128, (3, 3), (1, 1), (1, 1))          # and their input gradient's mirror
     assert applies((2, 8, 8, 128), 32, (3, 3), (1, 1), (1, 1), weight_grad=True)
+    monkeypatch.setattr(conv_numba, "_share_count", lambda: 1)
+    assert applies((2, 8, 8, 32), 128, (3, 3), (1, 1), (1, 1), weight_grad=True)     # one share: BLAS's GEMM
+    monkeypatch.setattr(conv_numba, "_share_count", lambda: 2)
     assert not applies((2, 8, 8, 32), 128, (3, 3), (1, 1), (1, 1), weight_grad=True)  # lanes along 32 channels
+    assert applies((2, 8, 8, 64), 128, (3, 3), (1, 1), (1, 1), weight_grad=True)
     assert not applies((2, 8, 8, 128), 16, (3, 3), (1, 1), (1, 1))      # too narrow a side to pay
     assert not applies((2, 8, 8, 16), 128, (3, 3), (1, 1), (1, 1))
     assert not applies((2, 8, 8, 128), 128, (3, 3), (2, 2), (1, 1))     # strided
