@@ -14,8 +14,9 @@ product takes 144 (16 pixels of nine taps), 4x fewer, for the transforms of the 
 small products with constant matrices per tile, about a tenth of the products' work) and of the taps.
 
 The three products of a training step:
-- forward: ``Y = out(U(x) @ V(W))``, each ``U(x)[xi] @ V[xi]`` by the direct kernel's 1x1 product
-  (conv_numba.correlate_numba), which splits the batch over the threads as every pass here does;
+- forward: ``Y = out(U(x) @ V(W))``, each ``U(x)[xi] @ V[xi]`` by the direct kernel's micro-kernels as a
+  1x1 product (conv_numba._correlate), all 36 planes and the threads' shares of the batch in one compiled
+  loop; the transforms split the batch over the threads as the direct kernels do;
 - input gradient: a stride-1 conv's input gradient is itself a 3x3 correlation (the mirror geometry,
   functional/conv.py), so the forward again;
 - weight gradient: the adjoint of the forward's map W -> Y at fixed x, ``dW = G^T (sum over tiles of
@@ -34,10 +35,11 @@ Where (``applies``): 3x3 windows at stride 1, with 32 channels or more on both s
 gradient split over threads 64 or more on the image's side. In the VQ-VAE that is every 3x3 conv's products
 (128 -> 128, the decoder's first 64 -> 128, the residual blocks' 128 -> 32 and their input gradients'
 mirror 32 -> 128), but for the residual blocks' weight gradients (taken in the mirror, from 32 channels)
-where the batch is split over threads. One core of a Zen 3, batch 128 at 8x8, against the direct kernel: a 128 -> 128 conv's forward
-2.1x faster, its weight gradient 2.2x; 64 -> 128 1.7x and 2.0x; the residual 128 -> 32 forward 1.1x and
-its mirror 32 -> 128 1.4x; the training step 0.74-0.89x the time on one thread and 0.83-0.89x on two at
-batch 128, 0.86-0.93x and 0.88-0.95x at batch 32 (alternated in one process; benchmarks/NOTES.md, round 18).
+where the batch is split over threads. One core of a Zen 3, batch 128 at 8x8, against the direct kernel:
+a 128 -> 128 conv's forward 2.1x faster, its weight gradient 2.2x; 64 -> 128 1.7x and 2.0x; the residual
+128 -> 32 forward 1.1x and its mirror 32 -> 128 1.4x; the training step 0.74-0.89x the time on one thread
+and 0.83-0.89x on two at batch 128, 0.86-0.93x and 0.88-0.95x at batch 32 (alternated in one process;
+benchmarks/NOTES.md, round 18).
 
 Rounding. Exact in exact arithmetic, not in float32: the transforms scale inputs by up to 8 and G holds
 sixths. Measured against float64 on layers of 64 and 128 channels, an output is off by up to about 3e-6 of
