@@ -397,12 +397,21 @@ def winograd_applies(image_shape, c_grid, kernel, stride, padding, weight_grad=F
 
 
 def pack_weight(wmat):
-    """(C_grid, K) -> (tiles, K, LANES): tiles of LANES output channels, transposed, zero-padded (module doc)."""
-    c_grid, k = wmat.shape
+    """(..., C_grid, K) -> (..., tiles, K, LANES): tiles of LANES output channels, transposed, zero-padded
+    (module doc); leading axes, if any, are kept (winograd_numba packs its nine taps at once)."""
+    *lead, c_grid, k = wmat.shape
     tiles = -(-c_grid // LANES)
-    padded = np.zeros((tiles * LANES, k), dtype=wmat.dtype)
-    padded[:c_grid] = wmat
-    return np.ascontiguousarray(padded.reshape(tiles, LANES, k).transpose(0, 2, 1))
+    padded = np.zeros((*lead, tiles * LANES, k), dtype=wmat.dtype)
+    padded[..., :c_grid, :] = wmat
+    return np.ascontiguousarray(padded.reshape(*lead, tiles, LANES, k).swapaxes(-1, -2))
+
+
+def weight_grad_matrix(sums, c_grid, kh, run):
+    """The weight gradient's sums in ``_weight_grad``'s order of tiles, (kh*u_tiles, tiles, ROWS, LANES), as the
+    matrix (C_grid, kh*run) (winograd_numba reads its own sums back this way too)."""
+    tiles, u_tiles = sums.shape[1], sums.shape[0] // kh
+    by_channel = sums.transpose(1, 2, 0, 3).reshape(tiles * ROWS, kh, u_tiles * LANES)
+    return np.ascontiguousarray(by_channel[:c_grid, :, :run]).reshape(c_grid, -1)
 
 
 def _grid_size(image, kernel, stride, padding):
@@ -458,8 +467,7 @@ def correlate_weight_grad_numba(image, grid_rows, kernel, stride, padding):
     total = out[0]
     for share in out[1:]:
         total += share
-    by_channel = total.transpose(1, 2, 0, 3).reshape(tiles * ROWS, kh, u_tiles * LANES)
-    return np.ascontiguousarray(by_channel[:c_grid, :, :run]).reshape(c_grid, -1)
+    return weight_grad_matrix(total, c_grid, kh, run)
 
 
 def correlate_adjoint_numba(grid_rows, wmat, image_shape, kernel, stride, padding, bias):

@@ -335,13 +335,12 @@ def correlate_winograd(image, wmat, padding, bias):
     c_grid = wmat.shape[0]
     oh, ow, th, tw = _tiles(h, w, padding)
     # V[xi] transposed (C_grid, C), the weight matrix of the 1x1 product U[xi] @ V[xi], G W G^T of every channel
-    # pair: one product with GG over the nine taps, the taps laid out as the direct kernel's packed tiles
-    # (conv_numba.pack_weight: tiles of LANES grid channels, transposed, zeros past C_grid)
-    tiles = -(-c_grid // conv_numba.LANES)
-    taps = np.zeros((tiles * conv_numba.LANES, 9, c), dtype=image.dtype)
-    taps[:c_grid] = np.asarray(wmat, dtype=image.dtype).reshape(c_grid, 9, c)
-    taps = taps.reshape(tiles, conv_numba.LANES, 9, c).transpose(2, 0, 3, 1).reshape(9, -1)
-    packed = (GG.astype(image.dtype) @ taps).reshape(POINTS, tiles, c, conv_numba.LANES)
+    # pair: the nine taps packed as the direct kernel packs a weight (conv_numba.pack_weight), then one product
+    # with GG over them (a fixed combination of each packed number's nine taps: the packing commutes with it)
+    taps = np.asarray(wmat, dtype=image.dtype).reshape(c_grid, 9, c).transpose(1, 0, 2)
+    packed9 = conv_numba.pack_weight(taps)                       # (9, tiles, C, LANES)
+    packed = (GG.astype(image.dtype) @ packed9.reshape(9, -1)).reshape(POINTS, *packed9.shape[1:])
+    tiles = packed.shape[1]
     u, rows = _transformed_input(image, padding, th, tw)
     m, _ = _planes(n * th * tw, c_grid, image.dtype)
     bounds, serial = _split(rows)
@@ -381,8 +380,7 @@ def weight_grad_winograd(image, grid_rows, padding):
     for share in range(1, bounds.size - 1):
         total = total + sums[:, share]
     # dW = G^T dV G of every channel pair, the adjoint of V's transform: one product with GG^T over the points,
-    # in that order still, then (C_grid, 9 C)
-    taps = (GG.T.astype(image.dtype) @ total.reshape(POINTS, -1)).reshape(9, u_tiles, tiles * conv_numba.ROWS,
+    # in the kernel's order still, which is then the direct kernel's for a window of nine taps
+    taps = (GG.T.astype(image.dtype) @ total.reshape(POINTS, -1)).reshape(9 * u_tiles, tiles, conv_numba.ROWS,
                                                                           conv_numba.LANES)
-    taps = taps.transpose(2, 0, 1, 3).reshape(tiles * conv_numba.ROWS, 9, u_tiles * conv_numba.LANES)
-    return np.ascontiguousarray(taps[:c_grid, :, :c]).reshape(c_grid, 9 * c)
+    return conv_numba.weight_grad_matrix(taps, c_grid, 9, c)

@@ -28,6 +28,21 @@ def read_log(folder):
 
 
 @pytest.fixture
+def one_numba_thread():
+    """The calling thread at one Numba thread (as a --workers worker), put back afterwards; nothing
+    where Numba does not import."""
+    try:
+        import numba
+    except ImportError:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(1234)
 

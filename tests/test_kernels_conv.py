@@ -37,21 +37,6 @@ def spy_on_the_kernels(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def one_numba_thread():
-    """The calling thread at one Numba thread (as a --workers worker), put back afterwards; nothing
-    where Numba does not import."""
-    try:
-        import numba
-    except ImportError:
-        yield
-        return
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
-
-
 def random_case(gen, dtype):
     kernel = tuple(int(v) for v in gen.integers(1, 6, 2))
     stride = tuple(int(v) for v in gen.integers(1, 4, 2))

@@ -197,15 +197,6 @@ def test_the_numba_backend_takes_it_where_it_applies_and_the_switch_turns_it_off
     within(direct, ref, scale, FLOAT32_BOUND)
 
 
-@pytest.fixture
-def one_numba_thread():
-    import numba
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
-
-
 def test_the_input_gradient_of_a_widening_conv_runs_in_its_mirror(monkeypatch, one_numba_thread):
     """conv2d 64 -> 128 channels (the decoder's first layer): its input gradient is the forward product of
     the mirror geometry by F(4x4, 3x3) instead of the adjoint kernel, and its float32 gradients stay within

@@ -266,8 +266,9 @@ def _col2im_pass(grid, wmat, g, bias=None, grid_rows=None, may_flip=True):
     """
     xp = get_array_module(grid)
     flipped = _flipped_geometry(g) if may_flip else None
-    if may_flip and flipped is None and _by_winograd(grid, _mirror(g)):
-        flipped = _mirror(g)        # F(4x4, 3x3) in the mirror beats the adjoint kernel (NOTES.md, round 18)
+    mirror = _mirror(g) if may_flip and flipped is None else None
+    if _by_winograd(grid, mirror):
+        flipped = mirror            # F(4x4, 3x3) in the mirror beats the adjoint kernel (NOTES.md, round 18)
     if flipped is not None:
         # image[c] = sum over d, i, j of grid_padded[d] shifted by (i, j), times W[d, c, kH-1-i, kW-1-j]
         image, _, _ = _im2col_pass(grid, flipped, wmat=_flip_matrix(wmat, g), bias=bias)
