@@ -31,6 +31,16 @@ than its size, since the transforms touch all 36 at once (``_planes``), and with
 to whole blocks of ``GROUP`` (zeros), so that the 1x1 products always see blocks of pixels long enough
 for their tiles.
 
+Chunks. Where the batch runs as one share (one thread, a ``--workers`` worker) the forward takes it a GROUP
+of tiles at a time (16 images at 8x8): transforms, products and output for one chunk before the next, so that
+a chunk's planes (1.2 MB of U for 128 channels) are read back from the caches where the whole batch's (9.4 MB)
+went to memory and back, the weights' 36 transformed planes read again from L3 for each chunk. One core of a
+Zen 3, caches flushed before each call as a training step leaves them, batch 128 at 8x8: the forwards 0.81-0.84x
+the time (128 -> 128 12.0 ms against 14.3), the one-thread step 0.94x (pairs 0.90-0.97; batch 32, whose planes
+fit in L3 anyway, 0.99). Not over threads' shares: there each chunk enters Numba's threading layer three times,
+and the two-thread forwards came out even (NOTES.md, round 19). Nor the weight gradient, whose one-share GEMM
+then sums 64 rows a call and reads and writes its 36 dV blocks once a chunk: 1.1-1.25x the time.
+
 Where (``applies``): 3x3 windows at stride 1, with 32 channels or more on both sides, and for a weight
 gradient split over threads 64 or more on the image's side. In the VQ-VAE that is every 3x3 conv's products
 (128 -> 128, the decoder's first 64 -> 128, the residual blocks' 128 -> 32 and their input gradients'
@@ -329,6 +339,15 @@ def _transformed_input(image, padding, th, tw):
     return buffer, rows
 
 
+def _chunks(n, tiles_per_image):
+    """The forward's batch as (start, stop) runs of images: about one GROUP of tiles each where the batch runs as
+    one share, else the whole batch (module doc, Chunks)."""
+    if conv_numba._share_count() > 1:
+        return [(0, n)]
+    images = max(1, GROUP // tiles_per_image)
+    return [(start, min(start + images, n)) for start in range(0, n, images)]
+
+
 def correlate_winograd(image, wmat, padding, bias):
     """``conv_numba.correlate_numba(image, wmat, (3, 3), (1, 1), padding, bias)``: rows (n*OH*OW, C_grid)."""
     n, h, w, c = image.shape
@@ -341,16 +360,19 @@ def correlate_winograd(image, wmat, padding, bias):
     packed9 = conv_numba.pack_weight(taps)                       # (9, tiles, C, LANES)
     packed = (GG.astype(image.dtype) @ packed9.reshape(9, -1)).reshape(POINTS, *packed9.shape[1:])
     tiles = packed.shape[1]
-    u, rows = _transformed_input(image, padding, th, tw)
-    m, _ = _planes(n * th * tw, c_grid, image.dtype)
-    bounds, serial = _split(rows)
     depth_block = max(1, conv_numba.WEIGHT_BLOCK_BYTES // (conv_numba.LANES * packed.itemsize))
     zeros = np.zeros(tiles * conv_numba.LANES, dtype=image.dtype)
-    if rows:
-        (_products_serial if serial else _products)(u, packed, zeros, depth_block, m, c_grid, bounds)
     out = np.empty((n, oh, ow, c_grid), dtype=image.dtype)
     lanes = np.zeros(c_grid, dtype=image.dtype) if bias is None else np.asarray(bias, dtype=image.dtype)
-    _run(_output_tiles, _output_tiles_shares, n, m, th, tw, _coefficients(image.dtype), lanes, out)
+    image = np.ascontiguousarray(image)
+    for start, stop in _chunks(n, th * tw):
+        u, rows = _transformed_input(image[start:stop], padding, th, tw)
+        m, _ = _planes((stop - start) * th * tw, c_grid, image.dtype)
+        bounds, serial = _split(rows)
+        if rows:
+            (_products_serial if serial else _products)(u, packed, zeros, depth_block, m, c_grid, bounds)
+        _run(_output_tiles, _output_tiles_shares, stop - start, m, th, tw, _coefficients(image.dtype), lanes,
+             out[start:stop])
     return out.reshape(n * oh * ow, c_grid)
 
 

@@ -139,6 +139,23 @@ def test_a_batch_split_into_shares_gives_the_same_products(monkeypatch, count):
                                rtol=1e-5, atol=1e-5 * np.abs(whole_w).max())
 
 
+def test_one_share_takes_the_forward_in_chunks_with_the_same_bits(monkeypatch):
+    """One share runs the forward a GROUP of tiles at a time (module doc, Chunks): a batch of three chunks, the
+    last one short, gives the bits of the whole batch in one go, bias included; several shares take it whole."""
+    gen = np.random.default_rng(4)
+    image = gen.standard_normal((37, 8, 8, 32)).astype(np.float32)
+    wmat = gen.standard_normal((48, 288)).astype(np.float32)
+    bias = gen.standard_normal(48).astype(np.float32)
+    monkeypatch.setattr(conv_numba, "_share_count", lambda: 1)
+    assert [stop - start for start, stop in winograd_numba._chunks(37, 4)] == [16, 16, 5]
+    chunked = winograd_numba.correlate_winograd(image, wmat, (1, 1), bias)
+    monkeypatch.setattr(winograd_numba, "_chunks", lambda n, tiles_per_image: [(0, n)])
+    assert np.array_equal(chunked, winograd_numba.correlate_winograd(image, wmat, (1, 1), bias))
+    monkeypatch.undo()
+    monkeypatch.setattr(conv_numba, "_share_count", lambda: 2)
+    assert winograd_numba._chunks(37, 4) == [(0, 37)]
+
+
 def test_an_empty_batch():
     image, wmat = np.zeros((0, 8, 8, 64), np.float32), np.ones((64, 576), np.float32)
     assert winograd_numba.correlate_winograd(image, wmat, (1, 1), None).shape == (0, 64)
