@@ -38,8 +38,9 @@ went to memory and back, the weights' 36 transformed planes read again from L3 f
 Zen 3, caches flushed before each call as a training step leaves them, batch 128 at 8x8: the forwards 0.81-0.84x
 the time (128 -> 128 12.0 ms against 14.3), the one-thread step 0.94x (pairs 0.90-0.97; batch 32, whose planes
 fit in L3 anyway, 0.99). Not over threads' shares: there each chunk enters Numba's threading layer three times,
-and the two-thread forwards came out even (NOTES.md, round 19). Nor the weight gradient, whose one-share GEMM
-then sums 64 rows a call and reads and writes its 36 dV blocks once a chunk: 1.1-1.25x the time.
+and the two-thread forwards took 0.97-1.11x the time (NOTES.md, round 19). Nor the weight gradient, whose
+one-share GEMM then sums 64 rows a call and reads and writes its 36 dV blocks once a chunk: 1.11x the time
+for 128 -> 128, 1.24x for 256 channels.
 
 Where (``applies``): 3x3 windows at stride 1, with 32 channels or more on both sides, and for a weight
 gradient split over threads 64 or more on the image's side. In the VQ-VAE that is every 3x3 conv's products
