@@ -420,14 +420,13 @@ def _grid_size(image, kernel, stride, padding):
     return output_size(image.shape[1], kh, sh, ph), output_size(image.shape[2], kw, sw, pw)
 
 
-def correlate_numba(image, wmat, kernel, stride, padding, bias, out=None):
-    """``im2col(image) @ wmat.T`` (+ ``bias``) as rows (n*OH*OW, C_grid) for a channels-last NumPy ``image``
-    (n, H, W, C): new, or written into ``out`` (C-contiguous rows of that shape and the image's dtype)."""
-    if out is None and winograd_applies(image.shape, wmat.shape[0], kernel, stride, padding):
+def correlate_numba(image, wmat, kernel, stride, padding, bias):
+    """``im2col(image) @ wmat.T`` (+ ``bias``) as new rows (n*OH*OW, C_grid) for a channels-last NumPy
+    ``image`` (n, H, W, C)."""
+    if winograd_applies(image.shape, wmat.shape[0], kernel, stride, padding):
         return _winograd().correlate_winograd(image, wmat, padding, bias)
     oh, ow = _grid_size(image, kernel, stride, padding)
-    if out is None:
-        out = np.empty((image.shape[0] * oh * ow, wmat.shape[0]), dtype=image.dtype)
+    out = np.empty((image.shape[0] * oh * ow, wmat.shape[0]), dtype=image.dtype)
     packed = pack_weight(np.asarray(wmat, dtype=image.dtype))
     lanes = np.zeros(packed.shape[0] * LANES, dtype=image.dtype)
     if bias is not None:

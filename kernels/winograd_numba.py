@@ -365,15 +365,14 @@ def correlate_winograd(image, wmat, padding, bias):
     zeros = np.zeros(tiles * conv_numba.LANES, dtype=image.dtype)
     out = np.empty((n, oh, ow, c_grid), dtype=image.dtype)
     lanes = np.zeros(c_grid, dtype=image.dtype) if bias is None else np.asarray(bias, dtype=image.dtype)
-    image = np.ascontiguousarray(image)
+    image, f = np.ascontiguousarray(image), _coefficients(image.dtype)
     for start, stop in _chunks(n, th * tw):
         u, rows = _transformed_input(image[start:stop], padding, th, tw)
         m, _ = _planes((stop - start) * th * tw, c_grid, image.dtype)
         bounds, serial = _split(rows)
         if rows:
             (_products_serial if serial else _products)(u, packed, zeros, depth_block, m, c_grid, bounds)
-        _run(_output_tiles, _output_tiles_shares, stop - start, m, th, tw, _coefficients(image.dtype), lanes,
-             out[start:stop])
+        _run(_output_tiles, _output_tiles_shares, stop - start, m, th, tw, f, lanes, out[start:stop])
     return out.reshape(n * oh * ow, c_grid)
 
 
