@@ -146,7 +146,10 @@ def default_workspace_bytes(a):
 # activations every step, and every fresh page is a page fault (measured: 8,700-13,000 faults per
 # batch-128 step, ~40 MB). These two settings keep freed memory in the process for the next step.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3          # mallopt's parameter numbers (malloc.h)
-HOST_MMAP_THRESHOLD = 32 * 2 ** 20     # blocks up to this size come from the heap (glibc's largest allowed)
+# Blocks up to the first of these that this glibc accepts come from the heap. Older glibc refuse
+# more than 32 MiB, which a batch-512 step's largest blocks pass: 1,500-4,200 faults and 34-66 ms of
+# system time a step under 32 MiB, none under 1 GiB (benchmarks/NOTES.md, round 20).
+HOST_MMAP_THRESHOLDS = (2 ** 30, 32 * 2 ** 20)
 HOST_TRIM_THRESHOLD = 2 ** 30          # the heap keeps up to this much freed memory at its top
 
 
@@ -164,7 +167,8 @@ def keep_freed_host_memory():
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD)) and \
+    # mallopt returns 0 for a value it refuses and leaves the setting as it was: try the next
+    return any(mallopt(_M_MMAP_THRESHOLD, limit) for limit in HOST_MMAP_THRESHOLDS) and \
         bool(mallopt(_M_TRIM_THRESHOLD, HOST_TRIM_THRESHOLD))
 
 
