@@ -99,7 +99,8 @@ for _ in range(5):
 print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
-_ACCEPTS = "import ctypes; print(ctypes.CDLL(None).mallopt(-3, int(__import__('sys').argv[1])))"
+# whether this glibc takes an mmap threshold of argv[1] bytes (mallopt's answer: 1 yes, 0 no)
+_ACCEPTS = f"import ctypes, sys; print(ctypes.CDLL(None).mallopt({backend._M_MMAP_THRESHOLD}, int(sys.argv[1])))"
 
 
 def _faults(mode, count, size):
